@@ -1,0 +1,287 @@
+"""Reading and writing NeRD-Rain weights: the authors' checkpoints and our safetensors files.
+
+The authors' key names are flat and irregular (``down1_2_max2`` but ``encoder_level1_max2``,
+``decoder_level1_mid1`` but ``up2_1_mid``), so our modules use their own structure and a
+table-driven key map converts, in the spirit of timm's ``checkpoint_filter_fn``. Hyperparameters
+are read off tensor shapes, as spandrel does, so any width trained with the released code loads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .models import NeRDRain, NeRDRainConfig
+
+SCALE_NAMES = ("small", "mid", "max")
+FORMAT_TAG = "nerdrain"
+
+# UNetPass child -> (official module name, suffix style). The authors suffix encoder, latent and
+# decoder stages with the pass number ("mid1"), but resamplers of the first pass with none ("mid").
+_PASS_PARTS = {
+    "encoders.0": ("encoder_level1", "numbered"),
+    "encoders.1": ("encoder_level2", "numbered"),
+    "latent": ("latent", "numbered"),
+    "reduces.0": ("reduce_chan_level2", "numbered"),
+    "reduces.1": ("reduce_chan_level1", "numbered"),
+    "decoders.0": ("decoder_level2", "numbered"),
+    "decoders.1": ("decoder_level1", "numbered"),
+    "downs.0": ("down1_2", "resampler"),
+    "downs.1": ("down2_3", "resampler"),
+    "ups.0": ("up3_2", "resampler"),
+    "ups.1": ("up2_1", "resampler"),
+}
+_FUSION_PARTS = {"proj_x": "query_conv", "proj_y": "key_conv", "mix_x": "gamma1", "mix_y": "gamma2"}
+_INR_LIFT_NAMES = ("upsmall2mid", "upmid2max")
+_INR_NAMES = ("INR", "INR2")
+
+# Leaf-level differences: the authors wrap LayerNorm, depthwise convs and resamplers in containers.
+_INNER_RULES = (
+    (re.compile(r"\.norm(\d)\.(weight|bias)$"), r".norm\1.body.\2"),
+    (re.compile(r"\.(qkv_dwconv|dwconv)\.weight$"), r".\1.main.0.weight"),
+)
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as NeRD-Rain weights; the message is one line."""
+
+
+def _pass_suffix(scale: int, index: int, style: str) -> str:
+    name = SCALE_NAMES[scale]
+    if scale == 0:
+        return name
+    if style == "numbered" or index > 0:
+        return f"{name}{index + 1}"
+    return name
+
+
+def official_key(key: str) -> str:
+    """Our state-dict key -> the released code's key."""
+    head, *rest = key.split(".")
+    if head == "passes":
+        scale, index, *tail = rest
+        part = ".".join(tail[:2]) if tail[0] in ("encoders", "downs", "ups", "reduces", "decoders") else tail[0]
+        official, style = _PASS_PARTS[part]
+        remainder = ".".join(tail[len(part.split(".")):])
+        if part.startswith(("downs", "ups")):
+            remainder = "body." + remainder
+        key_out = f"{official}_{_pass_suffix(int(scale), int(index), style)}.{remainder}"
+    elif head == "embed":
+        key_out = f"patch_embed_{SCALE_NAMES[int(rest[0])]}.proj.{rest[1]}"
+    elif head == "output":
+        key_out = f"output_{SCALE_NAMES[int(rest[0])]}.{rest[1]}"
+    elif head == "context":
+        scale, index, param = rest
+        number = "" if int(scale) == 1 else str(int(index) + 1)  # one mid context, two max ones
+        key_out = f"output_{SCALE_NAMES[int(scale)]}_context{number}.{param}"
+    elif head == "inr_lift":
+        which, step, *tail = rest
+        key_out = f"{_INR_LIFT_NAMES[int(which)]}{int(step) + 1}.body.{'.'.join(tail)}"
+    elif head == "inr":
+        which, _, layer, param = rest  # MLP layers sit at even indices between the ReLUs there
+        key_out = f"{_INR_NAMES[int(which)]}.imnet.layers.{2 * int(layer)}.{param}"
+    elif head == "fusion":
+        which, part, param = rest
+        key_out = f"BF{int(which) + 1}.{_FUSION_PARTS[part]}.{param}"
+    else:
+        raise KeyError(f"no official name for {key!r}")
+    for pattern, replacement in _INNER_RULES:
+        key_out = pattern.sub(replacement, key_out)
+    return key_out
+
+
+def key_map(model: NeRDRain) -> dict[str, str]:
+    """Our key -> official key for every tensor of ``model``."""
+    return {key: official_key(key) for key in model.state_dict()}
+
+
+def to_official_state_dict(model: NeRDRain) -> dict[str, torch.Tensor]:
+    return {official_key(k): v for k, v in model.state_dict().items()}
+
+
+def from_official_state_dict(state: Mapping[str, torch.Tensor], model: NeRDRain) -> dict[str, torch.Tensor]:
+    """Official names -> ours; keys the model does not know are left under their own names."""
+    inverse = {official: ours for ours, official in key_map(model).items()}
+    return {inverse.get(k, k): v for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading hyperparameters off shapes
+
+
+def _is_official(state: Mapping[str, torch.Tensor]) -> bool:
+    return "patch_embed_max.proj.weight" in state
+
+
+def _count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    return len({int(m.group(1)) for k in state if (m := pattern.match(k))})
+
+
+def infer_config(state: Mapping[str, torch.Tensor]) -> NeRDRainConfig:
+    """Width, depths, heads, FFN expansion and INR widths from an official-named state dict."""
+    dim = state["patch_embed_max.proj.weight"].shape[0]
+    prefixes = ("encoder_level1_max1", "encoder_level2_max1", "latent_max1")
+    depths = tuple(_count_blocks(state, p) for p in prefixes)
+    heads = tuple(state[f"{p}.0.attn.temperature"].shape[0] for p in prefixes)
+    hidden = state["latent_max1.0.ffn.project_out.weight"].shape[1]
+    expansion = 2.66 if int(4 * dim * 2.66) == hidden else hidden / (4 * dim)
+    inr_layers = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"INR\.imnet\.layers\.(\d+)\.bias", k)))
+    inr_hidden = tuple(state[f"INR.imnet.layers.{i}.bias"].shape[0] for i in inr_layers[:-1])
+    return NeRDRainConfig(dim=dim, depths=depths, heads=heads, ffn_expansion=expansion, inr_hidden=inr_hidden)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and (safetensors) metadata; never unpickles anything but tensors and containers."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            return load_file(str(path)), metadata
+        except Exception as err:  # safetensors' own error type is not exported by every version
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated/foreign/pickled-object files
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(err)})") from None
+    if isinstance(obj, Mapping):
+        for wrapper in ("state_dict", "params_ema", "params", "model"):
+            if isinstance(obj.get(wrapper), Mapping):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: no state dict of tensors found (got {type(obj).__name__})")
+    return dict(obj), {}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
+
+
+def _summarise(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(sorted(keys)[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None) -> NeRDRain:
+    """Load the authors' ``.pth`` files, bare state dicts (.pth/.safetensors) or our own files.
+
+    The variant and width come from the tensor shapes; the model is returned in eval mode, fp32.
+    """
+    path = Path(path)
+    state, metadata = _read_tensors(path)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if metadata.get("format") == FORMAT_TAG and "config" in metadata:
+        cfg = NeRDRainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in json.loads(metadata["config"]).items()})
+        model = NeRDRain(cfg)
+    elif _is_official(state):
+        try:
+            cfg = infer_config(state)
+        except (KeyError, IndexError, ZeroDivisionError) as err:
+            raise CheckpointError(f"{path}: NeRD-Rain keys found but the shapes are inconsistent ({err})") from None
+        model = NeRDRain(cfg)
+        state = from_official_state_dict(state, model)
+    elif "embed.2.weight" in state:
+        raise CheckpointError(f"{path}: our key names but no config metadata; save it with nerdrain.save_model")
+    else:
+        raise CheckpointError(f"{path}: not a NeRD-Rain checkpoint (no 'patch_embed_max.proj.weight'; "
+                              f"{len(state)} tensors such as {_summarise(list(state))})")
+    _load_strict(model, state, path)
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def _load_strict(model: NeRDRain, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{official_key(k)} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {_summarise([official_key(k) for k in missing])}")
+    if unexpected:
+        problems.append(f"unexpected {_summarise(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch {_summarise(shapes, 2)}")
+    if problems:
+        raise CheckpointError(f"{path}: does not match NeRD-Rain dim={model.cfg.dim}: " + "; ".join(problems))
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+
+
+def save_model(model: NeRDRain, path: str | Path, dtype: torch.dtype | None = None,
+               extra_metadata: Mapping[str, str] | None = None) -> Path:
+    """Write safetensors with the config needed to rebuild the model (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # unwrap DDP / compiled wrappers
+    model = getattr(model, "_orig_mod", model)
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT_TAG, "config": json.dumps(asdict(model.cfg)), **(extra_metadata or {})}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def export_official(model: NeRDRain, path: str | Path) -> Path:
+    """Write a ``.pth`` the authors' test script can load (``{'state_dict': ...}`` under their names)."""
+    path = Path(path)
+    torch.save({"state_dict": to_official_state_dict(model)}, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights shipped with the package
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """Metadata for weights we ship; the model card beside the file says how they were made."""
+
+    name: str
+    file: str
+    variant: str
+    card: str
+    description: str
+
+
+DEFAULT_WEIGHTS = PretrainedWeights(
+    name="nerd_rain_s_synthetic",
+    file="nerd_rain_s_synthetic.safetensors",
+    variant="nerd_rain_s",
+    card="nerd_rain_s_synthetic.md",
+    description="NeRD-Rain-S trained by this project on rain synthesised onto clean photos",
+)
+
+
+def default_weights_path() -> Path:
+    return Path(str(resources.files("nerdrain") / "weights" / DEFAULT_WEIGHTS.file))
+
+
+def load_default_model(device: str | torch.device | None = None) -> NeRDRain:
+    """The project's own default weights (shipped in the package, no download)."""
+    path = default_weights_path()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: default weights are not installed; pass --weights FILE")
+    return load_model(path, device)

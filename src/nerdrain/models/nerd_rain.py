@@ -1,0 +1,195 @@
+"""NeRD-Rain: bidirectional multi-scale implicit neural representations for deraining.
+
+Three scales (1/4, 1/2, 1) of the same U-shaped transformer, unfolded into 1, 2 and 3 passes.
+Coarse to fine, an INR refines each coarse image and its upsampled result guides the next scale;
+fine to coarse, feedback-fusion units feed the latents of consecutive passes back into the
+coarser decoders. Chen, Pan, Dong, CVPR 2024 (arXiv 2404.01547).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import Downsample, Upsample, conv1x1, conv3x3, transformer_stage
+from .fusion import FeedbackFusion
+from .inr import ImplicitDecoder
+
+PASSES_PER_SCALE = (1, 2, 3)  # coarse (1/4) to fine (1/1)
+SIZE_MULTIPLE = 16  # two U-net downsamplings below the 1/4 scale
+
+
+@dataclass(frozen=True)
+class NeRDRainConfig:
+    dim: int = 48
+    depths: tuple[int, int, int] = (2, 3, 3)  # transformer blocks at widths dim, 2*dim, 4*dim
+    heads: tuple[int, int, int] = (1, 2, 4)
+    ffn_expansion: float = 2.66
+    inr_hidden: tuple[int, ...] = (256, 256, 256)
+
+
+class Encoded(NamedTuple):
+    skips: tuple[torch.Tensor, ...]  # finest first
+    latent: torch.Tensor
+
+
+class NeRDRainOutputs(NamedTuple):
+    """Everything the released model returns; ``official_order`` gives its list order."""
+
+    full: torch.Tensor  # derained image, H
+    mid: torch.Tensor  # derained 1/2-scale image
+    small: torch.Tensor  # derained 1/4-scale image
+    inr_mid: torch.Tensor  # INR-refined 1/2-scale image (r2)
+    guide_mid: torch.Tensor  # 1/2-scale input corrected by the upsampled 1/4 INR image (m)
+    inr_small: torch.Tensor  # INR-refined 1/4-scale image (r1)
+    input_small: torch.Tensor  # 1/4-scale input
+
+    def official_order(self) -> tuple[torch.Tensor, ...]:
+        # The released model returns the half-scale guide divided by two.
+        return (self.full, self.mid, self.small, self.inr_mid, self.guide_mid / 2, self.inr_small,
+                self.input_small)
+
+
+class UNetPass(nn.Module):
+    """One unfolded pass: a 3-level Restormer encoder, latent stage and decoder."""
+
+    def __init__(self, cfg: NeRDRainConfig):
+        super().__init__()
+        widths = (cfg.dim, cfg.dim * 2, cfg.dim * 4)
+
+        def stage(level: int) -> nn.Sequential:
+            return transformer_stage(widths[level], cfg.depths[level], cfg.heads[level], cfg.ffn_expansion)
+
+        self.encoders = nn.ModuleList(stage(level) for level in (0, 1))
+        self.downs = nn.ModuleList(Downsample(widths[level]) for level in (0, 1))
+        self.latent = stage(2)
+        # Decoder modules are listed deepest first, the order they run in.
+        self.ups = nn.ModuleList(Upsample(widths[level]) for level in (2, 1))
+        self.reduces = nn.ModuleList(conv1x1(widths[level], widths[level - 1]) for level in (2, 1))
+        self.decoders = nn.ModuleList(stage(level) for level in (1, 0))
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        skips = []
+        for encoder, down in zip(self.encoders, self.downs):
+            x = encoder(x)
+            skips.append(x)
+            x = down(x)
+        return Encoded(tuple(skips), self.latent(x))
+
+    def decode(self, latent: torch.Tensor, skips: tuple[torch.Tensor, ...],
+               reduces: Sequence[nn.Module] | None = None) -> torch.Tensor:
+        x = latent
+        for up, reduce, decoder, skip in zip(self.ups, reduces or self.reduces, self.decoders, reversed(skips)):
+            x = decoder(reduce(torch.cat([up(x), skip], dim=1)))
+        return x
+
+
+def downsample2(x: torch.Tensor) -> torch.Tensor:
+    """``F.interpolate(scale_factor=0.5)`` with the default nearest mode, as the released code."""
+    return x[..., ::2, ::2]
+
+
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Reflect-pad bottom/right to a multiple; repeats the reflection for inputs smaller than the pad."""
+    while True:
+        pad_h = -x.shape[-2] % multiple
+        pad_w = -x.shape[-1] % multiple
+        if not (pad_h or pad_w):
+            return x
+        step_h, step_w = min(pad_h, x.shape[-2] - 1), min(pad_w, x.shape[-1] - 1)
+        if (pad_h and step_h == 0) or (pad_w and step_w == 0):  # a 1-pixel side has nothing to mirror
+            x = F.pad(x, (0, pad_w if step_w == 0 else 0, 0, pad_h if step_h == 0 else 0), mode="replicate")
+        else:
+            x = F.pad(x, (0, step_w, 0, step_h), mode="reflect")
+
+
+class NeRDRain(nn.Module):
+    def __init__(self, cfg: NeRDRainConfig = NeRDRainConfig()):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        n_scales = len(PASSES_PER_SCALE)
+        self.embed = nn.ModuleList(conv3x3(3, dim) for _ in range(n_scales))
+        self.passes = nn.ModuleList(
+            nn.ModuleList(UNetPass(cfg) for _ in range(n)) for n in PASSES_PER_SCALE)
+        # Between two passes of one scale, the decoder output becomes the next encoder's input.
+        self.context = nn.ModuleList(
+            nn.ModuleList(conv3x3(dim, dim) for _ in range(n - 1)) for n in PASSES_PER_SCALE)
+        self.output = nn.ModuleList(conv3x3(dim, 3) for _ in range(n_scales))
+        # Coarse to fine: the two coarse scales lift their latent to image size for an INR.
+        self.inr_lift = nn.ModuleList(
+            nn.Sequential(Upsample(dim * 4), Upsample(dim * 2)) for _ in range(n_scales - 1))
+        self.inr = nn.ModuleList(ImplicitDecoder(dim, cfg.inr_hidden) for _ in range(n_scales - 1))
+        # Fine to coarse: fuse latents of consecutive passes (full 1+2, full 2+3, half 1+2).
+        self.fusion = nn.ModuleList(FeedbackFusion(dim * 4) for _ in range(3))
+        # The released third full-scale pass decodes with the second pass's level-1 channel
+        # reduction; its own stays in checkpoints unused. Kept (frozen) so official state dicts
+        # round-trip unchanged and parameter counts match; frozen so DDP and optimisers skip it.
+        self.passes[2][2].reduces[1].requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Derained image for any H, W >= 1 (reflect-padded internally, cropped back)."""
+        h, w = x.shape[-2:]
+        return self.forward_all(pad_to_multiple(x, SIZE_MULTIPLE)).full[..., :h, :w]
+
+    def forward_all(self, x: torch.Tensor) -> NeRDRainOutputs:
+        h, w = x.shape[-2:]
+        if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+            raise ValueError(f"forward_all needs H and W divisible by {SIZE_MULTIPLE}, got {h}x{w}; "
+                             "call the model itself to pad arbitrary sizes")
+        (small_pass,), (mid_pass1, mid_pass2), (_, max_pass2, max_pass3) = self.passes
+        x_small, x_mid, x_full = x[..., ::4, ::4], x[..., ::2, ::2], x
+        scale_inputs = (x_small, x_mid, x_full)
+
+        # Coarse to fine: each coarse scale's first encoder feeds an INR whose refined image,
+        # upsampled, corrects the next scale's input.
+        guide = x_small
+        first_encodings, inr_images, guides = [], [], [guide]
+        for scale in (0, 1):
+            encoded = self.passes[scale][0].encode(self.embed[scale](guide))
+            inr_image = guide + self.inr[scale](self.inr_lift[scale](encoded.latent))
+            guide = scale_inputs[scale + 1] + upsample2(inr_image)
+            first_encodings.append(encoded)
+            inr_images.append(inr_image)
+            guides.append(guide)
+        enc_small, enc_mid1 = first_encodings
+
+        # Full scale: three unfolded passes; the first two decode into the next one's input.
+        features = self.embed[2](guides[2])
+        enc_max = []
+        for index, unet in enumerate(self.passes[2]):
+            encoded = unet.encode(features)
+            enc_max.append(encoded)
+            if index < len(self.context[2]):
+                features = self.context[2][index](unet.decode(encoded.latent, encoded.skips))
+
+        # Fine to coarse: fused latents of consecutive passes steer the coarser decoders.
+        feedback_mid1 = downsample2(self.fusion[0](enc_max[0].latent, enc_max[1].latent))
+        feedback_mid2 = downsample2(self.fusion[1](enc_max[1].latent, enc_max[2].latent))
+        decoded = mid_pass1.decode(enc_mid1.latent + feedback_mid1, enc_mid1.skips)
+        enc_mid2 = mid_pass2.encode(self.context[1][0](decoded))
+        feedback_small = downsample2(self.fusion[2](enc_mid1.latent, enc_mid2.latent))
+
+        dec_small = small_pass.decode(enc_small.latent + feedback_small, enc_small.skips)
+        dec_mid = mid_pass2.decode(enc_mid2.latent + feedback_mid2, enc_mid2.skips) + upsample2(dec_small)
+        shared_reduces = (max_pass3.reduces[0], max_pass2.reduces[1])
+        dec_full = max_pass3.decode(enc_max[2].latent, enc_max[2].skips, shared_reduces) + upsample2(dec_mid)
+
+        return NeRDRainOutputs(
+            full=self.output[2](dec_full) + x_full,
+            mid=self.output[1](dec_mid) + x_mid,
+            small=self.output[0](dec_small) + x_small,
+            inr_mid=inr_images[1],
+            guide_mid=guides[1],
+            inr_small=inr_images[0],
+            input_small=x_small,
+        )
