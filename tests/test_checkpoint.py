@@ -1,0 +1,142 @@
+"""Loading the authors' checkpoint formats and ours; the key map both ways; one-line errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nerdrain import CheckpointError, create_model, load_model, save_model
+from nerdrain.checkpoint import from_official_state_dict, infer_config, to_official_state_dict
+
+
+@pytest.fixture(scope="module")
+def official_state(golden_dir):
+    return load_file(str(golden_dir / "official_dim16_seed0.safetensors"))
+
+
+def assert_one_line_naming(err: pytest.ExceptionInfo, path) -> None:
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+
+
+def test_key_map_round_trips_golden_state_dict(official_state):
+    model = create_model("nerd_rain", dim=16)
+    ours = from_official_state_dict(official_state, model)
+    assert set(ours) == set(model.state_dict())
+    model.load_state_dict(ours)
+    back = to_official_state_dict(model)
+    assert set(back) == set(official_state)
+    assert all(torch.equal(back[k], official_state[k]) for k in official_state)
+
+
+def test_key_map_covers_full_size_released_key_lists(golden_dir):
+    import json
+
+    for variant, filename in [("nerd_rain", "official_nerd_rain_keys.json"),
+                              ("nerd_rain_s", "official_nerd_rain_s_keys.json")]:
+        released = json.loads((golden_dir / filename).read_text())["state_dict"]
+        ours = {k: list(v.shape) for k, v in to_official_state_dict(create_model(variant)).items()}
+        assert ours == {k: list(v) for k, v in released.items()}
+
+
+def test_infers_variant_width_from_shapes(tmp_path):
+    model = create_model("nerd_rain_s")
+    assert infer_config(to_official_state_dict(model)) == model.cfg
+
+
+@pytest.mark.parametrize("wrap", ["authors", "bare", "module_prefix", "safetensors"])
+def test_loads_authors_and_bare_formats(tmp_path, official_state, wrap):
+    if wrap == "authors":
+        path = tmp_path / "model_best.pth"
+        state = {f"module.{k}": v for k, v in official_state.items()}
+        torch.save({"epoch": 3, "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}, path)
+    elif wrap == "bare":
+        path = tmp_path / "bare.pth"
+        torch.save(dict(official_state), path)
+    elif wrap == "module_prefix":
+        path = tmp_path / "dp.pth"
+        torch.save({f"module.{k}": v for k, v in official_state.items()}, path)
+    else:
+        path = tmp_path / "bare.safetensors"
+        save_file(dict(official_state), str(path))
+    model = load_model(path)
+    assert not model.training and model.cfg.dim == 16
+    back = to_official_state_dict(model)
+    assert all(torch.equal(back[k], official_state[k]) for k in official_state)
+
+
+def test_save_model_round_trip_keeps_config_and_weights(tmp_path):
+    model = create_model("nerd_rain", dim=8, depths=(1, 2, 2), inr_hidden=(32, 32))
+    path = save_model(model, tmp_path / "ours.safetensors")
+    loaded = load_model(path)
+    assert loaded.cfg == model.cfg
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_fp16_saved_weights_load_as_fp32(tmp_path):
+    model = create_model("nerd_rain", dim=8)
+    loaded = load_model(save_model(model, tmp_path / "half.safetensors", dtype=torch.float16))
+    assert next(loaded.parameters()).dtype == torch.float32
+    ref = model.state_dict()["embed.0.weight"]
+    torch.testing.assert_close(loaded.state_dict()["embed.0.weight"], ref.half().float())
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint") as err:
+        load_model(path)
+    assert_one_line_naming(err, path)
+
+
+def test_truncated_files(tmp_path, official_state):
+    for name, writer in [("cut.pth", lambda p: torch.save({"state_dict": dict(official_state)}, p)),
+                         ("cut.safetensors", lambda p: save_file(dict(official_state), str(p)))]:
+        path = tmp_path / name
+        writer(path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        with pytest.raises(CheckpointError, match="not a readable") as err:
+            load_model(path)
+        assert_one_line_naming(err, path)
+
+
+def test_foreign_state_dict_is_named_as_such(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.bias": torch.zeros(10)}, path)
+    with pytest.raises(CheckpointError, match="not a NeRD-Rain checkpoint") as err:
+        load_model(path)
+    assert_one_line_naming(err, path)
+
+
+def test_missing_unexpected_and_mismatched_keys_are_summarised(tmp_path, official_state):
+    state = dict(official_state)
+    del state["BF1.gamma1.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    state["output_max.weight"] = torch.zeros(3, 16, 5, 5)
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    message = str(err.value)
+    assert_one_line_naming(err, path)
+    assert "missing 1 (BF1.gamma1.weight)" in message
+    assert "unexpected 1 (extra.weight)" in message
+    assert "output_max.weight (3, 16, 5, 5) vs (3, 16, 3, 3)" in message
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_arbitrary_pickles_are_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": Payload()}, f)
+    with pytest.raises(CheckpointError):
+        load_model(path)
+    assert "unpickled!" not in capsys.readouterr().out

@@ -1,0 +1,126 @@
+"""The network against the authors' golden outputs, and its behaviour at any size and dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from nerdrain import create_model, load_model
+from nerdrain.models import list_models
+from nerdrain.models.inr import ImplicitDecoder
+
+
+@pytest.fixture(scope="module")
+def golden_model(golden_dir):
+    return load_model(golden_dir / "official_dim16_seed0.safetensors")
+
+
+@pytest.fixture(scope="module")
+def golden_io(golden_dir):
+    return load_file(str(golden_dir / "official_dim16_seed0_io.safetensors"))
+
+
+@pytest.mark.parametrize("name, count", [("nerd_rain", 22_893_146), ("nerd_rain_s", 10_530_314)])
+def test_parameter_counts_equal_released_models(name, count):
+    model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert len(model.state_dict()) == 947
+
+
+def test_registry_overrides_and_unknown_names():
+    assert set(list_models()) >= {"nerd_rain", "nerd_rain_s"}
+    assert create_model("nerd_rain", dim=16).cfg.dim == 16
+    with pytest.raises(ValueError, match="unknown model 'nerd'"):
+        create_model("nerd")
+
+
+@pytest.mark.parametrize("case", ["case0", "case1"])
+def test_forward_all_matches_golden_outputs(golden_model, golden_io, case):
+    with torch.no_grad():
+        outputs = golden_model.forward_all(golden_io[f"{case}.input"]).official_order()
+    assert len(outputs) == 7
+    for index, output in enumerate(outputs):
+        expected = golden_io[f"{case}.output{index}"]
+        assert output.shape == expected.shape
+        torch.testing.assert_close(output, expected, atol=1e-4, rtol=0, msg=f"{case} output{index}")
+
+
+def test_call_returns_final_image_only(golden_model, golden_io):
+    x = golden_io["case0.input"]
+    with torch.no_grad():
+        y = golden_model(x)
+    torch.testing.assert_close(y, golden_io["case0.output0"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (17, 31), (321, 481)])
+def test_any_size_is_reflect_padded_and_cropped(golden_model, size):
+    h, w = size
+    x = torch.rand(1, 3, h, w)
+    with torch.no_grad():
+        y = golden_model(x)
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+    if h > 15 and w > 15:  # one reflection suffices: compare with an explicit pad + crop
+        padded = F.pad(x, (0, -w % 16, 0, -h % 16), mode="reflect")
+        with torch.no_grad():
+            expected = golden_model.forward_all(padded).full[..., :h, :w]
+        torch.testing.assert_close(y, expected)
+
+
+def test_forward_all_rejects_unpadded_sizes(golden_model):
+    with pytest.raises(ValueError, match="divisible by 16"):
+        golden_model.forward_all(torch.rand(1, 3, 17, 32))
+
+
+def test_bfloat16_weights_and_autocast_run_close_to_fp32(golden_model, golden_io):
+    x = golden_io["case1.input"]
+    reference = golden_io["case1.output0"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_out = golden_model(x)
+    bf16_model = create_model("nerd_rain", dim=16)
+    bf16_model.load_state_dict(golden_model.state_dict())
+    bf16_model.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        bf16_out = bf16_model(x.to(torch.bfloat16))
+    assert bf16_out.dtype == torch.bfloat16
+    # Stated tolerance for bf16 paths: mean error under 1/255, worst pixel under 0.1.
+    for out in (autocast_out.float(), bf16_out.float()):
+        err = (out - reference).abs()
+        assert err.mean() < 1 / 255 and err.max() < 0.1
+
+
+def test_inr_conv_form_equals_four_way_ensemble_mlp():
+    """The released INR: MLP on unfolded 3x3 features plus 20 constant inputs, averaged 4 times."""
+    torch.manual_seed(0)
+    dim, b, h, w = 4, 2, 5, 7
+    inr = ImplicitDecoder(dim, hidden=(8, 8))
+    feats = torch.randn(b, dim, h, w)
+    unfolded = F.unfold(feats, 3, padding=1).transpose(1, 2)  # B x HW x 9*dim
+    extra = torch.tensor([0.0] * 18 + [2.0, 2.0]).expand(b, h * w, 20)
+    q = torch.cat([unfolded, extra], dim=-1)
+    preds = []
+    for _ in range(4):  # the local ensemble: four identical queries, area weights 1/4 each
+        x = q
+        for i, layer in enumerate(inr.layers):
+            x = layer(x)
+            if i < len(inr.layers) - 1:
+                x = torch.relu(x)
+        preds.append(x * 0.25)
+    expected = sum(preds).transpose(1, 2).reshape(b, 3, h, w)
+    torch.testing.assert_close(inr(feats), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_third_full_scale_pass_shares_second_pass_reduction():
+    model = create_model("nerd_rain", dim=8)
+    unused = model.passes[2][2].reduces[1]
+    assert not unused.weight.requires_grad
+    x = torch.rand(1, 3, 32, 32)
+    before = model(x)
+    with torch.no_grad():
+        unused.weight.add_(1.0)
+    torch.testing.assert_close(model(x), before)  # never used
+    with torch.no_grad():
+        model.passes[2][1].reduces[1].weight.add_(0.1)
+    assert not torch.allclose(model(x), before)  # the shared one is
