@@ -64,7 +64,7 @@ def test_dihedral_elements_distinct_and_invertible():
         dihedral(x, 8)
 
 
-def test_dihedral_numbering_matches_released_loader():
+def test_dihedral_numbering():
     x = torch.arange(6, dtype=torch.float32).view(1, 2, 3)  # non-square: catches H/W mix-ups
     torch.testing.assert_close(dihedral(x, 1), x.flip(1))
     torch.testing.assert_close(dihedral(x, 2), x.flip(2))

@@ -43,8 +43,8 @@ class Out(NamedTuple):
     full: torch.Tensor
     mid: torch.Tensor
     small: torch.Tensor
-    r2: torch.Tensor
-    r1: torch.Tensor
+    inr_mid: torch.Tensor
+    inr_small: torch.Tensor
 
 
 def a_vec(n: int) -> torch.Tensor:
@@ -122,15 +122,15 @@ def test_laplacian_of_constant_is_zero_inside_not_at_border(n):
     assert lap[0, 0, 0, 0].item() == pytest.approx(c * (1 - 1.5 * 1.5))
 
 
-def test_laplacian_prefilters_before_subsampling():
+def test_laplacian_follows_spec_form_and_prefilter_variant_differs():
     s = torch.tensor([1.0, -1.0] * 4, dtype=torch.float64)
     x = s.view(1, 1, 8, 1).expand(1, 3, 8, 8).contiguous()
     a = a_vec(8)
     As = torch.tensor([0.7, 0.3, 0.05, 0.0, -0.01, -0.05, -0.08, -0.05], dtype=torch.float64)
-    released = s[:, None] - torch.outer(As, a)  # filter -> subsample -> zero-insert -> filter
+    released = s[:, None] - torch.outer(As, a)  # MPRNet: filter -> subsample -> zero-insert -> filter
     short = s[:, None] - torch.outer(a, a)  # subsample -> zero-insert -> filter (SPEC one-liner)
-    torch.testing.assert_close(laplacian(x)[0, 1], released)
-    torch.testing.assert_close(laplacian(x, prefilter=False)[0, 1], short)
+    torch.testing.assert_close(laplacian(x, prefilter=True)[0, 1], released)
+    torch.testing.assert_close(laplacian(x)[0, 1], short)
     assert not torch.allclose(released, short)
 
 
@@ -242,7 +242,7 @@ def test_total_loss_combines_parts_with_weights():
     char = sum(ch(p, t) for p, t in pairs)
     fft = sum(ff(p, t) for p, t in pairs)
     edge = sum(ed(p, t) for p, t in pairs)
-    l1 = (outs.r2 - t1).abs().mean() + (outs.r1 - t2).abs().mean()
+    l1 = (outs.inr_mid - t1).abs().mean() + (outs.inr_small - t2).abs().mean()
 
     total, parts = NeRDRainLoss()(outs, tgt)
     torch.testing.assert_close(total, char + 0.01 * fft + 0.05 * edge + 0.1 * l1)
@@ -255,7 +255,7 @@ def test_total_loss_combines_parts_with_weights():
     torch.testing.assert_close(total_w, 2.0 * char + 0.5 * fft + 3.0 * edge)
 
     # the released 7-item list [full, mid, small, r2, m/2, r1, x1] and a dict give the same
-    released = [outs.full, outs.mid, outs.small, outs.r2, torch.zeros(1), outs.r1, torch.zeros(1)]
+    released = [outs.full, outs.mid, outs.small, outs.inr_mid, torch.zeros(1), outs.inr_small, torch.zeros(1)]
     torch.testing.assert_close(NeRDRainLoss()(released, tgt)[0], total)
     torch.testing.assert_close(NeRDRainLoss()(outs._asdict(), tgt)[0], total)
 
