@@ -1,0 +1,181 @@
+"""``nerd-rain``: a thin command-line shell over the library (each command calls one function)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _model(args: argparse.Namespace):
+    from .checkpoint import load_default_model, load_model
+    from .inference import resolve_device
+
+    device = resolve_device(getattr(args, "device", "auto"))
+    return load_model(args.weights, device) if args.weights else load_default_model(device)
+
+
+def cmd_derain(args: argparse.Namespace) -> int:
+    from .inference import derain_files
+
+    summary = derain_files(args.inputs, args.output, _model(args), tile=args.tile, overlap=args.overlap,
+                           batch_size=args.batch_size, device=args.device, half=args.half, fmt=args.format,
+                           progress=not args.quiet)
+    print(f"{summary.ok} derained, {len(summary.failed)} failed", file=sys.stderr)
+    return 1 if summary.failed or not summary.ok else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import evaluate
+
+    if args.pred or args.gt:
+        if not (args.pred and args.gt) or args.data:
+            raise ValueError("score saved predictions with --pred DIR --gt DIR, or run a model with --data DIR")
+        report = evaluate.evaluate_folders(args.pred, args.gt, args.protocol, progress=not args.quiet)
+    elif args.data:
+        from .inference import resolve_device
+
+        report = evaluate.evaluate_model(_model(args), args.data, args.protocol, layout=args.layout,
+                                         save_dir=args.save, device=resolve_device(args.device), tile=args.tile,
+                                         overlap=args.overlap, progress=not args.quiet)
+    else:
+        raise ValueError("nothing to evaluate: give --pred DIR --gt DIR, or --data DIR")
+    print(evaluate.format_table(report, per_image=args.per_image))
+    if args.json:
+        evaluate.write_json(report, args.json)
+    if args.csv:
+        evaluate.write_csv(report, args.csv)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training import train
+
+    final = train(load_config(args.config, args.set), args.out, resume=args.resume or False,
+                  progress=not args.quiet)
+    print(f"final weights: {final}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .data.synth import synthesize_folder
+
+    count = synthesize_folder(args.clean, args.out, preset=args.preset, count_per_image=args.count,
+                              seed=args.seed, streak_dir=args.streaks, size=args.size)
+    print(f"wrote {count} pairs to {args.out} (input/ + target/)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, model=_model(args) if args.weights else None, device=args.device)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import export_official, load_model, save_model
+
+    model = load_model(args.input)
+    out = export_official(model, args.output) if args.to_official else save_model(model, args.output)
+    print(f"{args.input} -> {out} (dim={model.cfg.dim})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .models import list_models, model_config
+
+    for name in list_models():
+        print(name, json.dumps(asdict(model_config(name))))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nerd-rain", description="NeRD-Rain single-image deraining")
+    parser.add_argument("--version", action="version", version=f"nerdrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--weights", help="checkpoint: the authors' .pth or a .safetensors (default: shipped weights)")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+        p.add_argument("--tile", type=int, default=None, help="tile size in pixels; 0 = whole image at once")
+        p.add_argument("--overlap", type=int, default=32, help="tile overlap, blended smoothly")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("derain", help="derain photos (files, folders, globs)")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("-o", "--output", help="output file or folder (default: beside each input, *_derained.png)")
+    model_options(p)
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    p.add_argument("--half", action="store_true", help="bfloat16 autocast (faster on recent GPUs)")
+    p.add_argument("--format", default="png", choices=["png", "jpg", "webp", "tif"])
+    p.set_defaults(func=cmd_derain)
+
+    p = sub.add_parser("evaluate", help="PSNR/SSIM as the paper's MATLAB scripts compute them")
+    p.add_argument("--pred", help="folder of predictions to score against --gt")
+    p.add_argument("--gt", help="folder of ground-truth images")
+    p.add_argument("--data", help="paired dataset to run the model on")
+    p.add_argument("--layout", help="force the dataset layout (input_target, prenet, ddn, did)")
+    p.add_argument("--protocol", default="rain200", choices=["rain200", "did_ddn"])
+    p.add_argument("--save", help="with --data: save the 8-bit PNG predictions here")
+    p.add_argument("--json", help="write the scores as JSON")
+    p.add_argument("--csv", help="write per-image scores as CSV")
+    p.add_argument("--per-image", action="store_true", help="print a row per image")
+    model_options(p)
+    p.set_defaults(func=cmd_evaluate, tile=0)
+
+    p = sub.add_parser("train", help="train with a YAML config (works under torchrun)")
+    p.add_argument("config")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, logs, final weights")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--resume", nargs="?", const=True, help="resume from OUT/last.pt or the given checkpoint")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("synth", help="render rain onto clean photos: a paired dataset on disk")
+    p.add_argument("clean", help="folder of clean photos")
+    p.add_argument("out", help="output folder (input/ and target/ are created)")
+    p.add_argument("--preset", default="light", help="light or heavy")
+    p.add_argument("--count", type=int, default=1, help="rainy versions per clean photo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--streaks", help="Garg & Nayar streak database folder (optional)")
+    p.add_argument("--size", type=int, help="random square crops of this size")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("demo", help="rain on a sample photo, derained, side by side, with scores")
+    p.add_argument("-o", "--output", default="nerdrain-demo")
+    p.add_argument("--weights")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert", help="convert checkpoints: authors' .pth <-> our .safetensors")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--to-official", action="store_true", help="write the authors' .pth format instead")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("models", help="list the model variants")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:  # CheckpointError, ImageReadError and bad configs are ValueErrors
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

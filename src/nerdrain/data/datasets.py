@@ -1,0 +1,115 @@
+"""Training pairs as a deterministic stream: sample number -> (rainy patch, clean patch).
+
+Every random choice for sample ``n`` (which source, which image, the crop, the rain, the flips)
+comes from a generator seeded by ``(seed, n)``. Resuming at iteration ``i`` therefore only needs
+``i``; worker count and process count do not change what sample ``n`` is; and synthetic rain never
+runs out, since each sample number renders fresh rain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from .augment import AugmentConfig, augment_pair, reflect_pad_to
+from .pairs import find_pairs, load_pair
+from .synth import RainMixer
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def _to_tensor(img: np.ndarray) -> torch.Tensor:
+    array = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+class PairedSource:
+    """Real (rainy, clean) pairs from any layout :func:`find_pairs` knows; decoded once, cached."""
+
+    def __init__(self, root: str | Path, layout: str | None = None):
+        self.pairs = find_pairs(root, layout)
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def sample(self, index: int, rng: np.random.Generator, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index not in self._cache:
+            rainy, clean = load_pair(self.pairs[index])
+            self._cache[index] = (_to_tensor(rainy), _to_tensor(clean))
+        return self._cache[index]
+
+
+class SyntheticSource:
+    """Clean photos with rain rendered on the fly onto a patch-sized crop."""
+
+    def __init__(self, root: str | Path, presets: Sequence[str] = ("light", "heavy"),
+                 streak_dir: str | Path | None = None):
+        root = Path(root)
+        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.paths:
+            raise ValueError(f"{root}: no clean images found for rain synthesis")
+        self.mixer = RainMixer(tuple(presets), streak_dir=streak_dir)
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def sample(self, index: int, rng: np.random.Generator, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index not in self._cache:
+            with Image.open(self.paths[index]) as img:
+                self._cache[index] = _to_tensor(np.asarray(img.convert("RGB")))
+        clean = reflect_pad_to(self._cache[index], patch_size, patch_size)
+        top = int(rng.integers(0, clean.shape[1] - patch_size + 1))
+        left = int(rng.integers(0, clean.shape[2] - patch_size + 1))
+        clean = clean[:, top:top + patch_size, left:left + patch_size]
+        rainy = self.mixer.render(clean.permute(1, 2, 0).numpy(), rng)
+        return _to_tensor(rainy), clean.contiguous()
+
+
+class TrainingStream(Dataset):
+    """Indexable by sample number; mixes sources by weight and applies the paper's augmentation."""
+
+    def __init__(self, sources: Sequence[PairedSource | SyntheticSource], weights: Sequence[float],
+                 augment: AugmentConfig, seed: int):
+        if not sources:
+            raise ValueError("no training sources configured (data.sources is empty)")
+        self.sources = list(sources)
+        w = np.asarray(weights, dtype=np.float64)
+        self.weights = w / w.sum()
+        self.augment = augment
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return 2**62  # a stream: the sampler decides how far it is read
+
+    def __getitem__(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, n])
+        source = self.sources[int(rng.choice(len(self.sources), p=self.weights))]
+        rainy, clean = source.sample(int(rng.integers(len(source))), rng, self.augment.patch_size)
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        return augment_pair(rainy, clean, self.augment, generator)
+
+
+class StreamSampler(Sampler[int]):
+    """Sample numbers for one process: iteration ``i`` of rank ``r`` reads its slice of the global batch.
+
+    The global batch of iteration ``i`` is samples ``[i*B*W, (i+1)*B*W)``; rank ``r`` takes
+    ``B`` of them. One process with batch ``B*W`` therefore sees exactly what ``W`` processes see.
+    """
+
+    def __init__(self, batch_size: int, rank: int = 0, world_size: int = 1, start_iteration: int = 0):
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.start_iteration = start_iteration
+
+    def __iter__(self) -> Iterator[int]:
+        iteration = self.start_iteration
+        while True:
+            first = (iteration * self.world_size + self.rank) * self.batch_size
+            yield from range(first, first + self.batch_size)
+            iteration += 1

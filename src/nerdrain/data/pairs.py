@@ -1,0 +1,249 @@
+"""Find (rainy, clean) image pairs in the folder layouts deraining datasets are shipped in.
+
+Each benchmark comes in the layout of whichever code base released it, so the layout is
+detected automatically (and can be forced). Layouts, in detection order:
+
+``input_target``  ``input/NAME`` + ``target/NAME`` (Restormer's test sets, ../shared/data);
+                  other folder names via ``input_dir`` / ``target_dir``.
+``ddn``           ``rainy_image/N_K.ext`` + ``ground_truth/N.ext`` (DDN-Data): several rainy
+                  versions K share one clean image, each is a pair.
+``prenet``        ``rainy/rain-N.ext`` + ``norain-N.ext`` beside ``rainy/`` or inside it, or
+                  ``rain-N.ext`` + ``norain-N.ext`` in one folder (PReNet's Rain100H/L).
+``did``           one file per pair, rainy and clean halves side by side (DID-MDN's Rain1200:
+                  rainy on the left). Detected only when every image is exactly twice as wide
+                  as tall, as DID-MDN's are; other side-by-side sets need ``layout="did"``.
+
+Pairs are matched by file stem, never by sorted position, so a file without its partner is an
+error rather than a silent shift of every later pair.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["LAYOUTS", "IMAGE_EXTENSIONS", "Pair", "detect_layout", "find_pairs", "load_pair"]
+
+LAYOUTS: Final = ("input_target", "prenet", "ddn", "did")
+IMAGE_EXTENSIONS: Final = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+_LAYOUT_HELP: Final = (
+    "input_target (input/ + target/), "
+    "ddn (rainy_image/N_K + ground_truth/N), "
+    "prenet (rainy/rain-N + norain-N, or rain-N + norain-N in one folder), "
+    "did (side-by-side rainy|clean images, twice as wide as tall)"
+)
+_DDN_RAINY: Final = re.compile(r"(?P<clean>.+)_\d+")
+_SIDES: Final = ("left", "right")
+_MAX_LISTED: Final = 10
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One rainy/clean pair. ``crop`` is ``(input_half, target_half)``, e.g. ``("left", "right")``,
+    when both images are halves of one side-by-side file (then ``input == target``)."""
+
+    name: str
+    input: Path
+    target: Path
+    crop: tuple[str, str] | None = None
+
+
+def _images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``; hidden files (macOS ``._x.png``) are not images."""
+    if not folder.is_dir():
+        return []
+    return [
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    ]
+
+
+def _natural_key(name: str) -> list[int | str]:
+    """Sort ``rain-2`` before ``rain-10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _listing(paths: Iterable[Path], root: Path) -> str:
+    names = sorted(
+        (str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths),
+        key=_natural_key,
+    )
+    more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+    return ", ".join(names[:_MAX_LISTED]) + more
+
+
+def _by_key(paths: Iterable[Path], key: Callable[[str], str], root: Path) -> dict[str, Path]:
+    """Index files by ``key(stem)``; two files with one key (``a.png``, ``a.jpg``) are ambiguous."""
+    index: dict[str, Path] = {}
+    for path in paths:
+        k = key(path.stem)
+        if k in index:
+            raise ValueError(
+                f"{root}: ambiguous files {_listing([index[k], path], root)} share the name {k!r}"
+            )
+        index[k] = path
+    return index
+
+
+def _check_partners(root: Path, unmatched: list[Path]) -> None:
+    if unmatched:
+        raise ValueError(
+            f"{root}: no partner for {len(unmatched)} file(s): {_listing(unmatched, root)}"
+        )
+
+
+def _prenet_files(root: Path, prefix: str) -> list[Path]:
+    """``prefix``-named images in ``root/rainy`` or ``root`` (clean ones sit in either)."""
+    return [p for p in _images(root / "rainy") + _images(root) if p.stem.startswith(prefix)]
+
+
+def _is_side_by_side(path: Path) -> bool:
+    with Image.open(path) as img:  # reads the header only
+        width, height = img.size
+    return width == 2 * height
+
+
+def detect_layout(root: str | Path) -> str:
+    """The first of ``LAYOUTS`` (in the module's detection order) that ``root`` looks like."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a folder")
+    if _images(root / "input") and _images(root / "target"):
+        return "input_target"
+    if _images(root / "rainy_image") and _images(root / "ground_truth"):
+        return "ddn"
+    if _prenet_files(root, "rain-") and _prenet_files(root, "norain-"):
+        return "prenet"
+    loose = _images(root)
+    if loose and all(_is_side_by_side(p) for p in loose):
+        return "did"
+    raise ValueError(f"{root}: no known pair layout found; looked for {_LAYOUT_HELP}")
+
+
+def _two_folders(
+    root: Path, input_dir: Path, target_dir: Path, clean_key: Callable[[str], str | None]
+) -> list[Pair]:
+    """Pairs from a rainy folder and a clean folder; ``clean_key`` maps a rainy stem to the
+    stem of its clean image."""
+    for folder in (input_dir, target_dir):
+        if not _images(folder):
+            raise ValueError(f"{root}: no images in {folder}")
+    clean = _by_key(_images(target_dir), str, root)
+    rainy = _by_key(_images(input_dir), str, root)
+    keys = {stem: clean_key(stem) for stem in rainy}
+    used = set(keys.values())
+    _check_partners(
+        root,
+        [rainy[s] for s, k in keys.items() if k not in clean]
+        + [path for stem, path in clean.items() if stem not in used],
+    )
+    return [Pair(stem, rainy[stem], clean[keys[stem]]) for stem in rainy]
+
+
+def _ddn_clean_stem(stem: str) -> str | None:
+    """``"12_3"`` -> ``"12"``: DDN's rainy version 3 of clean image 12."""
+    match = _DDN_RAINY.fullmatch(stem)
+    return match["clean"] if match else None
+
+
+def _prenet_pairs(root: Path) -> list[Pair]:
+    rainy = _by_key(_prenet_files(root, "rain-"), lambda s: s.removeprefix("rain-"), root)
+    clean = _by_key(_prenet_files(root, "norain-"), lambda s: s.removeprefix("norain-"), root)
+    _check_partners(
+        root,
+        [p for k, p in rainy.items() if k not in clean]
+        + [p for k, p in clean.items() if k not in rainy],
+    )
+    return [Pair(path.stem, path, clean[k]) for k, path in rainy.items()]
+
+
+def _did_pairs(root: Path, rainy_side: str) -> list[Pair]:
+    if rainy_side not in _SIDES:
+        raise ValueError(f"did_rainy_side must be 'left' or 'right', got {rainy_side!r}")
+    files = _images(root)
+    if not files:
+        raise ValueError(f"{root}: no images for the did layout")
+    clean_side = "right" if rainy_side == "left" else "left"
+    _by_key(files, str, root)  # rejects a.png beside a.jpg: names must be unique
+    return [Pair(p.stem, p, p, (rainy_side, clean_side)) for p in files]
+
+
+def find_pairs(
+    root: str | Path,
+    layout: str | None = None,
+    *,
+    input_dir: str | Path | None = None,
+    target_dir: str | Path | None = None,
+    did_rainy_side: str = "left",
+) -> list[Pair]:
+    """All pairs under ``root``, sorted naturally by name (the rainy file's stem).
+
+    ``layout`` forces one of ``LAYOUTS`` instead of detecting it. ``input_dir`` / ``target_dir``
+    (relative to ``root`` or absolute) rename the two folders of the input_target (default) or
+    ddn layout. ``did_rainy_side`` says which half of a did image is rainy.
+    """
+    root = Path(root)
+    if (input_dir is None) != (target_dir is None):
+        raise ValueError("give input_dir and target_dir together")
+    if layout is None:
+        layout = "input_target" if input_dir is not None else detect_layout(root)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if input_dir is not None and layout not in ("input_target", "ddn"):
+        raise ValueError(
+            f"input_dir/target_dir apply to the input_target and ddn layouts, not {layout}"
+        )
+
+    if layout == "input_target":
+        pairs = _two_folders(
+            root, root / (input_dir or "input"), root / (target_dir or "target"), str
+        )
+    elif layout == "ddn":
+        pairs = _two_folders(
+            root,
+            root / (input_dir or "rainy_image"),
+            root / (target_dir or "ground_truth"),
+            _ddn_clean_stem,
+        )
+    elif layout == "prenet":
+        pairs = _prenet_pairs(root)
+    else:
+        pairs = _did_pairs(root, did_rainy_side)
+    return sorted(pairs, key=lambda pair: _natural_key(pair.name))
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    """uint8 RGB as MATLAB's imread sees 8-bit files: grey, palette and alpha images become RGB."""
+    with Image.open(path) as img:
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+            raise ValueError(f"{path}: {img.mode} images are not supported; use 8-bit images")
+        return np.asarray(img.convert("RGB"))
+
+
+def _half(img: np.ndarray, side: str, path: Path) -> np.ndarray:
+    width = img.shape[1]
+    if width % 2:
+        raise ValueError(f"{path}: side-by-side image has odd width {width}")
+    return img[:, : width // 2] if side == "left" else img[:, width // 2 :]
+
+
+def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
+    """(rainy, clean) as uint8 RGB HxWx3 arrays of equal size."""
+    if pair.crop is not None:
+        both = _read_rgb(pair.input)
+        return _half(both, pair.crop[0], pair.input), _half(both, pair.crop[1], pair.input)
+    rainy, clean = _read_rgb(pair.input), _read_rgb(pair.target)
+    if rainy.shape != clean.shape:
+        raise ValueError(
+            f"size mismatch: input {pair.input} is {rainy.shape[1]}x{rainy.shape[0]} "
+            f"but target {pair.target} is {clean.shape[1]}x{clean.shape[0]}"
+        )
+    return rainy, clean

@@ -1,0 +1,274 @@
+"""Scoring derained images the way the paper's MATLAB scripts do (see :mod:`nerdrain.metrics`).
+
+* :func:`evaluate_folders` -- saved predictions against ground truth, matched by file name.
+* :func:`evaluate_model` -- run a model (or any restore callable) over a paired dataset
+  (:func:`nerdrain.data.pairs.find_pairs`), score its 8-bit predictions, optionally save them.
+* :func:`evaluate_pairs` -- the loop behind :func:`evaluate_model`, also used by training.
+* :func:`format_table`, :func:`write_json`, :func:`write_csv` -- report output.
+
+Every prediction is scored as the 8-bit image it would be saved as (:func:`nerdrain.metrics.to_uint8`),
+so scoring a model directly and scoring its saved PNGs with :func:`evaluate_folders` give the same
+numbers. Images are read as 8-bit RGB: grey, palette and alpha files are converted to RGB, and
+16-bit or float files are refused rather than quantised, since the MATLAB scripts' peak of 255
+assumes 8-bit files and a silent conversion would score something else than what was submitted.
+
+Identical images have infinite PSNR, as in MATLAB, and a mean over a set containing one is
+infinite too. JSON has no infinity, so :func:`write_json` stores it as ``null`` (the only
+non-finite value a score can take); :func:`write_csv` writes ``inf``, which ``float()`` reads back.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .data.pairs import Pair, _by_key, _images, _listing, _natural_key, _read_rgb, find_pairs, load_pair
+from .metrics import PROTOCOLS, score, to_uint8
+
+__all__ = [
+    "ImageScore",
+    "EvalReport",
+    "evaluate_pairs",
+    "evaluate_model",
+    "evaluate_folders",
+    "format_table",
+    "write_json",
+    "write_csv",
+]
+
+
+@dataclass
+class ImageScore:
+    name: str
+    psnr: float
+    ssim: float
+
+
+@dataclass
+class EvalReport:
+    """Per-image scores under one protocol; ``psnr`` / ``ssim`` are their means (NaN if empty)."""
+
+    protocol: str
+    images: list[ImageScore] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.images)
+
+    @property
+    def psnr(self) -> float:
+        return float(np.mean([s.psnr for s in self.images])) if self.images else float("nan")
+
+    @property
+    def ssim(self) -> float:
+        return float(np.mean([s.ssim for s in self.images])) if self.images else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON schema of :func:`write_json`, with raw floats (``inf`` kept)."""
+        return {"protocol": self.protocol, "mean": {"psnr": self.psnr, "ssim": self.ssim},
+                "count": self.count, "images": [vars(s).copy() for s in self.images]}
+
+
+Restorer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+
+
+def _size(img: np.ndarray) -> str:
+    return f"{img.shape[1]}x{img.shape[0]}"
+
+
+def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "rain200",
+                   device: torch.device | str = "cpu", progress: bool = False,
+                   on_prediction: Callable[[Pair, np.ndarray], None] | None = None) -> EvalReport:
+    """Run ``restore`` (1x3xHxW float in [0, 1] on ``device`` -> same shape) over ``pairs``;
+    score its 8-bit quantised output against the clean image. ``on_prediction(pair, uint8 HxWx3)``
+    sees each prediction as scored (e.g. to save it)."""
+    _check_protocol(protocol)
+    report = EvalReport(protocol)
+    with torch.inference_mode():
+        for pair in tqdm(pairs, desc="evaluate", disable=not progress, leave=False):
+            rainy, clean = load_pair(pair)
+            # PIL-backed arrays are read-only; torch warns on (and must not share) them.
+            x = torch.from_numpy(rainy.copy()).permute(2, 0, 1)[None].float().div(255).to(device)
+            y = restore(x)
+            if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
+                got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ValueError(f"{pair.name}: restore returned {got} for an input of shape {tuple(x.shape)}")
+            prediction = to_uint8(y[0].float())
+            if on_prediction is not None:
+                on_prediction(pair, prediction)
+            report.images.append(ImageScore(pair.name, *score(prediction, clean, protocol)))
+    return report
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Write a uint8 HxWx3 image as an 8-bit PNG atomically (temporary file, then ``os.replace``),
+    so an interrupted run never leaves a truncated file under the final name."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # "x": usual permissions
+    try:
+        with tmp.open("xb") as f:
+            Image.fromarray(image, "RGB").save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _tiled(model: Restorer, tile: int, overlap: int) -> Restorer:
+    from .tiling import TileConfig, run_tiled  # deferred: only tiled runs need it
+
+    cfg = TileConfig(tile=tile, overlap=overlap)
+    return lambda x: run_tiled(model, x, cfg)
+
+
+def _saver(folder: Path) -> Callable[[Pair, np.ndarray], None]:
+    return lambda pair, prediction: save_png(prediction, folder / f"{pair.name}.png")
+
+
+def evaluate_model(model_or_restore: Restorer, data_dir: str | Path, protocol: str = "rain200", *,
+                   layout: str | None = None, save_dir: str | Path | None = None,
+                   device: torch.device | str = "cpu", tile: int = 0, overlap: int = 32,
+                   progress: bool = False) -> EvalReport:
+    """Derain every pair of ``data_dir`` (``find_pairs(data_dir, layout)``) and score the results.
+
+    ``model_or_restore`` maps Bx3xHxW float tensors in [0, 1] to the same shape; an
+    ``nn.Module`` is moved to ``device`` (in place) and run in eval mode, its training flag
+    restored afterwards. ``tile`` > 0 runs it tile by tile (:func:`nerdrain.tiling.run_tiled`
+    with ``overlap``); 0 on the whole image. Each prediction is quantised to 8 bits
+    (:func:`to_uint8`) before scoring and, with ``save_dir``, saved as ``save_dir/<name>.png``.
+    """
+    _check_protocol(protocol)
+    if tile < 0:
+        raise ValueError(f"tile must be >= 0 (0 = whole image), got {tile}")
+    pairs = find_pairs(data_dir, layout)
+    restore = _tiled(model_or_restore, tile, overlap) if tile > 0 else model_or_restore
+    on_prediction = None
+    if save_dir is not None:
+        out = Path(save_dir)
+        sources = {p.input.parent.resolve() for p in pairs} | {p.target.parent.resolve() for p in pairs}
+        if out.resolve() in sources:
+            raise ValueError(f"save_dir {out} holds the dataset's own images; choose another folder")
+        out.mkdir(parents=True, exist_ok=True)
+        on_prediction = _saver(out)
+
+    module = model_or_restore if isinstance(model_or_restore, torch.nn.Module) else None
+    was_training = module is not None and module.training
+    if module is not None:
+        module.to(device).eval()
+    try:
+        return evaluate_pairs(restore, pairs, protocol, device, progress, on_prediction)
+    finally:
+        if was_training:
+            module.train(True)
+
+
+def _match_folders(pred_dir: Path, gt_dir: Path) -> list[tuple[str, Path, Path]]:
+    """(name, prediction, ground truth) for every file stem, naturally sorted; unmatched
+    files on either side are an error naming them."""
+    for folder, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
+        if not folder.is_dir():
+            raise ValueError(f"{what} folder {folder} is not a folder")
+        if not _images(folder):
+            raise ValueError(f"no images in {what} folder {folder}")
+    preds = _by_key(_images(pred_dir), str, pred_dir)
+    gts = _by_key(_images(gt_dir), str, gt_dir)
+    problems = []
+    if missing_gt := [p for stem, p in preds.items() if stem not in gts]:
+        problems.append(f"{len(missing_gt)} prediction(s) in {pred_dir} without ground truth in "
+                        f"{gt_dir}: {_listing(missing_gt, pred_dir)}")
+    if missing_pred := [p for stem, p in gts.items() if stem not in preds]:
+        problems.append(f"{len(missing_pred)} ground-truth image(s) in {gt_dir} without a prediction "
+                        f"in {pred_dir}: {_listing(missing_pred, gt_dir)}")
+    if problems:
+        raise ValueError("; ".join(problems) + " (files are matched by name without extension)")
+    return [(stem, preds[stem], gts[stem]) for stem in sorted(preds, key=_natural_key)]
+
+
+def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, protocol: str = "rain200",
+                     progress: bool = False) -> EvalReport:
+    """Score saved predictions in ``pred_dir`` against ``gt_dir``, as the MATLAB scripts do.
+
+    Files are matched by name without extension (``x.png`` against ``x.jpg``); a prediction
+    without ground truth, or ground truth without a prediction, is a ``ValueError`` naming
+    the files, and so is a size mismatch. Images must be 8-bit (see the module doc).
+    """
+    _check_protocol(protocol)
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    report = EvalReport(protocol)
+    for name, pred_path, gt_path in tqdm(_match_folders(pred_dir, gt_dir), desc="evaluate",
+                                         disable=not progress, leave=False):
+        pred, gt = _read_rgb(pred_path), _read_rgb(gt_path)
+        if pred.shape != gt.shape:
+            raise ValueError(f"size mismatch: prediction {pred_path} is {_size(pred)} "
+                             f"but ground truth {gt_path} is {_size(gt)}")
+        report.images.append(ImageScore(name, *score(pred, gt, protocol)))
+    return report
+
+
+def _fmt(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+
+
+def _align(rows: list[list[str]]) -> list[str]:
+    """First column left-aligned, the others right-aligned, two spaces apart."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            .rstrip() for r in rows]
+
+
+def format_table(report: EvalReport, per_image: bool = False) -> str:
+    """A small aligned text table: protocol, count, mean PSNR (dB, 3 decimals) and mean SSIM
+    (4 decimals); with ``per_image``, preceded by one row per image."""
+    lines = []
+    if per_image:
+        lines += _align([["image", "PSNR (dB)", "SSIM"]]
+                        + [[s.name, _fmt(s.psnr, 3), _fmt(s.ssim, 4)] for s in report.images])
+        lines.append("")
+    lines += _align([["protocol", "images", "PSNR (dB)", "SSIM"],
+                     [report.protocol, str(report.count), _fmt(report.psnr, 3), _fmt(report.ssim, 4)]])
+    return "\n".join(lines)
+
+
+def _json_float(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def write_json(report: EvalReport, path: str | Path) -> Path:
+    """``{"protocol", "mean": {"psnr", "ssim"}, "count", "images": [{"name", "psnr", "ssim"}]}``;
+    an infinite PSNR (identical images) is written as ``null``, keeping the file standard JSON."""
+    data = report.to_dict()
+    data["mean"] = {k: _json_float(v) for k, v in data["mean"].items()}
+    for image in data["images"]:
+        image["psnr"], image["ssim"] = _json_float(image["psnr"]), _json_float(image["ssim"])
+    path = Path(path)
+    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def write_csv(report: EvalReport, path: str | Path) -> Path:
+    """One ``name,psnr,ssim`` row per image under that header, full precision (``inf`` for
+    identical images)."""
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["name", "psnr", "ssim"])
+        writer.writerows([s.name, repr(float(s.psnr)), repr(float(s.ssim))] for s in report.images)
+    return path

@@ -1,0 +1,780 @@
+"""Reading and writing users' photos as they come.
+
+``read_photo`` turns any file Pillow can open into a :class:`Photo`: float32 RGB in
+[0, 1] plus everything needed to write the result back faithfully (alpha, bit depth,
+grayscale-ness, ICC profile, EXIF).  ``write_photo`` writes such a photo atomically.
+
+What is kept, and how
+---------------------
+* **EXIF orientation** is applied to the pixels on read (same transforms as
+  ``PIL.ImageOps.exif_transpose``) and the Orientation tag is then set to 1 in the kept
+  EXIF.  The original EXIF bytes are kept verbatim apart from that one value (patched in
+  place, so maker notes and their offsets survive); only when the EXIF block cannot be
+  parsed is it re-serialised by Pillow.  For TIFF inputs, whose "EXIF" is the TIFF
+  directory itself, the descriptive tags and the Exif sub-directory are carried over.
+* **ICC profiles** are kept and re-embedded.  CMYK inputs are converted to sRGB through
+  their embedded profile (LittleCMS via ``PIL.ImageCms``) and written with an sRGB
+  profile; without a profile Pillow's plain CMYK->RGB conversion is used.
+* **Alpha** (RGBA, LA, PA, palette or ``tRNS`` transparency) is split off, passed
+  through untouched and re-attached on write (JPEG cannot store alpha: it is dropped).
+* **Bit depth.** 16-bit inputs are read at full 16-bit precision and written back as
+  16-bit PNGs.  Pillow 13 has no 16-bit RGB mode: it reads 16-bit RGB(A) PNG/TIFF as
+  8-bit (keeping only the high bytes) and cannot write them.  We therefore let Pillow's
+  own C decoder run a second time with the byte order of the raw mode swapped, which
+  yields the low bytes (unfiltering, interlacing and TIFF compression all still handled
+  by Pillow/libtiff); 16-bit gray+alpha PNGs are decoded once as raw bytes.  16-bit
+  PNGs are written by a small PNG encoder in this module (IHDR, iCCP, eXIf, IDAT with
+  per-row adaptive filters, IEND).  Mode ``I`` (32-bit integer) images are taken as
+  16-bit data (clipped to 0..65535); mode ``F`` is taken as [0, 1] data and written as
+  16-bit.  16-bit data written as JPEG/WebP is reduced to 8 bits; 16-bit TIFF output is
+  kept for grayscale (``I;16``) but reduced to 8 bits for colour (Pillow cannot write
+  16-bit RGB TIFF).
+* **Grayscale** inputs (1, L, LA, I;16, I, F) are expanded to three equal channels for
+  the network and converted back with the ITU-R 601 weights (as Pillow's ``L`` mode).
+* Multi-frame files (GIF, APNG, multi-page TIFF): the first frame only.  XMP, text
+  chunks, DPI and other metadata are not carried over.
+
+Huge images
+-----------
+Pillow's decompression-bomb guard (a warning above ~89 Mpx, an error above ~179 Mpx) is
+replaced by our own limit: images up to :data:`DEFAULT_MAX_PIXELS` (300 Mpx, e.g. a
+20000 x 15000 panorama) are accepted; above it ``read_photo`` raises an
+:class:`ImageReadError` before decoding anything.  Override it per call with
+``max_pixels=`` (``0`` = no limit) or process-wide with the environment variable
+``NERDRAIN_MAX_PIXELS``.  Note that inference needs roughly 40 bytes per pixel of host
+memory (float32 input, output and blending buffers), i.e. ~12 GB at 300 Mpx.
+
+Quantisation is round-half-up after clipping to [0, 1]: ``floor(x * (2**bits - 1) + 0.5)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import struct
+import sys
+import tempfile
+import threading
+import warnings
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageReadError",
+    "ImageWriteError",
+    "Photo",
+    "WRITE_FORMATS",
+    "apply_orientation",
+    "format_for_path",
+    "photo_from_pil",
+    "photo_to_pil",
+    "quantize",
+    "read_photo",
+    "rgb_to_gray",
+    "write_photo",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Largest image (in pixels) ``read_photo`` accepts unless told otherwise.
+DEFAULT_MAX_PIXELS = 300_000_000
+
+#: Output suffix -> Pillow format name.
+WRITE_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".jpe": "JPEG",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+
+_GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_ORIENTATION_TAG = 0x0112
+_EXIF_HEADER = b"Exif\x00\x00"
+_PIL_GLOBALS_LOCK = threading.Lock()
+
+
+class ImageReadError(ValueError):
+    """A file could not be read as an image.  ``str()`` is one line: ``"<path>: <reason>"``."""
+
+    def __init__(self, path: PathLike, reason: str):
+        self.path = str(path)
+        self.reason = " ".join(str(reason).split())
+        super().__init__(f"{self.path}: {self.reason}")
+
+
+class ImageWriteError(ValueError):
+    """An image could not be written.  ``str()`` is one line: ``"<path>: <reason>"``."""
+
+    def __init__(self, path: PathLike, reason: str):
+        self.path = str(path)
+        self.reason = " ".join(str(reason).split())
+        super().__init__(f"{self.path}: {self.reason}")
+
+
+@dataclass
+class Photo:
+    """A decoded photo plus what is needed to write the result back faithfully.
+
+    ``rgb`` is float32 HxWx3 in [0, 1] (grayscale images are replicated to three
+    channels); ``alpha`` is float32 HxW in [0, 1] or ``None``; ``bit_depth`` is 8 or 16;
+    ``mode`` the original Pillow mode; ``grayscale`` whether to write back one channel.
+    To write a result, replace the pixels: ``dataclasses.replace(photo, rgb=out)``.
+    """
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None = None
+    bit_depth: int = 8
+    mode: str = "RGB"
+    grayscale: bool = False
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
+    format: str | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        return int(self.rgb.shape[1]), int(self.rgb.shape[0])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def quantize(x: np.ndarray, bits: int) -> np.ndarray:
+    """Clip to [0, 1] and round half up to ``bits`` (8 -> uint8, 16 -> uint16)."""
+    maxv = (1 << bits) - 1
+    x = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    q = np.floor(np.clip(x, 0.0, 1.0) * np.float32(maxv) + np.float32(0.5))
+    return q.astype(np.uint8 if bits <= 8 else np.uint16)
+
+
+def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601-2 luma (Pillow's ``L`` conversion weights) of an HxWx3 float array."""
+    rgb = np.asarray(rgb, dtype=np.float32)
+    return rgb[..., 0] * _LUMA[0] + rgb[..., 1] * _LUMA[1] + rgb[..., 2] * _LUMA[2]
+
+
+def apply_orientation(a: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1..8) to an HxW[xC] array, like ``exif_transpose``."""
+    if orientation == 2:  # FLIP_LEFT_RIGHT
+        a = a[:, ::-1]
+    elif orientation == 3:  # ROTATE_180
+        a = a[::-1, ::-1]
+    elif orientation == 4:  # FLIP_TOP_BOTTOM
+        a = a[::-1]
+    elif orientation == 5:  # TRANSPOSE
+        a = np.swapaxes(a, 0, 1)
+    elif orientation == 6:  # ROTATE_270 (i.e. 90 degrees clockwise)
+        a = np.rot90(a, -1)
+    elif orientation == 7:  # TRANSVERSE
+        a = np.swapaxes(a, 0, 1)[::-1, ::-1]
+    elif orientation == 8:  # ROTATE_90 (counter-clockwise)
+        a = np.rot90(a, 1)
+    return np.ascontiguousarray(a)
+
+
+def format_for_path(path: PathLike) -> str:
+    """Pillow format name for an output path's suffix (``.png`` -> ``"PNG"``)."""
+    suffix = Path(path).suffix.lower()
+    try:
+        return WRITE_FORMATS[suffix]
+    except KeyError:
+        known = ", ".join(sorted(WRITE_FORMATS))
+        raise ImageWriteError(path, f"unsupported output format {suffix or '(no suffix)'!r} (use one of {known})") from None
+
+
+def _max_pixels(max_pixels: int | None) -> int:
+    if max_pixels is None:
+        env = os.environ.get("NERDRAIN_MAX_PIXELS", "").strip()
+        if env:
+            try:
+                return int(float(env))
+            except ValueError:
+                pass
+        return DEFAULT_MAX_PIXELS
+    return int(max_pixels)
+
+
+# --------------------------------------------------------------------------- EXIF
+
+
+def _exif_reset_orientation(raw: bytes) -> bytes | None:
+    """Return ``raw`` with the IFD0 Orientation value set to 1, patched in place.
+
+    Returns None when the block cannot be parsed (the caller then re-serialises).
+    """
+    data = bytearray(raw)
+    base = len(_EXIF_HEADER) if data.startswith(_EXIF_HEADER) else 0
+    head = bytes(data[base : base + 4])
+    if head == b"II*\x00":
+        e = "<"
+    elif head == b"MM\x00*":
+        e = ">"
+    else:
+        return None
+    try:
+        (ifd,) = struct.unpack_from(e + "I", data, base + 4)
+        (n,) = struct.unpack_from(e + "H", data, base + ifd)
+        for i in range(n):
+            off = base + ifd + 2 + 12 * i
+            tag, typ, count = struct.unpack_from(e + "HHI", data, off)
+            if tag == _ORIENTATION_TAG:
+                if count != 1 or typ not in (3, 4):  # SHORT or LONG
+                    return None
+                struct.pack_into(e + ("H" if typ == 3 else "I"), data, off + 8, 1)
+                break
+    except struct.error:
+        return None
+    return bytes(data)
+
+
+_TIFF_DESCRIPTIVE_TAGS = (
+    0x010E,  # ImageDescription
+    0x010F,  # Make
+    0x0110,  # Model
+    0x0131,  # Software
+    0x0132,  # DateTime
+    0x013B,  # Artist
+    0x8298,  # Copyright
+)
+
+
+def _extract_exif(img: Image.Image) -> tuple[int, bytes | None]:
+    """(orientation, EXIF bytes to keep with Orientation reset to 1)."""
+    try:
+        exif = img.getexif()
+        orientation = int(exif.get(_ORIENTATION_TAG, 1) or 1)
+    except Exception:
+        exif, orientation = None, 1
+    if orientation not in range(1, 9):
+        orientation = 1
+    raw = img.info.get("exif")
+    if isinstance(raw, (bytes, bytearray)) and raw:
+        patched = _exif_reset_orientation(bytes(raw))
+        if patched is not None:
+            return orientation, patched
+    if exif is None or len(exif) == 0:
+        return orientation, None
+    try:
+        if (img.format or "").upper() == "TIFF":
+            # The TIFF directory is not EXIF: keep only descriptive tags + Exif IFD.
+            new = Image.Exif()
+            for tag in _TIFF_DESCRIPTIVE_TAGS:
+                if tag in exif:
+                    new[tag] = exif[tag]
+            sub = exif.get_ifd(0x8769)
+            if sub:
+                new[0x8769] = sub
+            if _ORIENTATION_TAG in exif:
+                new[_ORIENTATION_TAG] = 1
+            if len(new) == 0:
+                return orientation, None
+            return orientation, new.tobytes()
+        if _ORIENTATION_TAG in exif:
+            exif[_ORIENTATION_TAG] = 1
+        return orientation, exif.tobytes()
+    except Exception:
+        return orientation, None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _swap16(rawmode: str) -> str | None:
+    """'RGB;16B' -> 'RGB;16L' etc.; native ('N' / none) resolved for this machine."""
+    base, sep, suffix = rawmode.rpartition(";16")
+    if not sep or suffix not in ("", "B", "L", "N"):
+        return None
+    order = suffix or "N"
+    if order == "N":
+        order = "L" if sys.byteorder == "little" else "B"
+    return f"{base};16{'B' if order == 'L' else 'L'}"
+
+
+def _tile_rawmode(tile) -> str | None:
+    args = tile[3]
+    if isinstance(args, str):
+        return args
+    if isinstance(args, tuple) and args and isinstance(args[0], str):
+        return args[0]
+    return None
+
+
+def _with_rawmode(tile, rawmode: str):
+    args = tile[3]
+    new_args = rawmode if isinstance(args, str) else (rawmode, *args[1:])
+    if hasattr(tile, "_replace"):
+        return tile._replace(args=new_args)
+    return (tile[0], tile[1], tile[2], new_args, *tile[4:])
+
+
+def _decode_16bit(path: Path, img: Image.Image) -> np.ndarray | None:
+    """Full-precision pixels (uint16 HxWxC) of a 16-bit RGB/RGBA/LA file Pillow reads as 8-bit.
+
+    Returns None when the file is not such a file (or this Pillow exposes it differently).
+    ``img`` is freshly opened and not yet loaded; it is loaded here (high bytes).
+    """
+    if img.mode not in ("RGB", "RGBA") or not img.tile:
+        return None
+    rawmodes = {_tile_rawmode(t) for t in img.tile}
+    if len(rawmodes) != 1:
+        return None
+    (rawmode,) = rawmodes
+    if rawmode is None:
+        return None
+    if rawmode == "LA;16B" and img.format == "PNG":
+        # 4 bytes per pixel: decode them verbatim as RGBA = (G hi, G lo, A hi, A lo).
+        img.tile = [_with_rawmode(t, "RGBA") for t in img.tile]
+        img.load()
+        b = np.asarray(img).astype(np.uint16)
+        return np.stack([(b[..., 0] << 8) | b[..., 1], (b[..., 2] << 8) | b[..., 3]], axis=-1)
+    if not rawmode.startswith(img.mode + ";16"):
+        return None
+    low_mode = _swap16(rawmode)
+    if low_mode is None:
+        return None
+    img.load()
+    hi = np.asarray(img).astype(np.uint16)
+    with Image.open(path) as img2:
+        if img2.mode != img.mode or {_tile_rawmode(t) for t in img2.tile} != {rawmode}:
+            return None
+        img2.tile = [_with_rawmode(t, low_mode) for t in img2.tile]
+        img2.load()
+        lo = np.asarray(img2).astype(np.uint16)
+    return (hi << 8) | lo
+
+
+def _transparency_mask(values: np.ndarray, key) -> np.ndarray | None:
+    """Alpha (float32) from a tRNS-style colour key, or None."""
+    if key is None or isinstance(key, bytes):
+        return None
+    key_arr = np.asarray(key).reshape(-1)
+    if values.ndim == 2:
+        if key_arr.size != 1:
+            return None
+        hit = values == key_arr[0]
+    else:
+        if key_arr.size != values.shape[-1]:
+            return None
+        hit = np.all(values == key_arr, axis=-1)
+    return np.where(hit, np.float32(0.0), np.float32(1.0))
+
+
+def _cmyk_to_rgb(img: Image.Image, icc: bytes | None) -> tuple[Image.Image, bytes | None]:
+    if icc:
+        try:
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+            out = ImageCms.profileToProfile(img, src, srgb, outputMode="RGB")
+            if out is not None:
+                return out, srgb.tobytes()
+        except Exception:
+            pass
+    # No usable profile: naive conversion; a CMYK profile must not be attached to RGB.
+    return img.convert("RGB"), None
+
+
+def photo_from_pil(
+    img: Image.Image,
+    *,
+    apply_exif_orientation: bool = False,
+    _pixels16: np.ndarray | None = None,
+) -> Photo:
+    """Convert a (loaded) Pillow image into a :class:`Photo`.
+
+    ``apply_exif_orientation`` rotates the pixels as the EXIF orientation says (done by
+    :func:`read_photo`; off for in-memory images so the caller's geometry is kept).
+    """
+    mode = img.mode
+    icc = img.info.get("icc_profile") or None
+    orientation, exif = _extract_exif(img)
+    if not apply_exif_orientation:
+        orientation = 1
+    alpha = None
+    bit_depth = 8
+    grayscale = mode in _GRAY_MODES
+    transparency = img.info.get("transparency")
+
+    if _pixels16 is not None:
+        bit_depth = 16
+        p = _pixels16.astype(np.float32) / np.float32(65535.0)
+        if p.shape[-1] == 2:  # 16-bit gray + alpha
+            grayscale = True
+            rgb = np.repeat(p[..., :1], 3, axis=-1)
+            alpha = p[..., 1]
+        else:
+            rgb = p[..., :3]
+            if p.shape[-1] == 4:
+                alpha = p[..., 3]
+            else:
+                alpha = _transparency_mask(_pixels16, transparency)
+    elif mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        bit_depth = 16
+        raw = np.asarray(img)
+        if mode == "I":
+            raw = np.clip(raw, 0, 65535)
+        g = raw.astype(np.float32) / np.float32(65535.0)
+        rgb = np.repeat(g[..., None], 3, axis=-1)
+        alpha = _transparency_mask(raw, transparency)
+    elif mode == "F":
+        bit_depth = 16
+        g = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float32)), 0.0, 1.0)
+        rgb = np.repeat(g[..., None], 3, axis=-1)
+    elif mode in ("1", "L"):
+        raw = np.asarray(img.convert("L"))
+        rgb = np.repeat((raw.astype(np.float32) / 255.0)[..., None], 3, axis=-1)
+        alpha = _transparency_mask(raw, transparency if mode == "L" else None)
+        if alpha is None and mode == "1" and transparency is not None:
+            alpha = _transparency_mask(raw, 255 if transparency else 0)
+    elif mode in ("LA", "La"):
+        la = np.asarray(img.convert("LA")).astype(np.float32) / 255.0
+        rgb = np.repeat(la[..., :1], 3, axis=-1)
+        alpha = la[..., 1]
+    elif mode == "CMYK":
+        rgb_img, icc = _cmyk_to_rgb(img, icc)
+        rgb = np.asarray(rgb_img).astype(np.float32) / 255.0
+    else:
+        has_alpha = mode in ("RGBA", "RGBa", "PA") or (mode in ("P", "RGB") and transparency is not None)
+        conv = img.convert("RGBA") if has_alpha else img.convert("RGB")
+        a = np.asarray(conv).astype(np.float32) / 255.0
+        rgb = a[..., :3]
+        alpha = a[..., 3] if has_alpha else None
+
+    rgb = apply_orientation(np.asarray(rgb, dtype=np.float32), orientation)
+    if alpha is not None:
+        alpha = apply_orientation(np.asarray(alpha, dtype=np.float32), orientation)
+    return Photo(
+        rgb=np.ascontiguousarray(rgb, dtype=np.float32),
+        alpha=alpha,
+        bit_depth=bit_depth,
+        mode=mode,
+        grayscale=grayscale,
+        icc_profile=bytes(icc) if icc else None,
+        exif=exif,
+        format=img.format,
+    )
+
+
+def _decode_reason(err: BaseException) -> str:
+    msg = " ".join(str(err).split())
+    low = msg.lower()
+    if "truncated" in low or "premature end" in low or "unexpected end" in low:
+        return f"truncated image file ({msg})" if msg else "truncated image file"
+    if isinstance(err, MemoryError):
+        return "not enough memory to decode the image"
+    return f"cannot decode image ({type(err).__name__}: {msg})" if msg else f"cannot decode image ({type(err).__name__})"
+
+
+def read_photo(path: PathLike, *, max_pixels: int | None = None) -> Photo:
+    """Read a photo file as a :class:`Photo` (see the module docstring for what is kept).
+
+    ``max_pixels``: refuse larger images (None: :data:`DEFAULT_MAX_PIXELS` or the
+    ``NERDRAIN_MAX_PIXELS`` environment variable; 0: no limit).
+    Raises :class:`ImageReadError` for missing, unreadable, non-image, truncated or
+    too-large files; the pixels are fully decoded here so truncation is caught here.
+    """
+    p = Path(path)
+    limit = _max_pixels(max_pixels)
+    if not p.exists():
+        raise ImageReadError(path, "no such file")
+    if p.is_dir():
+        raise ImageReadError(path, "is a directory, not an image file")
+    try:
+        if p.stat().st_size == 0:
+            raise ImageReadError(path, "empty file")
+    except OSError as e:
+        raise ImageReadError(path, f"cannot access file ({e.strerror or e})") from None
+
+    with _PIL_GLOBALS_LOCK:
+        old_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # our own limit below replaces Pillow's bomb guard
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                return _read_locked(p, path, limit)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old_limit
+
+
+def _read_locked(p: Path, path: PathLike, limit: int) -> Photo:
+    try:
+        img = Image.open(p)
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image (cannot identify image file)") from None
+    except PermissionError:
+        raise ImageReadError(path, "permission denied") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as e:
+        raise ImageReadError(path, _decode_reason(e)) from None
+    with img:
+        w, h = img.size
+        if w < 1 or h < 1:
+            raise ImageReadError(path, f"image has no pixels ({w}x{h})")
+        if limit > 0 and w * h > limit:
+            raise ImageReadError(
+                path,
+                f"image too large: {w}x{h} = {w * h / 1e6:.0f} megapixels exceeds the limit of "
+                f"{limit / 1e6:.0f} megapixels (raise it with max_pixels= or NERDRAIN_MAX_PIXELS)",
+            )
+        try:
+            pixels16 = _decode_16bit(p, img)
+            img.load()
+            return photo_from_pil(img, apply_exif_orientation=True, _pixels16=pixels16)
+        except ImageReadError:
+            raise
+        except MemoryError:
+            raise ImageReadError(path, f"not enough memory to decode a {w}x{h} image") from None
+        except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error) as e:
+            raise ImageReadError(path, _decode_reason(e)) from None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _paeth(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    a16, b16, c16 = a.astype(np.int16), b.astype(np.int16), c.astype(np.int16)
+    p = a16 + b16 - c16
+    pa, pb, pc = np.abs(p - a16), np.abs(p - b16), np.abs(p - c16)
+    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+
+
+def _filter_rows(rows: np.ndarray, prev: np.ndarray, bpp: int) -> np.ndarray:
+    """Adaptive PNG filtering (libpng's minimum-sum-of-absolute-differences heuristic).
+
+    ``rows``: uint8 (n, stride) raw scanlines; ``prev``: the scanline above the first.
+    Returns uint8 (n, 1 + stride) with the filter type byte first.
+    """
+    up = np.concatenate([prev[None], rows[:-1]], axis=0)
+    left = np.zeros_like(rows)
+    left[:, bpp:] = rows[:, :-bpp]
+    upleft = np.zeros_like(rows)
+    upleft[:, bpp:] = up[:, :-bpp]
+    cands = np.stack(
+        [
+            rows,
+            rows - left,
+            rows - up,
+            rows - ((left.astype(np.uint16) + up) >> 1).astype(np.uint8),
+            rows - _paeth(left, up, upleft),
+        ]
+    )
+    score = np.abs(cands.view(np.int8).astype(np.int32)).sum(axis=2)  # (5, n)
+    best = np.argmin(score, axis=0)
+    out = np.empty((rows.shape[0], rows.shape[1] + 1), dtype=np.uint8)
+    out[:, 0] = best
+    out[:, 1:] = cands[best, np.arange(rows.shape[0])]
+    return out
+
+
+def _write_png16(fp, samples: np.ndarray, icc: bytes | None, exif: bytes | None) -> None:
+    """Write a 16-bit PNG.  ``samples``: uint16 HxW (gray) or HxWxC, C in 1..4."""
+    if samples.ndim == 2:
+        samples = samples[..., None]
+    h, w, c = samples.shape
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    fp.write(b"\x89PNG\r\n\x1a\n")
+    fp.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)))
+    if icc:
+        fp.write(_png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc)))
+    if exif:
+        if exif.startswith(_EXIF_HEADER):
+            exif = exif[len(_EXIF_HEADER) :]
+        fp.write(_png_chunk(b"eXIf", exif))
+    bpp = 2 * c
+    stride = w * bpp
+    be = samples.astype(">u2", copy=False)
+    comp = zlib.compressobj(6)
+    prev = np.zeros(stride, dtype=np.uint8)
+    pending = bytearray()
+    block = max(1, (4 << 20) // max(stride, 1))  # ~4 MiB of scanlines at a time
+    for r0 in range(0, h, block):
+        rows = np.ascontiguousarray(be[r0 : r0 + block]).view(np.uint8).reshape(-1, stride)
+        pending += comp.compress(_filter_rows(rows, prev, bpp).tobytes())
+        prev = rows[-1].copy()
+        if len(pending) >= (1 << 20):
+            fp.write(_png_chunk(b"IDAT", bytes(pending)))
+            pending.clear()
+    pending += comp.flush()
+    fp.write(_png_chunk(b"IDAT", bytes(pending)))
+    fp.write(_png_chunk(b"IEND", b""))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
+def _guard_paths(guard) -> list[Path]:
+    if guard is None:
+        return []
+    if isinstance(guard, (str, os.PathLike)):
+        return [Path(guard)]
+    if isinstance(guard, Iterable):
+        return [Path(g) for g in guard]
+    return [Path(guard)]
+
+
+def _output_planes(photo: Photo, fmt: str) -> tuple[np.ndarray, int, str]:
+    """(uint samples HxW or HxWxC, bits, Pillow mode or 'PNG16') for a photo and format."""
+    rgb = np.asarray(photo.rgb, dtype=np.float32)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"photo.rgb must be HxWx3, got shape {rgb.shape}")
+    alpha = photo.alpha
+    if alpha is not None:
+        alpha = np.asarray(alpha, dtype=np.float32)
+        if alpha.shape != rgb.shape[:2]:
+            raise ValueError(f"photo.alpha shape {alpha.shape} does not match the image {rgb.shape[:2]}")
+    if fmt == "JPEG":
+        alpha = None
+    bits = 16 if photo.bit_depth > 8 else 8
+    gray = photo.grayscale
+    if fmt in ("JPEG", "WEBP"):
+        bits = 8
+    if fmt == "WEBP":
+        gray = False  # WebP has no grayscale mode
+    if fmt == "TIFF" and bits == 16 and not (gray and alpha is None):
+        bits = 8  # Pillow can only write 16-bit TIFF as single-channel I;16
+    planes = [rgb_to_gray(rgb)[..., None]] if gray else [rgb]
+    if alpha is not None:
+        planes.append(alpha[..., None])
+    data = quantize(np.concatenate(planes, axis=-1), bits)
+    if fmt == "PNG" and bits == 16:
+        return data, 16, "PNG16"
+    if bits == 16:  # TIFF, gray, no alpha
+        return data[..., 0], 16, "I;16"
+    nch = data.shape[-1]
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[nch]
+    if nch == 1:
+        data = data[..., 0]
+    return data, 8, mode
+
+
+def write_photo(
+    path: PathLike,
+    photo: Photo,
+    *,
+    overwrite_guard_path: PathLike | Iterable[PathLike] | None = None,
+    quality: int = 95,
+) -> Path:
+    """Write ``photo`` to ``path`` atomically; the format comes from the suffix.
+
+    PNG (default choice of callers), JPEG (quality 95, 4:4:4 chroma), WebP (quality 95)
+    and TIFF (LZW) are supported.  ICC profile and EXIF are embedded, alpha re-attached
+    (not for JPEG), grayscale written as grayscale, 16-bit kept in PNG.  The file is
+    written to a temporary file in the same folder and moved into place with
+    ``os.replace``; on any error the temporary file is removed, so no partial output is
+    left.  ``overwrite_guard_path`` (the input path, or several) may never be written:
+    :class:`ImageWriteError` is raised instead.  Returns the path written.
+    """
+    out = Path(path)
+    for g in _guard_paths(overwrite_guard_path):
+        if _same_file(out, g):
+            raise ImageWriteError(path, f"refusing to overwrite the input file {g}")
+    fmt = format_for_path(out)
+    if out.is_dir():
+        raise ImageWriteError(path, "is a directory")
+    parent = out.parent
+    if not parent.is_dir():
+        raise ImageWriteError(path, f"output folder {parent} does not exist")
+
+    data, bits, mode = _output_planes(photo, fmt)
+    icc = photo.icc_profile or None
+    exif = photo.exif or None
+
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise ImageWriteError(path, f"cannot create a file in {parent} ({e.strerror or e})") from None
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            if mode == "PNG16":
+                _write_png16(fp, data, icc, exif)
+            else:
+                img = Image.fromarray(data)
+                if img.mode != mode:
+                    img = img.convert(mode)
+                params: dict = {}
+                if icc:
+                    params["icc_profile"] = icc
+                if exif:
+                    params["exif"] = exif
+                if fmt == "JPEG":
+                    params.update(quality=quality, subsampling=0)
+                elif fmt == "WEBP":
+                    params.update(quality=quality)
+                elif fmt == "TIFF":
+                    params.update(compression="tiff_lzw")
+                img.save(fp, format=fmt, **params)
+            fp.flush()
+            os.fsync(fp.fileno())
+        _set_default_permissions(tmp)
+        os.replace(tmp, out)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, (OSError, ValueError, TypeError, struct.error, zlib.error)) and not isinstance(e, ImageWriteError):
+            raise ImageWriteError(path, f"cannot write image ({type(e).__name__}: {e})") from e
+        raise
+    return out
+
+
+def _set_default_permissions(tmp: str) -> None:
+    """mkstemp creates 0600 files; give the output the usual 0666 & ~umask instead."""
+    if os.name != "posix":
+        return
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+
+
+def photo_to_pil(photo: Photo) -> Image.Image:
+    """A Pillow image of a photo (8-bit, or ``I;16`` for 16-bit grayscale without alpha).
+
+    16-bit colour is reduced to 8 bits (Pillow has no 16-bit RGB mode).  ICC profile and
+    EXIF are put in ``info`` so ``img.save`` keeps them.
+    """
+    bits = 16 if photo.bit_depth > 8 and photo.grayscale and photo.alpha is None else 8
+    gray = photo.grayscale
+    planes = [rgb_to_gray(photo.rgb)[..., None]] if gray else [np.asarray(photo.rgb, dtype=np.float32)]
+    if photo.alpha is not None:
+        planes.append(np.asarray(photo.alpha, dtype=np.float32)[..., None])
+    data = quantize(np.concatenate(planes, axis=-1), bits)
+    if bits == 16:
+        img = Image.fromarray(data[..., 0])
+        if img.mode != "I;16":
+            img = img.convert("I;16")
+    else:
+        nch = data.shape[-1]
+        img = Image.fromarray(data[..., 0] if nch == 1 else data)
+    if photo.icc_profile:
+        img.info["icc_profile"] = photo.icc_profile
+    if photo.exif:
+        img.info["exif"] = photo.exif
+    return img
+
+
+def replace_rgb(photo: Photo, rgb: np.ndarray) -> Photo:
+    """A copy of ``photo`` with new pixels (HxWx3 float in [0, 1])."""
+    return dataclasses.replace(photo, rgb=np.asarray(rgb, dtype=np.float32))

@@ -1,0 +1,563 @@
+"""Python API for deraining images and batches of files (behind ``nerd-rain derain``).
+
+* :func:`derain` -- one image given as a ``PIL.Image``, a numpy array or a torch tensor;
+  returns the same kind of object.
+* :func:`derain_files` -- files, folders and globs in, PNG (or another format) files
+  out; one failing file never stops the batch.
+* :func:`resolve_device` -- ``"auto" | "cpu" | "cuda[:N]" | "mps" | None`` to a device.
+
+Inference is tiled (:mod:`nerdrain.tiling`) with automatic fallback to smaller tiles
+when device memory runs out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nerdrain.imageio import (
+    WRITE_FORMATS,
+    ImageReadError,
+    ImageWriteError,
+    Photo,
+    photo_from_pil,
+    photo_to_pil,
+    read_photo,
+    rgb_to_gray,
+    write_photo,
+)
+from nerdrain.tiling import (
+    TileConfig,
+    count_tiles,
+    default_tile_for_device,
+    model_device,
+    run_with_oom_fallback,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Summary",
+    "derain",
+    "derain_files",
+    "expand_inputs",
+    "plan_outputs",
+    "resolve_device",
+]
+
+#: Extensions picked up when a folder is given as input (case-insensitive).
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pnm", ".tga"}
+)
+
+#: Show a per-image tile progress bar (in derain_files) from this many tiles on.
+_TILE_BAR_MIN_TILES = 9
+
+ModelLike = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``None``/``"auto"``: CUDA if available, else MPS if available, else CPU.
+
+    Explicit ``"cuda"``, ``"cuda:N"`` or ``"mps"`` that is not available raises
+    ``ValueError`` with a one-line explanation.
+    """
+    if isinstance(spec, torch.device):
+        dev = spec
+    else:
+        s = (spec or "auto").strip().lower()
+        if s == "auto":
+            if torch.cuda.is_available():
+                return torch.device("cuda")
+            if _mps_available():
+                return torch.device("mps")
+            return torch.device("cpu")
+        try:
+            dev = torch.device(s)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"unknown device {spec!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} requested but CUDA is not available (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type == "mps" and not _mps_available():
+        raise ValueError(f"device {spec!r} requested but MPS is not available")
+    return dev
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+class _Autocast(torch.nn.Module):
+    """Runs the wrapped model under autocast and returns float32."""
+
+    def __init__(self, model: ModelLike, device_type: str, dtype: torch.dtype):
+        super().__init__()
+        self.inner = model
+        self.device_type = device_type
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            y = self.inner(x)
+        return y.float()
+
+
+def _half_dtype(dev: torch.device) -> torch.dtype:
+    if dev.type == "mps":
+        return torch.float16
+    if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+@dataclass
+class _Runner:
+    """A model ready to run: resolved device, tiling parameters, autocast."""
+
+    model: ModelLike
+    device: torch.device
+    tile: int
+    overlap: int
+    batch_size: int
+    half: bool
+
+    def config(self) -> TileConfig:
+        return TileConfig(tile=self.tile, overlap=self.overlap, batch_size=self.batch_size)
+
+    def __call__(self, x: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
+        """Bx3xHxW float in [0, 1] (any device) -> float32 on x's device, clamped to [0, 1]."""
+        net: ModelLike = self.model
+        if self.half:
+            net = _Autocast(self.model, self.device.type, _half_dtype(self.device))
+        module = self.model if isinstance(self.model, torch.nn.Module) else None
+        was_training = module.training if module is not None else False
+        if module is not None:
+            module.eval()
+        try:
+            y = run_with_oom_fallback(net, x, self.config(), progress=progress, device=self.device)
+        finally:
+            if module is not None and was_training:
+                module.train(True)
+        return y.clamp_(0.0, 1.0)
+
+    def n_tiles(self, height: int, width: int) -> int:
+        return count_tiles(height, width, self.config())
+
+
+def _prepare(
+    model: ModelLike | None,
+    *,
+    tile: int | None,
+    overlap: int,
+    batch_size: int,
+    device: str | torch.device | None,
+    half: bool,
+    fallback_device: torch.device | None = None,
+) -> _Runner:
+    if model is None:
+        dev = resolve_device(device)
+        from nerdrain.checkpoint import load_default_model
+
+        model = load_default_model(dev)
+        if isinstance(model, torch.nn.Module):
+            model.eval()
+    else:
+        if device is not None:
+            dev = resolve_device(device)
+            if isinstance(model, torch.nn.Module) and model_device(model) not in (None, dev):
+                model.to(dev)  # in place, as nn.Module.to does
+        else:
+            dev = model_device(model) or fallback_device or torch.device("cpu")
+    if tile is None:
+        tile = default_tile_for_device(dev, batch_size=batch_size)
+    return _Runner(model=model, device=dev, tile=int(tile), overlap=int(overlap), batch_size=int(batch_size), half=bool(half))
+
+
+# --------------------------------------------------------------------------- derain
+
+
+def derain(
+    image: Image.Image | np.ndarray | torch.Tensor,
+    model: ModelLike | None = None,
+    *,
+    tile: int | None = None,
+    overlap: int = 32,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    half: bool = False,
+    progress: bool = False,
+) -> Image.Image | np.ndarray | torch.Tensor:
+    """Derain one image; the result has the input's type, shape and value range.
+
+    * ``PIL.Image``: returns a ``PIL.Image`` of the same mode family -- RGB stays RGB,
+      RGBA keeps its alpha exactly, L stays L, LA keeps alpha, I;16 and I come back as
+      I;16 (16-bit), F stays F ([0, 1]), 1 becomes L, palette images come back as
+      RGB/RGBA, CMYK as RGB; ``info['icc_profile']`` and
+      ``info['exif']`` are carried over.  EXIF orientation is *not* applied (the pixels
+      are taken as they are in memory).
+    * ``numpy.ndarray``: HxW, HxWx1, HxWx3 or HxWx4 (alpha passed through exactly);
+      uint8 -> uint8, uint16 -> uint16 (full range), float -> same float dtype in [0, 1].
+    * ``torch.Tensor``: 3xHxW or Bx3xHxW float in [0, 1]; returns the same shape and
+      dtype on the same device.
+
+    ``model``: any module/callable mapping Bx3xHxW [0, 1] float tensors to the same
+    shape (None: the bundled pretrained NeRD-Rain, loaded on ``device``).  A module is
+    run in eval mode (its training flag is restored afterwards); with an explicit
+    ``device`` it is moved there (in place).  ``device=None`` with a model: the model's
+    device.  ``tile``: tile side (None: chosen for the device, 0: whole image at once);
+    ``overlap``/``batch_size``: see :class:`nerdrain.tiling.TileConfig`.  ``half``:
+    autocast (bfloat16 on CUDA/CPU, float16 on MPS or pre-Ampere CUDA); the output is
+    float32 either way.  Out-of-memory errors are retried with smaller tiles.
+    """
+    fallback = image.device if isinstance(image, torch.Tensor) else None
+    runner = _prepare(
+        model, tile=tile, overlap=overlap, batch_size=batch_size, device=device, half=half, fallback_device=fallback
+    )
+    if isinstance(image, Image.Image):
+        return _derain_pil(image, runner, progress)
+    if isinstance(image, np.ndarray):
+        return _derain_numpy(image, runner, progress)
+    if isinstance(image, torch.Tensor):
+        return _derain_tensor(image, runner, progress)
+    raise TypeError(f"derain() takes a PIL.Image, numpy array or torch tensor, not {type(image).__name__}")
+
+
+def _rgb_to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
+
+
+def _tensor_to_rgb(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t[0].permute(1, 2, 0).cpu().numpy(), dtype=np.float32)
+
+
+def _derain_photo(photo: Photo, runner: _Runner, progress: bool) -> Photo:
+    out = runner(_rgb_to_tensor(photo.rgb), progress=progress)
+    return dataclasses.replace(photo, rgb=_tensor_to_rgb(out))
+
+
+def _derain_pil(img: Image.Image, runner: _Runner, progress: bool) -> Image.Image:
+    img.load()
+    photo = photo_from_pil(img, apply_exif_orientation=False)
+    result = _derain_photo(photo, runner, progress)
+    if img.mode == "F":  # float image: stay float (values in [0, 1])
+        return Image.fromarray(np.clip(rgb_to_gray(result.rgb), 0.0, 1.0).astype(np.float32))
+    out = photo_to_pil(result)
+    if photo.alpha is not None and photo.bit_depth == 8 and out.mode in ("RGBA", "LA"):
+        # Pass the original alpha band through bit-exactly.
+        src = img if img.mode in ("RGBA", "LA") else img.convert("RGBA" if out.mode == "RGBA" else "LA")
+        out.putalpha(src.getchannel("A"))
+    for key in ("dpi",):
+        if key in img.info:
+            out.info[key] = img.info[key]
+    return out
+
+
+def _derain_numpy(a: np.ndarray, runner: _Runner, progress: bool) -> np.ndarray:
+    if a.dtype == np.uint8:
+        scale = 255.0
+    elif a.dtype == np.uint16:
+        scale = 65535.0
+    elif np.issubdtype(a.dtype, np.floating):
+        scale = None
+    else:
+        raise TypeError(f"numpy images must be uint8, uint16 or float, not {a.dtype}")
+    if a.ndim == 2:
+        chans = None
+    elif a.ndim == 3 and a.shape[2] in (1, 3, 4):
+        chans = a.shape[2]
+    else:
+        raise ValueError(f"numpy images must be HxW, HxWx1, HxWx3 or HxWx4, got shape {a.shape}")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"empty image of shape {a.shape}")
+
+    f = a.astype(np.float32) / np.float32(scale) if scale is not None else a.astype(np.float32)
+    if chans is None:
+        rgb = np.repeat(f[..., None], 3, axis=2)
+    elif chans == 1:
+        rgb = np.repeat(f, 3, axis=2)
+    else:
+        rgb = f[..., :3]
+    out = _tensor_to_rgb(runner(_rgb_to_tensor(rgb), progress=progress))
+    if chans is None:
+        res = rgb_to_gray(out)
+    elif chans == 1:
+        res = rgb_to_gray(out)[..., None]
+    else:
+        res = out
+    if scale is not None:
+        q = np.floor(np.clip(res, 0.0, 1.0) * np.float32(scale) + np.float32(0.5)).astype(a.dtype)
+    else:
+        q = np.clip(res, 0.0, 1.0).astype(a.dtype)
+    if chans == 4:
+        q = np.concatenate([q, a[..., 3:4]], axis=2)  # alpha passed through exactly
+    return q
+
+
+def _derain_tensor(t: torch.Tensor, runner: _Runner, progress: bool) -> torch.Tensor:
+    if not t.is_floating_point():
+        raise TypeError(f"tensors must be float in [0, 1], not {t.dtype}")
+    squeeze = t.dim() == 3
+    x = t.unsqueeze(0) if squeeze else t
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"tensors must be 3xHxW or Bx3xHxW, got shape {tuple(t.shape)}")
+    y = runner(x, progress=progress).to(device=t.device, dtype=t.dtype)
+    return y.squeeze(0) if squeeze else y
+
+
+# --------------------------------------------------------------------------- files
+
+
+@dataclass
+class Summary:
+    """Outcome of :func:`derain_files`."""
+
+    ok: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)
+
+
+def _has_glob(s: str) -> bool:
+    return any(ch in s for ch in "*?[")
+
+
+def expand_inputs(
+    inputs: Iterable[str | os.PathLike[str]], *, skip_suffix: str | None = None
+) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files, folders (non-recursive, image extensions only, hidden files skipped) and
+    globs -> (unique files in order, [(input, problem)] for inputs that matched nothing).
+
+    ``skip_suffix``: when expanding folders and globs, skip files whose stem ends with
+    it (our own earlier outputs written beside the inputs).
+    """
+    files: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    seen: set[str] = set()
+
+    def add(p: Path) -> None:
+        key = os.path.normcase(os.path.realpath(p))
+        if key not in seen:
+            seen.add(key)
+            files.append(p)
+
+    def ours(p: Path) -> bool:
+        return bool(skip_suffix) and p.stem.endswith(skip_suffix)
+
+    for item in inputs:
+        s = os.fspath(item)
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(
+                (c for c in p.iterdir() if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS and not c.name.startswith(".")),
+                key=lambda c: c.name,
+            )
+            found = [c for c in found if not ours(c)]
+            if not found:
+                problems.append((s, "no image files in this folder"))
+            for c in found:
+                add(c)
+        elif p.exists():
+            add(p)
+        elif _has_glob(s):
+            matches = [Path(m) for m in sorted(glob.glob(s)) if Path(m).is_file()]
+            matches = [m for m in matches if not ours(m)]
+            if not matches:
+                problems.append((s, "no files match this pattern"))
+            for m in matches:
+                add(m)
+        else:
+            problems.append((s, "no such file or directory"))
+    return files, problems
+
+
+def _ext_for(fmt: str) -> str:
+    ext = "." + fmt.lower().lstrip(".")
+    if ext not in WRITE_FORMATS:
+        raise ValueError(f"unsupported output format {fmt!r} (use one of png, jpg, jpeg, webp, tif, tiff)")
+    return ext
+
+
+def _output_is_folder(output: str, inputs: Sequence[str]) -> bool:
+    out = Path(output)
+    if out.is_dir() or output.endswith(("/", os.sep)) or (os.altsep and output.endswith(os.altsep)):
+        return True
+    if len(inputs) != 1:
+        return True
+    only = os.fspath(inputs[0])
+    if Path(only).is_dir() or (not Path(only).exists() and _has_glob(only)):
+        return True
+    return out.suffix.lower() not in WRITE_FORMATS
+
+
+def plan_outputs(
+    files: Sequence[Path],
+    inputs: Sequence[str],
+    output: str | None,
+    *,
+    suffix: str = "_derained",
+    fmt: str = "png",
+) -> list[tuple[Path, Path | None, str | None]]:
+    """Decide each input file's output path: [(input, output or None, problem or None)].
+
+    * ``output=None``: beside the input, ``<stem><suffix>.<fmt>`` (photo.jpg ->
+      photo_derained.png).
+    * ``output`` is a folder -- an existing folder, a path ending in a separator, or
+      anything but a single plain input file with an image-suffixed output -- then
+      ``<folder>/<stem>.<fmt>`` (created if missing).  Inputs whose stems collide (a.jpg
+      and a.png) are named ``<stem>_<ext>.<fmt>`` (a_jpg.png, a_png.png).
+    * Otherwise ``output`` is the file to write; its suffix chooses the format.
+
+    An output that would be an input file (any of them), or that two inputs would
+    share, is a problem for that input.
+    """
+    ext = _ext_for(fmt)
+    plan: list[tuple[Path, Path | None, str | None]] = []
+    if output is None:
+        targets = [f.with_name(f"{f.stem}{suffix}{ext}") for f in files]
+    elif _output_is_folder(output, inputs):
+        folder = Path(output)
+        stems: dict[str, int] = {}
+        for f in files:
+            stems[f.stem] = stems.get(f.stem, 0) + 1
+        targets = [
+            folder / (f"{f.stem}{ext}" if stems[f.stem] == 1 else f"{f.stem}_{f.suffix.lstrip('.').lower() or 'noext'}{ext}")
+            for f in files
+        ]
+    else:
+        targets = [Path(output)]
+    input_keys = {os.path.normcase(os.path.realpath(f)): f for f in files}
+    claimed: dict[str, Path] = {}
+    for f, t in zip(files, targets):
+        key = os.path.normcase(os.path.realpath(t))
+        clash = input_keys.get(key)
+        if clash is None and t.exists():
+            clash = next((g for g in files if _samefile(g, t)), None)
+        if clash is not None:
+            plan.append((f, None, f"output {t} would overwrite the input file {clash}"))
+        elif key in claimed:
+            plan.append((f, None, f"output {t} is already the output of {claimed[key]}"))
+        else:
+            claimed[key] = f
+            plan.append((f, t, None))
+    return plan
+
+
+def _samefile(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, (ImageReadError, ImageWriteError)):
+        return err.reason
+    msg = " ".join(str(err).split())
+    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+
+
+def derain_files(
+    inputs: Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str] | None = None,
+    model: ModelLike | None = None,
+    *,
+    tile: int | None = None,
+    overlap: int = 32,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    half: bool = False,
+    suffix: str = "_derained",
+    fmt: str = "png",
+    progress: bool = True,
+    max_pixels: int | None = None,
+    log: Any = None,
+) -> Summary:
+    """Derain files, folders (non-recursive) and globs; see :func:`plan_outputs` for
+    where results go.
+
+    Each output keeps the input's EXIF (orientation applied and reset), ICC profile,
+    alpha, grayscale-ness and 16-bit depth (PNG).  Inputs are never overwritten; outputs
+    are written atomically.  A file that fails is reported as one line
+    ``error: <path>: <reason>`` on stderr (or to ``log``, a callable taking the line)
+    and the batch goes on.  ``progress``: a tqdm bar over files, plus one over tiles for
+    large images.  Returns a :class:`Summary`.
+    """
+    in_strs = [os.fspath(i) for i in inputs]
+    out_str = os.fspath(output) if output is not None else None
+    _ext_for(fmt)  # validate before any work
+    files, problems = expand_inputs(in_strs, skip_suffix=suffix if out_str is None else None)
+    summary = Summary()
+
+    def report(path: str, reason: str) -> None:
+        summary.failed.append((path, reason))
+        line = f"error: {path}: {reason}"
+        if log is not None:
+            log(line)
+        elif progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
+    for path, reason in problems:
+        report(path, reason)
+    if not files:
+        return summary
+
+    plan = plan_outputs(files, in_strs, out_str, suffix=suffix, fmt=fmt)
+    runner = _prepare(model, tile=tile, overlap=overlap, batch_size=batch_size, device=device, half=half)
+    all_inputs = list(files)
+    made_dirs: set[Path] = set()
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan), unit="file", desc="derain", dynamic_ncols=True)
+    try:
+        for src, dst, problem in plan:
+            if bar is not None:
+                bar.set_postfix_str(src.name, refresh=False)
+            try:
+                if problem is not None:
+                    report(str(src), problem)
+                    continue
+                assert dst is not None
+                photo = read_photo(src, max_pixels=max_pixels)
+                h, w = photo.rgb.shape[:2]
+                tile_bar = progress and runner.n_tiles(h, w) >= _TILE_BAR_MIN_TILES
+                result = _derain_photo(photo, runner, tile_bar)
+                parent = dst.parent
+                if parent not in made_dirs and not parent.is_dir():
+                    parent.mkdir(parents=True, exist_ok=True)
+                    made_dirs.add(parent)
+                write_photo(dst, result, overwrite_guard_path=all_inputs)
+                summary.ok += 1
+                summary.outputs.append(dst)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch
+                report(str(src), _reason(e))
+            finally:
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return summary

@@ -1,0 +1,376 @@
+"""Seamless tiled inference for images of any size.
+
+The image is covered by equally sized tiles on a regular grid (``n`` tiles per axis,
+spaced evenly so that neighbouring tiles overlap by at least ``overlap`` pixels and the
+last tile ends exactly at the border; no padding beyond the image).  Tiles are cut from
+the input where it lives (usually CPU memory), moved to the model's device
+``batch_size`` at a time, and the results are blended on the CPU into a float32 output
+buffer and a float32 weight buffer, so device memory is bounded by one batch of tiles
+and host memory by about twice the image.
+
+Blending window (separable, per axis): weight 1 in a tile's interior and on sides that
+are image borders; on each side that has a neighbour, across the whole overlap with it,
+a ramp that is nearly 0 (:data:`EDGE_WEIGHT`) over the outer quarter -- the tile's own
+border pixels, degraded by padding and missing context -- then a raised cosine over
+the middle half and 1 over the inner quarter.  The neighbours' ramps are complementary,
+so the prediction cross-fades smoothly from one tile to the next.  Every weight is
+strictly positive and the accumulated output is divided by the accumulated weight, so
+the blend is exact for pointwise models (tiled == untiled) and seam-free for
+convolutional ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+__all__ = [
+    "DEFAULT_BYTES_PER_PIXEL",
+    "TileConfig",
+    "count_tiles",
+    "default_tile_for_device",
+    "is_oom_error",
+    "model_device",
+    "run_tiled",
+    "run_with_oom_fallback",
+    "tile_positions",
+]
+
+log = logging.getLogger("nerdrain")
+
+#: Conservative device-memory estimate (bytes per input pixel, per tile in a batch) for
+#: NeRD-Rain inference in float32, used by :func:`default_tile_for_device`.  It covers
+#: the peak of the activations, not the weights (those are already resident).  Measured
+#: on CPU (float32, ``nerd_rain``, peak RSS growth between 128x128 and 256x256 inputs):
+#: about 6.5 KB per pixel; 16 KiB leaves room for the CUDA caching allocator, cuDNN
+#: workspaces and fragmentation (not yet measured on a GPU).  A 512x512 tile is then
+#: budgeted at 4 GiB.
+DEFAULT_BYTES_PER_PIXEL = 16 * 1024
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tiling parameters.
+
+    ``tile``: tile side in pixels (0 = whole image at once); rounded down to a multiple
+    of ``multiple`` and clamped to the image size.  ``overlap``: minimum overlap between
+    neighbouring tiles (clamped to half a tile).  ``batch_size``: tiles per model call.
+    """
+
+    tile: int = 512
+    overlap: int = 32
+    batch_size: int = 4
+    multiple: int = 16
+
+    def __post_init__(self) -> None:
+        if self.tile < 0:
+            raise ValueError(f"tile must be >= 0 (0 = whole image), got {self.tile}")
+        if self.overlap < 0:
+            raise ValueError(f"overlap must be >= 0, got {self.overlap}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.multiple < 1:
+            raise ValueError(f"multiple must be >= 1, got {self.multiple}")
+
+
+ModelLike = Callable[[torch.Tensor], torch.Tensor]
+
+
+def model_device(model: ModelLike) -> torch.device | None:
+    """The device of a module's first parameter/buffer; None for parameter-less callables."""
+    if isinstance(model, torch.nn.Module):
+        for t in model.parameters():
+            return t.device
+        for t in model.buffers():
+            return t.device
+    return None
+
+
+def _tile_side(cfg: TileConfig) -> int:
+    t = cfg.tile
+    if t >= cfg.multiple:
+        t -= t % cfg.multiple
+    return t
+
+
+def tile_positions(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of ``tile`` pixels covering ``size`` pixels.
+
+    Evenly spaced, first at 0, last at ``size - tile``; consecutive tiles overlap by at
+    least ``overlap`` (assumes ``0 <= overlap < tile``).
+    """
+    if tile >= size:
+        return [0]
+    stride = tile - overlap
+    n = math.ceil((size - tile) / stride) + 1
+    span = size - tile
+    return [(i * span + (n - 1) // 2) // (n - 1) for i in range(n)]
+
+
+def _grid(h: int, w: int, cfg: TileConfig) -> tuple[int, int, list[int], list[int], int, int]:
+    """(tile_h, tile_w, ys, xs, overlap_h, overlap_w) for an HxW image."""
+    t = _tile_side(cfg)
+    if t <= 0:
+        return h, w, [0], [0], 0, 0
+    th, tw = min(t, h), min(t, w)
+    oh, ow = min(cfg.overlap, th // 2), min(cfg.overlap, tw // 2)
+    return th, tw, tile_positions(h, th, oh), tile_positions(w, tw, ow), oh, ow
+
+
+def count_tiles(height: int, width: int, cfg: TileConfig) -> int:
+    """Number of tiles ``run_tiled`` uses per image of this size."""
+    _, _, ys, xs, _, _ = _grid(height, width, cfg)
+    return len(ys) * len(xs)
+
+
+#: Weight given to the outer quarter of an overlap (the tile's own border pixels, where
+#: zero padding and the missing context hurt most); small but never zero.
+EDGE_WEIGHT = 1e-3
+
+
+def _ramp(n: int) -> torch.Tensor:
+    """Raised-cosine ramp of n strictly positive values rising towards 1."""
+    i = torch.arange(n, dtype=torch.float64)
+    return (0.5 - 0.5 * torch.cos(math.pi * (i + 0.5) / n)).float()
+
+
+def _overlap_ramp(n: int) -> torch.Tensor:
+    """Rising weights across an overlap of n pixels, seen from the tile entering it.
+
+    Outer quarter (the tile's border): :data:`EDGE_WEIGHT`; middle half: raised cosine;
+    inner quarter: 1.  The falling ramp of the neighbour is this reversed, and the two
+    sum to 1 across the middle half, so the cross-fade is smooth.
+    """
+    m = n // 4
+    core = n - 2 * m
+    r = torch.ones(n)
+    r[:m] = EDGE_WEIGHT
+    r[m : m + core] = torch.clamp(_ramp(core), min=EDGE_WEIGHT)
+    return r
+
+
+def _axis_weights(starts: list[int], tile: int) -> list[torch.Tensor]:
+    """1-D blending weights for each tile along one axis (ramps only towards neighbours)."""
+    out = []
+    for k, s in enumerate(starts):
+        w = torch.ones(tile)
+        if k > 0:
+            ov = min(starts[k - 1] + tile - s, tile // 2)
+            if ov > 0:
+                w[:ov] = _overlap_ramp(ov)
+        if k + 1 < len(starts):
+            ov = min(s + tile - starts[k + 1], tile // 2)
+            if ov > 0:
+                w[tile - ov :] = torch.minimum(w[tile - ov :], torch.flip(_overlap_ramp(ov), dims=[0]))
+        out.append(w)
+    return out
+
+
+def _check_output(out: torch.Tensor, expected: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model returned {type(out).__name__}, expected a tensor")
+    if tuple(out.shape) != expected:
+        raise ValueError(f"the model returned shape {tuple(out.shape)} for an input of shape {expected}")
+    return out
+
+
+def run_tiled(
+    model: ModelLike,
+    image: torch.Tensor,
+    cfg: TileConfig = TileConfig(),
+    *,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Run ``model`` over ``image`` (Bx3xHxW or 3xHxW float) tile by tile; see the module doc.
+
+    Tiles go to ``device`` (default: the model's device, else the image's).  Returns a
+    float32 tensor of the image's shape on the image's device.
+    """
+    squeeze = image.dim() == 3
+    if squeeze:
+        image = image.unsqueeze(0)
+    if image.dim() != 4:
+        raise ValueError(f"expected a Bx3xHxW or 3xHxW tensor, got shape {tuple(image.shape)}")
+    b, c, h, w = image.shape
+    if h < 1 or w < 1:
+        raise ValueError(f"empty image of shape {tuple(image.shape)}")
+    dev = torch.device(device) if device is not None else (model_device(model) or image.device)
+
+    # no_grad rather than inference_mode: the result is an ordinary tensor that callers
+    # may modify in place or feed to autograd later.
+    with torch.no_grad():
+        if _tile_side(cfg) <= 0:
+            out = _run_whole(model, image, cfg.batch_size, dev, progress)
+        else:
+            out = _run_tiles(model, image, cfg, dev, progress)
+    return out.squeeze(0) if squeeze else out
+
+
+def _run_whole(model: ModelLike, image: torch.Tensor, batch_size: int, dev: torch.device, progress: bool) -> torch.Tensor:
+    b = image.shape[0]
+    parts = []
+    bar = _bar(b if b > 1 else 0, progress, "images")
+    try:
+        for i in range(0, b, batch_size):
+            x = image[i : i + batch_size].to(dev, dtype=torch.float32).contiguous()
+            y = _check_output(model(x), tuple(x.shape))
+            parts.append(y.to(image.device, dtype=torch.float32))
+            if bar is not None:
+                bar.update(x.shape[0])
+    finally:
+        if bar is not None:
+            bar.close()
+    return torch.cat(parts, dim=0)
+
+
+def _bar(total: int, progress: bool, unit: str):
+    if not progress or total <= 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit[:-1] if unit.endswith("s") else unit, desc=unit, leave=False, dynamic_ncols=True)
+
+
+def _run_tiles(model: ModelLike, image: torch.Tensor, cfg: TileConfig, dev: torch.device, progress: bool) -> torch.Tensor:
+    b, c, h, w = image.shape
+    th, tw, ys, xs, _, _ = _grid(h, w, cfg)
+    wy, wx = _axis_weights(ys, th), _axis_weights(xs, tw)
+
+    # Weight buffer: identical for every image of the batch, so computed once (HxW).
+    weight = torch.zeros(h, w, dtype=torch.float32)
+    for iy, y in enumerate(ys):
+        for ix, x in enumerate(xs):
+            weight[y : y + th, x : x + tw] += wy[iy][:, None] * wx[ix][None, :]
+    out = torch.zeros(b, c, h, w, dtype=torch.float32)
+
+    jobs = [(bi, iy, ix) for bi in range(b) for iy in range(len(ys)) for ix in range(len(xs))]
+    bar = _bar(len(jobs) if len(jobs) > 1 else 0, progress, "tiles")
+    try:
+        for k in range(0, len(jobs), cfg.batch_size):
+            chunk = jobs[k : k + cfg.batch_size]
+            x_in = torch.stack([image[bi, :, ys[iy] : ys[iy] + th, xs[ix] : xs[ix] + tw] for bi, iy, ix in chunk])
+            x_in = x_in.to(dev, dtype=torch.float32)
+            y_out = _check_output(model(x_in), tuple(x_in.shape)).to("cpu", dtype=torch.float32)
+            for (bi, iy, ix), tile_out in zip(chunk, y_out):
+                y0, x0 = ys[iy], xs[ix]
+                out[bi, :, y0 : y0 + th, x0 : x0 + tw].addcmul_(tile_out, wy[iy][:, None] * wx[ix][None, :])
+            del x_in, y_out
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    out.div_(weight)
+    return out.to(image.device)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def is_oom_error(err: BaseException) -> bool:
+    """True for CUDA/MPS/CPU out-of-memory errors raised by torch."""
+    oom_cls = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_cls is not None and isinstance(err, oom_cls):
+        return True
+    if isinstance(err, RuntimeError):
+        msg = str(err).lower()
+        return "out of memory" in msg or "can't allocate memory" in msg or "failed to allocate" in msg
+    return False
+
+
+def _release_device_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and hasattr(mps, "empty_cache") and torch.backends.mps.is_available():
+        mps.empty_cache()
+
+
+def run_with_oom_fallback(
+    model: ModelLike,
+    image: torch.Tensor,
+    cfg: TileConfig = TileConfig(),
+    *,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+    min_tile: int = 64,
+) -> torch.Tensor:
+    """:func:`run_tiled`, retrying with smaller tiles when memory runs out.
+
+    On an out-of-memory error the tile side is halved (rounded down to
+    ``cfg.multiple``; a whole-image run starts from the image's longer side), the batch
+    size halved (at least 1) and the overlap kept at most a quarter of the tile; this
+    repeats down to ``min_tile``, below which ``torch.OutOfMemoryError`` is raised with a
+    message saying what was tried.  Each retry is logged on the ``nerdrain`` logger.
+    """
+    h, w = image.shape[-2:]
+    cur = cfg
+    while True:
+        failed_msg = None
+        try:
+            return run_tiled(model, image, cur, progress=progress, device=device)
+        except Exception as e:  # noqa: BLE001 - filtered just below
+            if not is_oom_error(e):
+                raise
+            failed_msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # Out of the except block: the traceback (and the tensors it pins) is released.
+        _release_device_memory()
+        side = _tile_side(cur)
+        eff = min(side, max(h, w)) if side > 0 else max(h, w)
+        new_tile = eff // 2
+        if new_tile >= cur.multiple:
+            new_tile -= new_tile % cur.multiple
+        if eff <= min_tile or new_tile < 1:
+            where = f"tile {eff}x{eff}" if side > 0 else "the whole image"
+            raise torch.OutOfMemoryError(
+                f"out of memory even with {where} and batch size {cur.batch_size} "
+                f"(smallest tile tried: {eff}; last error: {failed_msg}). "
+                "Try a smaller --tile, --half, or --device cpu."
+            )
+        new_tile = max(new_tile, min(min_tile, eff - 1))
+        new = replace(cur, tile=new_tile, batch_size=max(1, cur.batch_size // 2), overlap=min(cur.overlap, new_tile // 4))
+        log.warning(
+            "out of memory with %s (batch %d); retrying with tile %d (batch %d)",
+            f"tile {eff}" if side > 0 else "the whole image",
+            cur.batch_size,
+            new.tile,
+            new.batch_size,
+        )
+        cur = new
+
+
+def default_tile_for_device(
+    device: torch.device | str | None,
+    *,
+    batch_size: int = 1,
+    bytes_per_pixel: int = DEFAULT_BYTES_PER_PIXEL,
+    usable_fraction: float = 0.7,
+    min_tile: int = 128,
+    max_tile: int = 2048,
+    fixed_tile: int = 512,
+    multiple: int = 16,
+) -> int:
+    """A tile side that should fit the device.
+
+    CUDA: ``usable_fraction`` of the currently free memory (``torch.cuda.mem_get_info``)
+    divided by ``bytes_per_pixel * batch_size`` gives the pixels per tile; its square
+    root, rounded down to ``multiple`` and clamped to [``min_tile``, ``max_tile``], is the
+    tile side.  CPU, MPS and anything else: ``fixed_tile`` (512).  Out-of-memory errors
+    from a too-optimistic estimate are handled by :func:`run_with_oom_fallback`.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return fixed_tile
+    try:
+        free, _total = torch.cuda.mem_get_info(dev)
+    except Exception:  # noqa: BLE001 - any failure: fall back to the fixed size
+        return fixed_tile
+    pixels = usable_fraction * free / (bytes_per_pixel * max(1, batch_size))
+    side = int(math.sqrt(max(pixels, 0.0)))
+    side -= side % multiple
+    return int(min(max(side, min_tile), max_tile))

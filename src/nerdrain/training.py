@@ -1,0 +1,307 @@
+"""Training with the paper's recipe, from a laptop CPU to many GPUs under ``torchrun`` (DDP).
+
+Resumable exactly: a checkpoint holds model, optimiser, scheduler, EMA, RNG states and the
+iteration, and the data stream is a pure function of (seed, sample number), so training 2 + 2
+iterations gives the same weights as 4.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .checkpoint import save_model
+from .config import TrainConfig, to_dict
+from .data.augment import AugmentConfig
+from .data.datasets import PairedSource, StreamSampler, SyntheticSource, TrainingStream
+from .data.pairs import find_pairs
+from .evaluate import evaluate_pairs
+from .losses import NeRDRainLoss
+from .models import NeRDRain, create_model
+
+LAST = "last.pt"
+FINAL = "final.safetensors"
+BEST = "best.safetensors"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
+    """Join the process group ``torchrun`` describes in the environment (``LOCAL_RANK`` etc.)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    info = DistInfo(dist.get_rank() if world_size > 1 else 0, world_size, local_rank)
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    elif device_pref in ("auto", "cpu"):
+        device = torch.device("cpu")
+    else:
+        device = torch.device(device_pref)
+    return info, device
+
+
+def build_stream(cfg: TrainConfig) -> TrainingStream:
+    sources = []
+    for source in cfg.data.sources:
+        if source.kind == "paired":
+            sources.append(PairedSource(source.root, source.layout))
+        elif source.kind == "synthetic":
+            sources.append(SyntheticSource(source.root, source.presets, source.streak_dir))
+        else:
+            raise ValueError(f"data.sources: unknown kind {source.kind!r} (use 'paired' or 'synthetic')")
+    augment = AugmentConfig(patch_size=cfg.data.patch_size, flips=cfg.data.flips,
+                            saturation_prob=cfg.data.saturation_prob)
+    return TrainingStream(sources, [s.weight for s in cfg.data.sources], augment, cfg.seed)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up, then cosine decay to ``min_lr`` over the remaining iterations."""
+    warmup = cfg.optim.warmup_iters
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, cfg.iterations - warmup), eta_min=cfg.optim.min_lr)
+    if warmup <= 0:
+        return cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file, fsync, then rename: a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class AllOutputs(nn.Module):
+    """Routes ``forward`` to ``forward_all``, so DDP's hooks and ``torch.compile`` see training calls."""
+
+    def __init__(self, model: NeRDRain):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        return self.model.forward_all(x)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, progress: bool = True):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.dist, self.device = setup_distributed(cfg.device)
+        self.progress = progress and self.dist.is_main
+
+        torch.manual_seed(cfg.seed)  # identical initial weights in every process
+        self.model: NeRDRain = create_model(cfg.model.name, **cfg.model.overrides).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                          weight_decay=cfg.optim.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+                    if cfg.ema_decay else None)
+        self.loss = NeRDRainLoss(**vars(cfg.loss))
+        self.iteration = 0
+        self.best_psnr = -math.inf
+
+        wrapped: nn.Module = AllOutputs(self.model)
+        if self.dist.world_size > 1:
+            wrapped = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.step_model = torch.compile(wrapped) if cfg.compile else wrapped
+
+        self.val_pairs = []
+        if cfg.val.root and self.dist.is_main:
+            self.val_pairs = find_pairs(cfg.val.root)[: cfg.val.max_images]
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        state = {
+            "iteration": self.iteration,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "best_psnr": self.best_psnr,
+            "config": yaml.safe_dump(to_dict(self.cfg)),
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = int(state["iteration"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        self.best_psnr = float(state["best_psnr"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        path = Path(path) if path else self.out / LAST
+        if not path.is_file():
+            return False
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        return True
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            atomic_save(self.state_dict(), self.out / LAST)
+
+    @property
+    def eval_model(self) -> NeRDRain:
+        return self.ema.module if self.ema is not None else self.model
+
+    # -- loop -------------------------------------------------------------------------------
+
+    def validate(self, writer) -> float | None:
+        if not self.val_pairs:
+            return None
+        model = self.eval_model
+        model.eval()
+        report = evaluate_pairs(model, self.val_pairs, self.cfg.val.protocol, self.device)
+        model.train()
+        if writer is not None:
+            writer.add_scalar("val/psnr", report.psnr, self.iteration)
+            writer.add_scalar("val/ssim", report.ssim, self.iteration)
+        if report.psnr > self.best_psnr:
+            self.best_psnr = report.psnr
+            save_model(model, self.out / BEST, extra_metadata={"iteration": str(self.iteration),
+                                                               "val_psnr": f"{report.psnr:.4f}"})
+        tqdm.write(f"iter {self.iteration}: val PSNR {report.psnr:.3f} dB SSIM {report.ssim:.4f} "
+                   f"({report.count} images, best {self.best_psnr:.3f})")
+        return report.psnr
+
+    def train(self) -> Path:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+        loader = DataLoader(
+            build_stream(cfg), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+            sampler=StreamSampler(cfg.data.batch_size, self.dist.rank, self.dist.world_size, self.iteration),
+            pin_memory=self.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+        writer = self._writer()
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext())
+        self.model.train()
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not self.progress, desc="train",
+                   dynamic_ncols=True)
+        started, samples = time.perf_counter(), 0
+        batches = iter(loader)
+        while self.iteration < cfg.iterations:
+            rainy, clean = (t.to(self.device, non_blocking=True) for t in next(batches))
+            if cfg.channels_last:
+                rainy = rainy.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                outputs = self.step_model(rainy)
+            loss, parts = self.loss(outputs, clean)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+            self.iteration += 1
+            samples += rainy.shape[0] * self.dist.world_size
+
+            if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
+                logged = self._mean_across_ranks(parts)
+                rate = samples / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{logged['total']:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                                samples_s=f"{rate:.2f}")
+                if writer is not None:
+                    for key, value in logged.items():
+                        writer.add_scalar(f"train/{key}", value, self.iteration)
+                    writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.iteration)
+                    writer.add_scalar("train/samples_per_s", rate, self.iteration)
+            bar.update(1)
+            if self.dist.is_main and cfg.val.root and (self.iteration % cfg.val.every == 0
+                                                       or self.iteration == cfg.iterations):
+                self.validate(writer)
+            if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
+                self.save()
+            self._barrier()
+        bar.close()
+        final = self.out / FINAL
+        if self.dist.is_main:
+            save_model(self.eval_model, final, extra_metadata={"iteration": str(self.iteration)})
+        if writer is not None:
+            writer.close()
+        self._barrier()
+        return final
+
+    def _mean_across_ranks(self, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+        values = torch.stack([v.float() for v in parts.values()]).to(self.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(values)
+            values /= self.dist.world_size
+        return dict(zip(parts, values.tolist()))
+
+    def _barrier(self) -> None:
+        if self.dist.world_size > 1:
+            dist.barrier()
+
+    def _writer(self):
+        if not self.dist.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            tqdm.write("tensorboard is not installed: no TensorBoard logs (pip install 'nerdrain[train]')")
+            return None
+        return SummaryWriter(str(self.out / "tb"))
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, progress: bool = True) -> Path:
+    """Train and return the path of the final weights (loadable with :func:`nerdrain.load_model`)."""
+    trainer = Trainer(cfg, out_dir, progress)
+    if resume:
+        found = trainer.resume(None if resume is True else resume)
+        if found and trainer.dist.is_main:
+            tqdm.write(f"resumed at iteration {trainer.iteration}")
+    try:
+        return trainer.train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

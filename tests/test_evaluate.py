@@ -1,0 +1,268 @@
+"""Evaluation over folders and models, built in tmp_path. The independent truth for a model run is
+:func:`nerdrain.metrics.score` of arrays read straight from the files: an identity model must score
+exactly what its input scores."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nerdrain.data.pairs import find_pairs
+from nerdrain.evaluate import (
+    EvalReport,
+    ImageScore,
+    evaluate_folders,
+    evaluate_model,
+    evaluate_pairs,
+    format_table,
+    write_csv,
+    write_json,
+)
+from nerdrain.metrics import score, to_uint8
+
+NAMES = ("a", "rain-2", "rain-10")  # in natural order, as reports list them
+
+
+def _image(rng: np.random.Generator, h: int = 40, w: int = 48) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 128 + 60 * np.sin(xx / 7.0)[..., None] * np.cos(yy / 5.0)[..., None]
+    return np.clip(np.rint(base + rng.normal(0, 15, (h, w, 3))), 0, 255).astype(np.uint8)
+
+
+def _save(img: np.ndarray, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+    return path
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    """input/NAME.png (rainy = clean + noise) and target/NAME.png."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for name in reversed(NAMES):
+        clean = _image(rng)
+        rainy = np.clip(clean.astype(np.int16) + rng.integers(-30, 31, clean.shape), 0, 255)
+        _save(clean, root / "target" / f"{name}.png")
+        _save(rainy.astype(np.uint8), root / "input" / f"{name}.png")
+    return root
+
+
+def _read(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _truth(root: Path, protocol: str, restore=lambda x: x) -> list[tuple[str, float, float]]:
+    """Scores computed without the evaluate module: files read here, restore applied to floats."""
+    out = []
+    for name in NAMES:
+        rainy = _read(root / "input" / f"{name}.png")
+        pred = to_uint8(restore(rainy.astype(np.float32) / np.float32(255)))
+        out.append((name, *score(pred, _read(root / "target" / f"{name}.png"), protocol)))
+    return out
+
+
+def _rows(report: EvalReport) -> list[tuple[str, float, float]]:
+    return [(s.name, s.psnr, s.ssim) for s in report.images]
+
+
+# --- evaluate_folders ----------------------------------------------------------------------------
+
+
+def test_folders_match_by_stem_across_extensions(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    truth = []
+    for name in ("x", "y"):
+        pred, gt = _image(rng), _image(rng)
+        _save(pred, tmp_path / "pred" / f"{name}.png")
+        gt_path = _save(gt, tmp_path / "gt" / f"{name}.jpg")
+        truth.append((name, *score(pred, _read(gt_path), "rain200")))  # the JPEG as decoded
+    report = evaluate_folders(tmp_path / "pred", tmp_path / "gt")
+    assert report.protocol == "rain200" and report.count == 2
+    assert _rows(report) == truth
+    assert report.psnr == pytest.approx(np.mean([t[1] for t in truth]))
+
+
+def test_folders_identical_images_give_infinite_psnr(tmp_path: Path) -> None:
+    img = _image(np.random.default_rng(2))
+    _save(img, tmp_path / "pred" / "same.png")
+    _save(img, tmp_path / "gt" / "same.png")
+    report = evaluate_folders(tmp_path / "pred", tmp_path / "gt", "did_ddn")
+    assert report.images[0].psnr == math.inf and report.psnr == math.inf
+    assert report.images[0].ssim == pytest.approx(1.0)
+
+
+def test_folders_unmatched_files_are_named(tmp_path: Path) -> None:
+    img = _image(np.random.default_rng(3))
+    for name in ("a", "b", "extra_pred"):
+        _save(img, tmp_path / "pred" / f"{name}.png")
+    for name in ("a", "b", "extra_gt"):
+        _save(img, tmp_path / "gt" / f"{name}.png")
+    with pytest.raises(ValueError) as err:
+        evaluate_folders(tmp_path / "pred", tmp_path / "gt")
+    message = str(err.value)
+    assert "without ground truth" in message and "extra_pred.png" in message
+    assert "without a prediction" in message and "extra_gt.png" in message
+    assert "a.png" not in message.replace("extra_", "")
+
+
+def test_folders_list_at_most_ten_names(tmp_path: Path) -> None:
+    img = _image(np.random.default_rng(4), 16, 16)
+    _save(img, tmp_path / "gt" / "0.png")
+    for i in range(13):
+        _save(img, tmp_path / "pred" / f"p{i}.png")
+    with pytest.raises(ValueError, match=r"13 prediction\(s\).*p0\.png.*p9\.png and 3 more") as err:
+        evaluate_folders(tmp_path / "pred", tmp_path / "gt")
+    assert "p10.png" not in str(err.value)
+
+
+def test_folders_size_mismatch_names_both_files(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    pred = _save(_image(rng, 40, 48), tmp_path / "pred" / "x.png")
+    gt = _save(_image(rng, 40, 50), tmp_path / "gt" / "x.png")
+    with pytest.raises(ValueError, match="size mismatch") as err:
+        evaluate_folders(tmp_path / "pred", tmp_path / "gt")
+    message = str(err.value)
+    assert f"{pred} is 48x40" in message and f"{gt} is 50x40" in message
+
+
+def test_folders_refuse_16_bit_and_bad_arguments(tmp_path: Path) -> None:
+    _save(_image(np.random.default_rng(6)), tmp_path / "gt" / "x.png")
+    (tmp_path / "pred").mkdir()
+    Image.fromarray(np.full((40, 48), 1000, np.uint16)).save(tmp_path / "pred" / "x.png")
+    with pytest.raises(ValueError, match="8-bit"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "gt")
+    with pytest.raises(ValueError, match="unknown protocol"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "gt", "rain100")
+    with pytest.raises(ValueError, match="not a folder"):
+        evaluate_folders(tmp_path / "missing", tmp_path / "gt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        evaluate_folders(tmp_path / "empty", tmp_path / "gt")
+
+
+# --- evaluate_model ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["rain200", "did_ddn"])
+def test_model_identity_scores_the_input(dataset: Path, protocol: str) -> None:
+    report = evaluate_model(lambda x: x, dataset, protocol)
+    assert report.protocol == protocol
+    assert _rows(report) == _truth(dataset, protocol)
+
+
+def test_model_saves_pngs_that_round_trip(dataset: Path, tmp_path: Path) -> None:
+    def restore(x: torch.Tensor) -> torch.Tensor:
+        return (x * 0.8 + 0.13).clamp(0, 1)  # not identity: the saved bytes must be the scored ones
+
+    out = tmp_path / "out" / "preds"
+    report = evaluate_model(restore, dataset, save_dir=out)
+    assert _rows(report) == _truth(dataset, "rain200", lambda a: np.clip(a * np.float32(0.8) + np.float32(0.13), 0, 1))
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.png" for n in NAMES)  # no temp files
+    with Image.open(out / "a.png") as saved:
+        assert saved.mode == "RGB" and saved.size == (48, 40)
+    again = evaluate_folders(out, dataset / "target")
+    assert _rows(again) == _rows(report)
+
+
+def test_model_refuses_to_save_over_the_dataset(dataset: Path) -> None:
+    with pytest.raises(ValueError, match="save_dir"):
+        evaluate_model(lambda x: x, dataset, save_dir=dataset / "target")
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(()))
+        self.calls: list[tuple[tuple[int, ...], bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append((tuple(x.shape), self.training))
+        return x * self.gain
+
+
+def test_model_module_eval_mode_and_tiling(dataset: Path) -> None:
+    model = _Scale()
+    whole = evaluate_model(model, dataset)
+    assert model.training  # flag restored
+    assert set(model.calls) == {((1, 3, 40, 48), False)}
+    model.calls.clear()
+    tiled = evaluate_model(model, dataset, tile=16, overlap=4)
+    assert _rows(tiled) == _rows(whole) == _truth(dataset, "rain200")
+    assert model.calls and all(shape[2:] == (16, 16) and not training for shape, training in model.calls)
+
+
+def test_model_bad_output_names_the_image(dataset: Path) -> None:
+    with pytest.raises(ValueError, match="a: restore returned"):
+        evaluate_model(lambda x: x[..., :-1], dataset)
+    with pytest.raises(ValueError, match="tile"):
+        evaluate_model(lambda x: x, dataset, tile=-1)
+
+
+def test_evaluate_pairs_does_not_warn(dataset: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = evaluate_pairs(lambda x: x, find_pairs(dataset))
+    assert report.count == len(NAMES)
+
+
+def test_rain12_identity(data_dir: Path) -> None:
+    report = evaluate_model(lambda x: x, data_dir / "rain12")
+    assert report.count == 12
+    assert report.psnr == pytest.approx(30.130, abs=0.0015)
+    assert report.ssim == pytest.approx(0.8552, abs=0.00015)
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def _report() -> EvalReport:
+    return EvalReport("rain200", [ImageScore("rain-1", 31.25, 0.91), ImageScore("rain-2", math.inf, 1.0)])
+
+
+def _strict_json(text: str) -> dict:
+    def refuse(name: str) -> None:
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_write_json_schema_and_infinity(tmp_path: Path) -> None:
+    data = _strict_json(write_json(_report(), tmp_path / "r.json").read_text())
+    assert data == {
+        "protocol": "rain200",
+        "mean": {"psnr": None, "ssim": pytest.approx(0.955)},
+        "count": 2,
+        "images": [{"name": "rain-1", "psnr": 31.25, "ssim": 0.91},
+                   {"name": "rain-2", "psnr": None, "ssim": 1.0}],
+    }
+    finite = EvalReport("did_ddn", [ImageScore("x", 30.123456789012345, 0.5)])
+    data = _strict_json(write_json(finite, tmp_path / "f.json").read_text())
+    assert data["mean"] == {"psnr": 30.123456789012345, "ssim": 0.5}  # full precision
+
+
+def test_write_csv(tmp_path: Path) -> None:
+    with write_csv(_report(), tmp_path / "r.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["name", "psnr", "ssim"], ["rain-1", "31.25", "0.91"], ["rain-2", "inf", "1.0"]]
+    assert float(rows[2][1]) == math.inf
+
+
+def test_format_table() -> None:
+    lines = format_table(_report()).splitlines()
+    assert lines[0].split() == ["protocol", "images", "PSNR", "(dB)", "SSIM"]
+    assert lines[1].split() == ["rain200", "2", "inf", "0.9550"]
+    report = EvalReport("rain200", [ImageScore("rain-1", 31.25, 0.91), ImageScore("rain-10", 29.0, 0.8)])
+    table = format_table(report, per_image=True).splitlines()
+    assert table[1].split() == ["rain-1", "31.250", "0.9100"]
+    assert table[2].split() == ["rain-10", "29.000", "0.8000"]
+    assert len({len(line) for line in table[:3]}) == 1  # aligned
+    assert table[-1].split() == ["rain200", "2", "30.125", "0.8550"]

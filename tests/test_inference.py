@@ -1,0 +1,403 @@
+"""The derain() API and batch processing of files, with stand-in models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageCms
+
+from nerdrain import inference
+from nerdrain.imageio import Photo, read_photo, write_photo
+from nerdrain.inference import Summary, derain, derain_files, expand_inputs, plan_outputs, resolve_device
+
+RNG = np.random.default_rng(7)
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def affine(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.9 + 0.05
+
+
+class TinyNet(torch.nn.Module):
+    """A small conv net; records whether it ran in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, :, 1, 1] = torch.eye(3)
+            self.conv.bias.zero_()
+        self.modes: list[bool] = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return self.conv(x)
+
+
+def _q8(x):
+    return np.floor(np.clip(x, 0, 1) * 255 + 0.5).astype(np.int64)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _no_temp(folder: Path) -> bool:
+    return not any(p.name.endswith(".tmp") for p in folder.rglob("*"))
+
+
+# --------------------------------------------------------------------------- derain(): PIL
+
+
+def test_pil_rgb():
+    a = RNG.integers(0, 256, (21, 34, 3), dtype=np.uint8)
+    out = derain(Image.fromarray(a), affine, tile=16, overlap=4)
+    assert isinstance(out, Image.Image) and out.mode == "RGB" and out.size == (34, 21)
+    ref = _q8(a / 255.0 * 0.9 + 0.05)
+    assert np.abs(np.asarray(out).astype(np.int64) - ref).max() <= 1
+
+
+def test_pil_rgba_alpha_passed_through_exactly():
+    a = RNG.integers(0, 256, (19, 23, 4), dtype=np.uint8)
+    out = derain(Image.fromarray(a), affine, tile=0)
+    assert out.mode == "RGBA"
+    np.testing.assert_array_equal(np.asarray(out)[..., 3], a[..., 3])
+    assert np.abs(np.asarray(out)[..., :3].astype(np.int64) - _q8(a[..., :3] / 255 * 0.9 + 0.05)).max() <= 1
+
+
+def test_pil_grayscale_and_other_modes():
+    g = RNG.integers(0, 256, (15, 17), dtype=np.uint8)
+    out = derain(Image.fromarray(g), identity)
+    assert out.mode == "L"
+    np.testing.assert_array_equal(np.asarray(out), g)
+
+    la = Image.fromarray(np.stack([g, 255 - g], -1))
+    out = derain(la, identity)
+    assert out.mode == "LA"
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(la))
+
+    g16 = RNG.integers(0, 65536, (15, 17), dtype=np.uint16)
+    out = derain(Image.fromarray(g16), identity)
+    assert out.mode == "I;16"
+    np.testing.assert_array_equal(np.asarray(out), g16)
+
+    f = RNG.random((6, 7), dtype=np.float32)
+    out = derain(Image.fromarray(f), identity)
+    assert out.mode == "F"
+    np.testing.assert_allclose(np.asarray(out), f, atol=1e-6)
+
+    p = Image.fromarray(RNG.integers(0, 256, (10, 10, 3), dtype=np.uint8)).quantize(8)
+    out = derain(p, identity)
+    assert out.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(p.convert("RGB")))
+    p.info["transparency"] = 2
+    out = derain(p, identity)
+    assert out.mode == "RGBA"
+    np.testing.assert_array_equal(np.asarray(out)[..., 3] == 0, np.asarray(p) == 2)
+
+
+def test_pil_keeps_icc_in_info():
+    img = Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    img.info["icc_profile"] = icc
+    assert derain(img, identity).info.get("icc_profile") == icc
+
+
+# --------------------------------------------------------------------------- derain(): numpy
+
+
+@pytest.mark.parametrize("shape", [(13, 29), (13, 29, 1), (13, 29, 3), (13, 29, 4)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
+def test_numpy_dtypes_and_shapes(shape, dtype):
+    if np.issubdtype(dtype, np.integer):
+        a = RNG.integers(0, np.iinfo(dtype).max + 1, shape).astype(dtype)
+    else:
+        a = RNG.random(shape).astype(dtype)
+    out = derain(a, identity, tile=16, overlap=4)
+    assert isinstance(out, np.ndarray) and out.dtype == a.dtype and out.shape == a.shape
+    if len(shape) == 3 and shape[2] == 4:
+        np.testing.assert_array_equal(out[..., 3], a[..., 3])  # alpha exactly
+        cmp_out, cmp_in = out[..., :3], a[..., :3]
+    else:
+        cmp_out, cmp_in = out, a
+    if np.issubdtype(dtype, np.integer):
+        assert np.abs(cmp_out.astype(np.int64) - cmp_in.astype(np.int64)).max() <= 1
+    else:
+        np.testing.assert_allclose(cmp_out, cmp_in, atol=1e-6)
+
+
+def test_numpy_values_and_clipping():
+    a = np.full((5, 6, 3), 1.0, np.float32)
+    out = derain(a, lambda x: x * 2 - 0.5)
+    assert out.max() <= 1.0 and out.min() >= 0.0
+    u = np.full((5, 6, 3), 100, np.uint8)
+    np.testing.assert_array_equal(derain(u, affine), np.full((5, 6, 3), int(np.floor((100 / 255 * 0.9 + 0.05) * 255 + 0.5))))
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError):
+        derain(np.zeros((4, 4, 3), np.int32), identity)
+    with pytest.raises(ValueError):
+        derain(np.zeros((4, 4, 2), np.uint8), identity)
+    with pytest.raises(TypeError):
+        derain([[0.0]], identity)
+    with pytest.raises(TypeError):
+        derain(torch.zeros(3, 4, 4, dtype=torch.uint8), identity)
+    with pytest.raises(ValueError):
+        derain(torch.zeros(1, 4, 4, 4), identity)
+
+
+# --------------------------------------------------------------------------- derain(): tensors
+
+
+@pytest.mark.parametrize("shape", [(3, 37, 41), (2, 3, 37, 41)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tensor_shapes(shape, dtype):
+    x = torch.rand(shape, dtype=dtype)
+    out = derain(x, affine, tile=16, overlap=4, batch_size=3)
+    assert isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == dtype and out.device == x.device
+    torch.testing.assert_close(out, (x * 0.9 + 0.05).clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_module_runs_in_eval_mode_and_flag_is_restored():
+    net = TinyNet().train()
+    x = torch.rand(1, 3, 20, 20)
+    out = derain(x, net, tile=0)
+    assert net.modes == [False] and net.training
+    torch.testing.assert_close(out, x, atol=1e-6, rtol=0)
+
+
+def test_half_autocast_on_cpu():
+    net = TinyNet()
+    x = torch.rand(1, 3, 24, 24)
+    out = derain(x, net, tile=16, overlap=4, half=True)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, x, atol=1e-2, rtol=0)  # bfloat16 precision
+
+
+def test_default_model_is_loaded_lazily(monkeypatch):
+    import nerdrain.checkpoint as ckpt
+
+    calls = []
+
+    def fake_load(device=None):
+        calls.append(device)
+        return TinyNet()
+
+    monkeypatch.setattr(ckpt, "load_default_model", fake_load)
+    x = torch.rand(3, 10, 10)
+    out = derain(x, device="cpu")
+    assert calls == [torch.device("cpu")]
+    torch.testing.assert_close(out, x, atol=1e-6, rtol=0)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    auto = resolve_device("auto")
+    assert resolve_device(None) == auto
+    if not torch.cuda.is_available():
+        assert auto.type in ("cpu", "mps")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu-ish")
+
+
+# --------------------------------------------------------------------------- derain_files
+
+
+@pytest.fixture()
+def photo_folder(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    a = RNG.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(a).save(d / "good1.png")
+    Image.fromarray(a[::-1]).save(d / "good2.jpg", quality=95)
+    big = RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(big).save(d / "full.png")
+    data = (d / "full.png").read_bytes()
+    (d / "broken.png").write_bytes(data[: len(data) // 2])
+    (d / "full.png").unlink()
+    (d / "notes.jpg").write_text("not an image at all\n")
+    (d / "readme.txt").write_text("ignored: not an image extension\n")
+    return d
+
+
+def test_folder_with_good_and_bad_files(photo_folder, tmp_path, capsys):
+    before = _files(photo_folder)
+    out = tmp_path / "out"
+    s = derain_files([str(photo_folder)], str(out), affine, tile=16, overlap=4, progress=False)
+    assert isinstance(s, Summary)
+    assert s.ok == 2 and len(s.failed) == 2
+    assert sorted(p.name for p in s.outputs) == ["good1.png", "good2.png"]
+    assert all(p.exists() for p in s.outputs)
+    failed = {Path(p).name: r for p, r in s.failed}
+    assert set(failed) == {"broken.png", "notes.jpg"}
+    assert "truncated" in failed["broken.png"] and "not an image" in failed["notes.jpg"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2
+    assert all(line.startswith("error: ") for line in err)
+    assert any("broken.png: truncated" in line for line in err) and any("notes.jpg: not an image" in line for line in err)
+    assert _files(photo_folder) == before  # inputs untouched, nothing added beside them
+    assert sorted(os.listdir(out)) == ["good1.png", "good2.png"]  # no partial / temp files
+    assert _no_temp(tmp_path)
+    ref = _q8(np.asarray(Image.open(photo_folder / "good1.png")) / 255 * 0.9 + 0.05)
+    assert np.abs(np.asarray(Image.open(out / "good1.png")).astype(np.int64) - ref).max() <= 1
+
+
+def test_outputs_beside_inputs_with_suffix(photo_folder):
+    s = derain_files([str(photo_folder / "good1.png"), str(photo_folder / "good2.jpg")], None, identity, tile=0, progress=True)
+    assert s.ok == 2 and not s.failed
+    assert [p.name for p in s.outputs] == ["good1_derained.png", "good2_derained.png"]
+    assert all(p.parent == photo_folder for p in s.outputs)
+    # A second run over the folder does not pick up its own outputs.
+    files, _ = expand_inputs([str(photo_folder)], skip_suffix="_derained")
+    assert not any(f.stem.endswith("_derained") for f in files)
+    s2 = derain_files([str(photo_folder)], None, identity, tile=0, progress=False)
+    assert sorted(p.name for p in s2.outputs) == ["good1_derained.png", "good2_derained.png"]
+
+
+def test_single_file_output_path_and_format(photo_folder, tmp_path):
+    src = photo_folder / "good1.png"
+    s = derain_files([str(src)], str(tmp_path / "result.png"), identity, tile=0, progress=False)
+    assert s.outputs == [tmp_path / "result.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "result.png")), np.asarray(Image.open(src)))
+    s = derain_files([str(src)], str(tmp_path / "result.jpg"), identity, tile=0, progress=False)
+    assert Image.open(s.outputs[0]).format == "JPEG"
+    s = derain_files([str(src)], str(tmp_path / "newdir") + os.sep, identity, tile=0, progress=False)
+    assert s.outputs == [tmp_path / "newdir" / "good1.png"]
+    s = derain_files([str(src)], None, identity, tile=0, fmt="webp", progress=False)
+    assert s.outputs == [photo_folder / "good1_derained.webp"]
+
+
+def test_globs_and_missing_inputs(photo_folder, tmp_path):
+    s = derain_files(
+        [str(photo_folder / "good*"), str(tmp_path / "nothing_here.png"), str(tmp_path / "*.nomatch")],
+        str(tmp_path / "o"),
+        identity,
+        tile=0,
+        progress=False,
+    )
+    assert s.ok == 2
+    reasons = dict(s.failed)
+    assert reasons[str(tmp_path / "nothing_here.png")] == "no such file or directory"
+    assert "no files match" in reasons[str(tmp_path / "*.nomatch")]
+
+
+def test_output_never_equals_an_input(photo_folder, tmp_path):
+    before = _files(photo_folder)
+    src = photo_folder / "good1.png"
+    s = derain_files([str(src)], str(src), identity, tile=0, progress=False)
+    assert s.ok == 0 and "overwrite the input" in s.failed[0][1]
+    # Output folder == input folder: good1.png would be overwritten; good2.jpg -> good2.png is fine.
+    s = derain_files([str(photo_folder)], str(photo_folder), identity, tile=0, progress=False)
+    assert [p.name for p in s.outputs] == ["good2.png"]
+    assert any(Path(p).name == "good1.png" and "overwrite the input" in r for p, r in s.failed)
+    assert (photo_folder / "good1.png").read_bytes() == before["good1.png"]
+    # An empty suffix beside the input is the input itself.
+    s = derain_files([str(src)], None, identity, tile=0, suffix="", progress=False)
+    assert s.ok == 0 and "overwrite the input" in s.failed[0][1]
+    after = _files(photo_folder)
+    assert {k: v for k, v in after.items() if k in before} == before
+
+
+def test_colliding_stems_are_disambiguated(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    a = RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(a).save(d / "x.png")
+    Image.fromarray(a).save(d / "x.jpg")
+    plan = plan_outputs(sorted(d.iterdir()), [str(d)], str(tmp_path / "o"))
+    assert sorted(t.name for _, t, _ in plan) == ["x_jpg.png", "x_png.png"]
+    s = derain_files([str(d)], str(tmp_path / "o"), identity, tile=0, progress=False)
+    assert s.ok == 2
+
+
+def test_exif_orientation_icc_and_exif_kept(tmp_path):
+    a = RNG.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    ex = Image.Exif()
+    ex[0x0112] = 6
+    ex[0x010F] = "RainCam"
+    Image.fromarray(a).save(tmp_path / "rot.jpg", exif=ex, icc_profile=icc, quality=95)
+    s = derain_files([str(tmp_path / "rot.jpg")], None, identity, tile=16, overlap=4, progress=False)
+    out = Image.open(s.outputs[0])
+    assert out.format == "PNG"
+    assert out.size == (24, 40)  # 40x24 rotated by 90 degrees
+    assert out.info.get("icc_profile") == icc
+    oex = out.getexif()
+    assert oex.get(0x010F) == "RainCam" and oex.get(0x0112, 1) == 1
+
+
+def test_16bit_png_in_16bit_png_out(tmp_path):
+    a = RNG.integers(0, 65536, (20, 26, 3), dtype=np.uint16)
+    write_photo(tmp_path / "deep.png", Photo(rgb=a / np.float32(65535), bit_depth=16, mode="RGB"))
+    g = RNG.integers(0, 65536, (20, 26), dtype=np.uint16)
+    Image.fromarray(g).save(tmp_path / "gray16.png")
+    s = derain_files([str(tmp_path / "deep.png"), str(tmp_path / "gray16.png")], str(tmp_path / "o"), identity,
+                     tile=16, overlap=4, progress=False)
+    assert s.ok == 2
+    deep = read_photo(tmp_path / "o" / "deep.png")
+    assert deep.bit_depth == 16 and not deep.grayscale
+    assert np.abs(np.floor(deep.rgb.astype(np.float64) * 65535 + 0.5) - a).max() <= 1
+    gray = Image.open(tmp_path / "o" / "gray16.png")
+    assert gray.mode.startswith("I")
+    assert np.abs(np.asarray(gray).astype(np.int64) - g).max() <= 1
+
+
+def test_rgba_and_grayscale_files(tmp_path):
+    a = RNG.integers(0, 256, (12, 14, 4), dtype=np.uint8)
+    Image.fromarray(a).save(tmp_path / "rgba.png")
+    Image.fromarray(a[..., 0]).save(tmp_path / "gray.png")
+    s = derain_files([str(tmp_path / "rgba.png"), str(tmp_path / "gray.png")], str(tmp_path / "o"), affine,
+                     tile=0, progress=False)
+    assert s.ok == 2
+    rgba = np.asarray(Image.open(tmp_path / "o" / "rgba.png"))
+    assert rgba.shape == (12, 14, 4)
+    np.testing.assert_array_equal(rgba[..., 3], a[..., 3])
+    assert Image.open(tmp_path / "o" / "gray.png").mode == "L"
+
+
+def test_model_failure_is_reported_per_file(photo_folder, tmp_path):
+    def explode(x):
+        raise RuntimeError("kaboom\nsecond line")
+
+    lines = []
+    s = derain_files([str(photo_folder / "good1.png")], str(tmp_path / "o"), explode, tile=0, progress=False,
+                     log=lines.append)
+    assert s.ok == 0 and s.failed == [(str(photo_folder / "good1.png"), "RuntimeError: kaboom second line")]
+    assert lines == [f"error: {photo_folder / 'good1.png'}: RuntimeError: kaboom second line"]
+    assert not (tmp_path / "o" / "good1.png").exists()
+
+
+def test_write_failure_leaves_nothing_behind(photo_folder, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", boom)
+    out = tmp_path / "o"
+    s = derain_files([str(photo_folder / "good1.png")], str(out), identity, tile=0, progress=False)
+    assert s.ok == 0 and "no space left" in s.failed[0][1]
+    assert list(out.iterdir()) == []
+
+
+def test_bad_format_rejected_early(photo_folder):
+    with pytest.raises(ValueError, match="unsupported output format"):
+        derain_files([str(photo_folder)], None, identity, fmt="bmp2")
+
+
+def test_large_image_shows_tile_progress(tmp_path, capsys):
+    a = RNG.integers(0, 256, (80, 80, 3), dtype=np.uint8)
+    Image.fromarray(a).save(tmp_path / "big.png")
+    s = derain_files([str(tmp_path / "big.png")], str(tmp_path / "o"), identity, tile=16, overlap=4, progress=True)
+    assert s.ok == 1
+    assert inference._TILE_BAR_MIN_TILES <= 36

@@ -1,0 +1,205 @@
+"""Pair discovery on every supported layout, built in tmp_path; pixel values encode which image
+a file is, so a pair matched by position instead of by name shows up as a wrong value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nerdrain.data.pairs import LAYOUTS, Pair, detect_layout, find_pairs, load_pair
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+RAIN12 = SHARED / "data" / "rain12"
+CLEAN = 100  # clean images hold value id + CLEAN, rainy ones hold id
+
+
+def _write(path: Path, value: int, size: tuple[int, int] = (8, 6), mode: str = "RGB") -> Path:
+    """A flat image of ``value`` (width, height = size), written in ``mode``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode in ("L", "P") else (value,) * len(mode)).save(path)
+    return path
+
+
+def _assert_matched(pairs: list[Pair], ids: dict[str, int]) -> None:
+    """Every pair holds rainy id and clean id + CLEAN for the id its name maps to."""
+    assert [p.name for p in pairs] == list(ids)
+    for pair in pairs:
+        rainy, clean = load_pair(pair)
+        assert rainy.dtype == np.uint8 and rainy.ndim == 3 and rainy.shape[2] == 3
+        assert np.all(rainy == ids[pair.name]), pair
+        assert np.all(clean == ids[pair.name] + CLEAN), pair
+
+
+def test_input_target(tmp_path: Path) -> None:
+    for name, i in {"rain-2": 2, "rain-10": 10, "a": 1}.items():
+        _write(tmp_path / "input" / f"{name}.png", i)
+        _write(tmp_path / "target" / f"{name}.png", i + CLEAN)
+    assert detect_layout(tmp_path) == "input_target"
+    pairs = find_pairs(tmp_path)
+    _assert_matched(pairs, {"a": 1, "rain-2": 2, "rain-10": 10})  # natural order
+    assert all(p.crop is None and p.input.parent.name == "input" for p in pairs)
+
+
+def test_explicit_folders(tmp_path: Path) -> None:
+    for i in (3, 20):
+        _write(tmp_path / "rain" / f"{i}.png", i)
+        _write(tmp_path / "norain" / f"{i}.png", i + CLEAN)
+    with pytest.raises(ValueError, match="no known pair layout"):
+        detect_layout(tmp_path)
+    pairs = find_pairs(tmp_path, input_dir="rain", target_dir="norain")
+    _assert_matched(pairs, {"3": 3, "20": 20})
+    absolute = find_pairs("/", input_dir=tmp_path / "rain", target_dir=tmp_path / "norain")
+    assert absolute == pairs
+    with pytest.raises(ValueError, match="together"):
+        find_pairs(tmp_path, input_dir="rain")
+
+
+@pytest.mark.parametrize("clean_in", ["parent", "rainy", "flat"])
+def test_prenet(tmp_path: Path, clean_in: str) -> None:
+    rainy_dir = tmp_path if clean_in == "flat" else tmp_path / "rainy"
+    clean_dir = tmp_path if clean_in == "parent" else rainy_dir
+    for i in (1, 2, 10, 12):
+        _write(rainy_dir / f"rain-{i}.png", i)
+        _write(clean_dir / f"norain-{i}.png", i + CLEAN)
+    assert detect_layout(tmp_path) == "prenet"
+    _assert_matched(find_pairs(tmp_path), {f"rain-{i}": i for i in (1, 2, 10, 12)})
+
+
+def test_ddn_several_rainy_versions_per_clean_image(tmp_path: Path) -> None:
+    # Sorted as strings, rainy_image/ lists 12_1 before 1_1 but ground_truth/ lists 1 before 12.
+    ids = {"1_1": 1, "1_2": 1, "1_10": 1, "2_1": 2, "12_1": 12}
+    for name, i in ids.items():
+        _write(tmp_path / "rainy_image" / f"{name}.jpg", i, mode="L")
+    for i in (1, 2, 12):
+        _write(tmp_path / "ground_truth" / f"{i}.png", i + CLEAN)
+    assert detect_layout(tmp_path) == "ddn"
+    pairs = find_pairs(tmp_path)
+    assert [p.name for p in pairs] == ["1_1", "1_2", "1_10", "2_1", "12_1"]
+    for pair in pairs:  # JPEG: flat grey survives to within a level or two
+        rainy, clean = load_pair(pair)
+        assert np.abs(rainy.astype(int) - ids[pair.name]).max() <= 2
+        assert np.all(clean == ids[pair.name] + CLEAN)
+
+
+def _write_side_by_side(path: Path, left: int, right: int, height: int = 6) -> None:
+    img = np.zeros((height, 2 * height, 3), np.uint8)
+    img[:, :height], img[:, height:] = left, right
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+def test_did(tmp_path: Path) -> None:
+    for i in (2, 10):
+        _write_side_by_side(tmp_path / f"{i}.png", i, i + CLEAN)
+    assert detect_layout(tmp_path) == "did"
+    pairs = find_pairs(tmp_path)
+    assert pairs[0].crop == ("left", "right") and pairs[0].input == pairs[0].target
+    _assert_matched(pairs, {"2": 2, "10": 10})
+    rainy, clean = load_pair(find_pairs(tmp_path, did_rainy_side="right")[0])
+    assert np.all(rainy == 2 + CLEAN) and np.all(clean == 2)
+    assert rainy.shape == (6, 6, 3)
+
+
+def test_did_forced_on_other_aspect_and_odd_width(tmp_path: Path) -> None:
+    _write(tmp_path / "wide.png", 7, size=(10, 3))
+    _write(tmp_path / "odd.png", 7, size=(9, 3))
+    with pytest.raises(ValueError, match="no known pair layout"):
+        detect_layout(tmp_path)  # not twice as wide as tall: not auto-detected
+    pairs = {p.name: p for p in find_pairs(tmp_path, "did")}
+    assert load_pair(pairs["wide"])[0].shape == (3, 5, 3)
+    with pytest.raises(ValueError, match=r"odd\.png.*odd width 9"):
+        load_pair(pairs["odd"])
+    with pytest.raises(ValueError, match="did_rainy_side"):
+        find_pairs(tmp_path, "did", did_rainy_side="top")
+
+
+def test_extensions_case_insensitive_and_hidden_files_ignored(tmp_path: Path) -> None:
+    _write(tmp_path / "input" / "a.PNG", 1)
+    _write(tmp_path / "target" / "a.TIF", 1 + CLEAN)
+    _write(tmp_path / "input" / "b.JPEG", 2)
+    _write(tmp_path / "target" / "b.bmp", 2 + CLEAN)
+    _write(tmp_path / "input" / "._a.png", 0)  # macOS resource fork
+    (tmp_path / "input" / "notes.txt").write_text("not an image")
+    pairs = find_pairs(tmp_path)
+    assert [p.name for p in pairs] == ["a", "b"]
+    _assert_matched(pairs[:1], {"a": 1})
+
+
+def test_modes_converted_to_rgb(tmp_path: Path) -> None:
+    for mode in ("L", "RGBA", "P"):
+        _write(tmp_path / "input" / f"{mode}.png", 50, mode=mode)
+        _write(tmp_path / "target" / f"{mode}.png", 50, mode=mode)
+    for pair in find_pairs(tmp_path):
+        rainy, clean = load_pair(pair)
+        assert rainy.shape == clean.shape == (6, 8, 3) and rainy.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("layout", "files", "orphans"),
+    [
+        ("input_target", ["input/a.png", "input/b.png", "target/a.png", "target/c.png"],
+         ["input/b.png", "target/c.png"]),
+        ("prenet", ["rainy/rain-1.png", "rainy/rain-2.png", "norain-1.png"],
+         ["rainy/rain-2.png"]),
+        ("ddn", ["rainy_image/1_1.png", "rainy_image/x.png", "ground_truth/1.png",
+                 "ground_truth/3.png"],
+         ["rainy_image/x.png", "ground_truth/3.png"]),
+    ],
+)  # fmt: skip
+def test_missing_partner_names_the_files(
+    tmp_path: Path, layout: str, files: list[str], orphans: list[str]
+) -> None:
+    for f in files:
+        _write(tmp_path / f, 1)
+    with pytest.raises(ValueError, match="no partner") as err:
+        find_pairs(tmp_path)
+    for orphan in orphans:
+        assert orphan in str(err.value)
+    assert f"{len(orphans)} file(s)" in str(err.value)
+    assert detect_layout(tmp_path) == layout
+
+
+def test_size_mismatch_names_both_files_and_sizes(tmp_path: Path) -> None:
+    _write(tmp_path / "input" / "a.png", 1, size=(8, 6))
+    _write(tmp_path / "target" / "a.png", 1, size=(9, 6))
+    (pair,) = find_pairs(tmp_path)
+    with pytest.raises(ValueError, match="size mismatch") as err:
+        load_pair(pair)
+    message = str(err.value)
+    assert str(pair.input) in message and "8x6" in message
+    assert str(pair.target) in message and "9x6" in message
+
+
+def test_ambiguous_stems_rejected(tmp_path: Path) -> None:
+    _write(tmp_path / "input" / "a.png", 1)
+    _write(tmp_path / "input" / "a.jpg", 1)
+    _write(tmp_path / "target" / "a.png", 1)
+    with pytest.raises(ValueError, match=r"ambiguous.*input/a\.jpg.*input/a\.png"):
+        find_pairs(tmp_path)
+
+
+def test_unrecognised_folder_lists_the_layouts(tmp_path: Path) -> None:
+    (tmp_path / "input").mkdir()
+    (tmp_path / "readme.txt").write_text("nothing here")
+    with pytest.raises(ValueError, match="no known pair layout") as err:
+        find_pairs(tmp_path)
+    assert all(layout in str(err.value) for layout in LAYOUTS)
+    with pytest.raises(ValueError, match="not a folder"):
+        detect_layout(tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown layout"):
+        find_pairs(tmp_path, "rain100")
+    with pytest.raises(ValueError, match="no images in"):
+        find_pairs(tmp_path, "input_target")
+
+
+def test_rain12() -> None:
+    if not RAIN12.is_dir():
+        pytest.skip(f"shared data not found at {RAIN12}")
+    assert detect_layout(RAIN12) == "input_target"
+    pairs = find_pairs(RAIN12)
+    assert len(pairs) == 12 and pairs[0].name == "rain-001"
+    rainy, clean = load_pair(pairs[0])
+    assert rainy.shape == clean.shape == (320, 480, 3)

@@ -1,0 +1,275 @@
+"""Tiled inference: exact coverage, seamless blending, batching, small images, OOM fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nerdrain import tiling
+from nerdrain.tiling import (
+    TileConfig,
+    count_tiles,
+    default_tile_for_device,
+    is_oom_error,
+    run_tiled,
+    run_with_oom_fallback,
+    tile_positions,
+)
+
+
+def pointwise(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.8 + 0.1
+
+
+def conv_stack(seed: int = 1, layers: int = 5) -> torch.nn.Module:
+    """Fixed random 3x3 convs with zero padding: receptive field and strong border effects."""
+    g = torch.Generator().manual_seed(seed)
+    mods = []
+    for _ in range(layers):
+        c = torch.nn.Conv2d(3, 3, 3, padding=1)
+        with torch.no_grad():
+            c.weight.copy_(torch.rand(c.weight.shape, generator=g) * (2.0 / 27.0))
+            c.bias.zero_()
+        mods.append(c)
+    return torch.nn.Sequential(*mods).eval()
+
+
+def smooth_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    img = torch.stack(
+        [0.5 + 0.3 * torch.sin(6 * xx + 2 * yy), 0.5 + 0.3 * torch.cos(5 * yy - 3 * xx), 0.4 + 0.2 * xx * yy]
+    )[None]
+    return img + 0.02 * torch.rand(img.shape, generator=g)
+
+
+def hard_seams(model, img: torch.Tensor, tile: int) -> torch.Tensor:
+    """Non-overlapping tiles pasted side by side (no blending): the thing to avoid."""
+    out = torch.empty_like(img)
+    h, w = img.shape[-2:]
+    with torch.no_grad():
+        for y in range(0, h, tile):
+            for x in range(0, w, tile):
+                out[..., y : y + tile, x : x + tile] = model(img[..., y : y + tile, x : x + tile])
+    return out
+
+
+def zone_ratio(grad: torch.Tensor, zones: list[tuple[int, int]], border: int = 6, near: int = 25) -> float:
+    """Worst (max gradient inside a seam zone) / (mean gradient just outside it)."""
+    worst = 0.0
+    n = grad.numel()
+    for lo, hi in zones:
+        inside = grad[max(lo - 1, 0) : hi].max()
+        outside = torch.cat([grad[max(lo - near, border) : max(lo - 1, border)], grad[hi : min(hi + near, n - border)]])
+        worst = max(worst, (inside / outside.mean()).item())
+    return worst
+
+
+def blend_zones(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    pos = tile_positions(size, tile, overlap)
+    return [(b, a + tile) for a, b in zip(pos[:-1], pos[1:])]
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("size,tile,overlap", [(97, 32, 8), (131, 32, 8), (64, 64, 8), (65, 64, 8), (1000, 512, 32), (33, 16, 0)])
+def test_tile_positions_cover_and_overlap(size, tile, overlap):
+    pos = tile_positions(size, tile, overlap)
+    assert pos[0] == 0 and pos[-1] + tile == size
+    assert all(b > a for a, b in zip(pos, pos[1:]))
+    assert all(a + tile - b >= overlap for a, b in zip(pos, pos[1:]))  # at least the overlap
+    assert tile_positions(10, 32, 8) == [0]
+
+
+def test_weights_positive_and_ramps_only_towards_neighbours():
+    pos = tile_positions(131, 32, 8)
+    ws = tiling._axis_weights(pos, 32)
+    assert all((w > 0).all() for w in ws)
+    assert ws[0][0] == 1.0 and ws[-1][-1] == 1.0  # image borders keep full weight
+    assert ws[0][-1] < 0.01 and ws[-1][0] < 0.01  # tile borders facing a neighbour fade out
+    # Complementary ramps: weights of two neighbours sum to ~1 across the middle of their overlap.
+    a, b = pos[0], pos[1]
+    ov = a + 32 - b
+    s = ws[0][32 - ov :] + ws[1][:ov]
+    assert torch.allclose(s[ov // 4 : ov - ov // 4], torch.ones(ov - 2 * (ov // 4)), atol=1e-6)
+
+
+def test_config_validation_and_counts():
+    with pytest.raises(ValueError):
+        TileConfig(tile=-1)
+    with pytest.raises(ValueError):
+        TileConfig(batch_size=0)
+    assert count_tiles(97, 131, TileConfig(tile=32, overlap=8)) == len(tile_positions(97, 32, 8)) * len(
+        tile_positions(131, 32, 8)
+    )
+    assert count_tiles(4000, 6000, TileConfig(tile=0)) == 1
+    assert count_tiles(10, 10, TileConfig(tile=512)) == 1
+
+
+def test_default_tile_on_cpu():
+    assert default_tile_for_device("cpu") == 512
+    assert default_tile_for_device(torch.device("cpu"), batch_size=8) == 512
+
+
+# --------------------------------------------------------------------------- (a) exact coverage
+
+
+def test_tiled_equals_untiled_for_pointwise_model_odd_size():
+    x = torch.rand(1, 3, 97, 131, generator=torch.Generator().manual_seed(0))
+    cfg = TileConfig(tile=32, overlap=8, batch_size=4)
+    assert count_tiles(97, 131, cfg) > 12
+    out = run_tiled(pointwise, x, cfg)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, pointwise(x), atol=1e-6, rtol=0)
+
+
+def test_tiled_3d_input_and_multiple_rounding():
+    x = torch.rand(3, 45, 70)
+    out = run_tiled(pointwise, x, TileConfig(tile=37, overlap=5))  # 37 -> 32 (multiple of 16)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, pointwise(x), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- (b) no seams
+
+
+def test_blending_hides_seams_that_hard_tiling_shows():
+    model = conv_stack()
+    img = smooth_image(160, 200)
+    with torch.no_grad():
+        full = model(img)
+    tile, overlap = 64, 16
+    blended = run_tiled(model, img, TileConfig(tile=tile, overlap=overlap, batch_size=3))
+    hard = hard_seams(model, img, tile)
+
+    # The tiled result differs from the untiled one only slightly; hard seams do not.
+    d_blend = (blended - full).abs()
+    d_hard = (hard - full).abs()
+    assert d_blend.max() < 0.01
+    assert d_hard.max() > 0.1
+    assert d_blend.max() < d_hard.max() / 20
+
+    # The difference is spread out: it changes little from one pixel to the next.
+    step_blend = (d_blend[..., 1:] - d_blend[..., :-1]).abs().max()
+    step_hard = (d_hard[..., 1:] - d_hard[..., :-1]).abs().max()
+    assert step_blend < 0.005 < step_hard
+
+    # No step in the output: gradients at tile boundaries are like those nearby.
+    for axis, size in ((-1, 200), (-2, 160)):
+        gb = blended.diff(dim=axis).abs().mean(dim=(0, 1, 2 if axis == -1 else 3))
+        gh = hard.diff(dim=axis).abs().mean(dim=(0, 1, 2 if axis == -1 else 3))
+        hard_zones = [(b, b + 1) for b in range(tile, size, tile)]
+        assert zone_ratio(gb, blend_zones(size, tile, overlap)) < 1.5
+        assert zone_ratio(gh, hard_zones) > 3.0  # the check can fail: hard seams are caught
+
+
+# --------------------------------------------------------------------------- (c) batching
+
+
+def test_batching_matches_batch_size_one():
+    model = conv_stack(seed=3)
+    x = torch.rand(2, 3, 70, 90, generator=torch.Generator().manual_seed(5))
+    ref = run_tiled(model, x, TileConfig(tile=32, overlap=8, batch_size=1))
+    for bs in (2, 4, 7, 100):
+        out = run_tiled(model, x, TileConfig(tile=32, overlap=8, batch_size=bs))
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    # batch images are independent
+    single = run_tiled(model, x[1:], TileConfig(tile=32, overlap=8, batch_size=3))
+    torch.testing.assert_close(ref[1:], single, atol=1e-6, rtol=0)
+
+
+def test_model_sees_tiles_of_the_configured_size_in_batches():
+    seen = []
+
+    def spy(t):
+        seen.append(tuple(t.shape))
+        return t
+
+    run_tiled(spy, torch.rand(1, 3, 100, 150), TileConfig(tile=48, overlap=8, batch_size=4), progress=True)
+    assert all(s[1:] == (3, 48, 48) for s in seen)
+    assert all(s[0] <= 4 for s in seen) and seen[0][0] == 4
+    assert sum(s[0] for s in seen) == count_tiles(100, 150, TileConfig(tile=48, overlap=8))
+
+
+# --------------------------------------------------------------------------- (d) small images
+
+
+@pytest.mark.parametrize("h,w", [(20, 30), (1, 1), (5, 200), (200, 5)])
+def test_image_smaller_than_tile(h, w):
+    model = conv_stack(seed=2)
+    x = torch.rand(1, 3, h, w)
+    with torch.no_grad():
+        ref = model(x)
+    out = run_tiled(model, x, TileConfig(tile=64, overlap=16))
+    if h <= 64 and w <= 64:
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    else:
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max() < 0.05
+    torch.testing.assert_close(run_tiled(model, x, TileConfig(tile=0)), ref, atol=1e-6, rtol=0)
+
+
+def test_model_with_wrong_output_shape_is_reported():
+    with pytest.raises(ValueError, match="shape"):
+        run_tiled(lambda t: t[..., :-1], torch.rand(1, 3, 40, 40), TileConfig(tile=32, overlap=8))
+
+
+# --------------------------------------------------------------------------- (e) OOM fallback
+
+
+class FakeOOM:
+    """A pointwise model that runs out of memory for tiles larger than ``limit``."""
+
+    def __init__(self, limit: int, exc=None):
+        self.limit = limit
+        self.calls: list[tuple[int, ...]] = []
+        self.exc = exc
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(t.shape))
+        if max(t.shape[-2:]) > self.limit:
+            if self.exc is not None:
+                raise self.exc
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return pointwise(t)
+
+
+def test_oom_fallback_halves_tile_until_it_fits(caplog):
+    x = torch.rand(1, 3, 100, 150)
+    model = FakeOOM(limit=40)
+    with caplog.at_level("WARNING", logger="nerdrain"):
+        out = run_with_oom_fallback(model, x, TileConfig(tile=128, overlap=32, batch_size=4), min_tile=16)
+    torch.testing.assert_close(out, pointwise(x), atol=1e-6, rtol=0)
+    sizes = [max(c[-2:]) for c in model.calls]
+    assert sizes[0] == 128 and 64 in sizes and max(sizes[-1:]) <= 40
+    assert max(c[0] for c in model.calls if max(c[-2:]) <= 40) <= 1  # batch halved 4 -> 2 -> 1
+    assert "out of memory" in caplog.text and "retrying" in caplog.text
+
+
+def test_oom_fallback_from_whole_image():
+    x = torch.rand(1, 3, 90, 120)
+    model = FakeOOM(limit=70)
+    out = run_with_oom_fallback(model, x, TileConfig(tile=0), min_tile=16)
+    torch.testing.assert_close(out, pointwise(x), atol=1e-6, rtol=0)
+    assert model.calls[0][-2:] == (90, 120)
+
+
+def test_oom_fallback_gives_up_with_clear_message():
+    model = FakeOOM(limit=8)
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory even with tile 64"):
+        run_with_oom_fallback(model, torch.rand(1, 3, 200, 200), TileConfig(tile=256), min_tile=64)
+    assert min(max(c[-2:]) for c in model.calls) == 64
+
+
+def test_oom_fallback_recognises_runtime_error_messages_and_passes_other_errors():
+    x = torch.rand(1, 3, 64, 64)
+    model = FakeOOM(limit=40, exc=RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
+    out = run_with_oom_fallback(model, x, TileConfig(tile=64, overlap=8), min_tile=16)
+    torch.testing.assert_close(out, pointwise(x), atol=1e-6, rtol=0)
+
+    bad = FakeOOM(limit=8, exc=ValueError("something else"))
+    with pytest.raises(ValueError, match="something else"):
+        run_with_oom_fallback(bad, x, TileConfig(tile=64), min_tile=16)
+    assert len(bad.calls) == 1  # not retried
+    assert is_oom_error(torch.OutOfMemoryError("x")) and not is_oom_error(ValueError("out of memory"))
