@@ -16,6 +16,7 @@ import skimage.data
 from PIL import Image, ImageDraw, ImageFont
 
 from nerdrain.data.synth import RainSynthesizer
+from nerdrain.metrics import psnr, to_uint8
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
 CELL = 300  # rain is rendered at the benchmarks' pixel scale (321 px short side), then cropped
@@ -23,14 +24,7 @@ LABEL_H = 28
 
 
 def y_psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Y-channel PSNR as in the rain200 protocol (MATLAB rgb2ycbcr on uint8)."""
-
-    def y(img: np.ndarray) -> np.ndarray:
-        u8 = np.clip(np.round(img.astype(np.float64) * 255.0), 0, 255)
-        return np.round(16.0 + (65.481 * u8[..., 0] + 128.553 * u8[..., 1] + 24.966 * u8[..., 2]) / 255.0)
-
-    mse = float(np.mean((y(a) - y(b)) ** 2))
-    return 10.0 * np.log10(255.0**2 / mse)
+    return psnr(to_uint8(a), to_uint8(b), "rain200")
 
 
 def load_photo(name: str) -> np.ndarray:

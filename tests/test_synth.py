@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from nerdrain.data import synth
+from nerdrain.metrics import psnr, rgb_to_y, to_uint8
 from nerdrain.data.synth import (
     PRESETS,
     RainConfig,
@@ -32,15 +33,9 @@ needs_streaks = pytest.mark.skipif(not STREAKS.is_dir(), reason=f"shared data ab
 # -- local helpers (independent of the project's metrics module) ------------------------------
 
 
-def y_channel(img: np.ndarray) -> np.ndarray:
-    """MATLAB rgb2ycbcr Y of the uint8-quantised image, as the rain200 protocol computes it."""
-    u8 = np.clip(np.round(np.asarray(img, np.float64) * 255.0), 0, 255)
-    return np.round(16.0 + (65.481 * u8[..., 0] + 128.553 * u8[..., 1] + 24.966 * u8[..., 2]) / 255.0)
-
-
 def y_psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((y_channel(a) - y_channel(b)) ** 2))
-    return 10.0 * math.log10(255.0**2 / mse) if mse > 0 else float("inf")
+    """Y-PSNR of the 8-bit images, as the rain200 benchmark protocol computes it."""
+    return psnr(to_uint8(np.asarray(a, np.float32)), to_uint8(np.asarray(b, np.float32)), "rain200")
 
 
 def orientation_deg(gray: np.ndarray) -> float:
@@ -174,7 +169,7 @@ def test_heavy_has_veil_and_is_stronger(photos):
     params = heavy.sample(np.random.default_rng(3))
     assert params.haze > 0
     veil_only = heavy.apply(im, replace(params, layers=(), splash=0.0))
-    dark = y_channel(im) < 60
+    dark = rgb_to_y(to_uint8(im), rounded=True) < 60
     assert dark.mean() > 0.05
     lift = float(veil_only[dark].mean() - im[dark].mean())
     assert lift > 0.02, lift

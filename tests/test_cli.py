@@ -1,0 +1,117 @@
+"""The command line as a user runs it: exit codes, one-line errors, outputs on disk."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nerdrain import create_model, save_model
+from nerdrain.cli import main
+from nerdrain.metrics import score
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("nerd_rain_s", dim=8, depths=(1, 1, 1), inr_hidden=(16, 16, 16))
+    return save_model(model, tmp_path_factory.mktemp("w") / "tiny.safetensors")
+
+
+def write_image(path, seed, size=(40, 56)):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+
+
+def test_derain_folder_with_one_bad_file(tmp_path, tiny_weights, capsys):
+    src = tmp_path / "photos"
+    src.mkdir()
+    write_image(src / "a.png", 0)
+    write_image(src / "b.jpg", 1)
+    (src / "broken.png").write_bytes((src / "a.png").read_bytes()[:200])
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    out = tmp_path / "out"
+    code = main(["derain", str(src), "-o", str(out), "--weights", str(tiny_weights), "--tile", "32",
+                 "--overlap", "8", "-q"])
+    assert code == 1  # something failed
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "2 derained, 1 failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # inputs untouched
+
+
+def test_derain_single_file_default_output_beside_input(tmp_path, tiny_weights):
+    write_image(tmp_path / "rainy.png", 2, size=(17, 31))
+    assert main(["derain", str(tmp_path / "rainy.png"), "--weights", str(tiny_weights), "--tile", "0", "-q"]) == 0
+    with Image.open(tmp_path / "rainy_derained.png") as img:
+        assert img.size == (31, 17)
+
+
+def test_bad_weights_is_one_line_error(tmp_path, capsys):
+    write_image(tmp_path / "x.png", 3)
+    bogus = tmp_path / "weights.pth"
+    bogus.write_text("not a checkpoint")
+    assert main(["derain", str(tmp_path / "x.png"), "--weights", str(bogus)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(bogus) in err
+
+
+def test_evaluate_folders_writes_json_and_csv(tmp_path, capsys):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir(), gt.mkdir()
+    for i in range(2):
+        write_image(gt / f"{i}.png", 10 + i)
+        write_image(pred / f"{i}.png", 20 + i)
+    out_json, out_csv = tmp_path / "s.json", tmp_path / "s.csv"
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--json", str(out_json), "--csv", str(out_csv),
+                 "-q"]) == 0
+    report = json.loads(out_json.read_text())
+    expected = [score(np.asarray(Image.open(pred / f"{i}.png")), np.asarray(Image.open(gt / f"{i}.png")), "rain200")
+                for i in range(2)]
+    assert report["count"] == 2
+    assert report["mean"]["psnr"] == pytest.approx(np.mean([e[0] for e in expected]))
+    assert len(out_csv.read_text().strip().splitlines()) == 3
+    assert "PSNR" in capsys.readouterr().out
+
+
+def test_evaluate_model_on_dataset(tmp_path, tiny_weights):
+    for sub in ("input", "target"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+    write_image(tmp_path / "data" / "input" / "1.png", 4)
+    write_image(tmp_path / "data" / "target" / "1.png", 5)
+    out_json = tmp_path / "r.json"
+    assert main(["evaluate", "--data", str(tmp_path / "data"), "--weights", str(tiny_weights), "--save",
+                 str(tmp_path / "pred"), "--json", str(out_json), "-q"]) == 0
+    assert json.loads(out_json.read_text())["images"][0]["name"] == "1"
+    assert (tmp_path / "pred" / "1.png").is_file()
+
+
+def test_evaluate_needs_something_to_do(capsys):
+    assert main(["evaluate"]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_convert_round_trip_through_official_format(tmp_path, tiny_weights):
+    official = tmp_path / "official.pth"
+    back = tmp_path / "back.safetensors"
+    assert main(["convert", str(tiny_weights), str(official), "--to-official"]) == 0
+    assert main(["convert", str(official), str(back)]) == 0
+    from nerdrain import load_model
+
+    a, b = load_model(tiny_weights), load_model(back)
+    assert a.cfg == b.cfg
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_demo_writes_comparison(tmp_path, tiny_weights, capsys):
+    assert main(["demo", "-o", str(tmp_path / "demo"), "--weights", str(tiny_weights), "--device", "cpu"]) == 0
+    assert (tmp_path / "demo" / "comparison.png").is_file()
+    assert "derained: PSNR" in capsys.readouterr().out
+
+
+def test_models_lists_variants(capsys):
+    assert main(["models"]) == 0
+    assert "nerd_rain_s" in capsys.readouterr().out
