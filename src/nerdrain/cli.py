@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     final = train(load_config(args.config, args.set), args.out, resume=args.resume or False,
                   progress=not args.quiet)
-    print(f"final weights: {final}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the whole job
+        print(f"final weights: {final}")
     return 0
 
 

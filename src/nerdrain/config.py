@@ -7,6 +7,7 @@ typo fails at start-up with the key's name instead of hours into a run.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,10 +90,14 @@ class TrainConfig:
     device: str = "auto"
 
 
+class ConfigError(ValueError):
+    """A bad configuration: unknown key, wrong type or malformed override; the message names the key."""
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where)
+        return from_dict(hint, {} if value is None else value, where)  # an empty YAML section: defaults
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
@@ -103,40 +108,45 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 continue
             try:
                 return _coerce(value, option, where)
-            except (TypeError, ValueError) as err:
+            except ValueError as err:
                 errors.append(str(err))
-        raise TypeError("; ".join(errors))
+        raise ConfigError("; ".join(errors))
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(hint)
         item_hints = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
         if len(item_hints) != len(value):
-            raise TypeError(f"{where}: expected {len(item_hints)} items, got {len(value)}")
+            raise ConfigError(f"{where}: expected {len(item_hints)} items, got {len(value)}")
         return tuple(_coerce(v, h, f"{where}[{i}]") for i, (v, h) in enumerate(zip(value, item_hints)))
     if origin is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
-        return float(value)  # YAML reads 1e-4 as a string
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {value!r}") from None
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise TypeError(f"{where}: expected {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
 
 
 def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     if not isinstance(data, dict):
-        raise TypeError(f"{where}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(map(str, data)) - names)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        hints_ = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, names, 1)) else k
+                  for k in unknown]
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(hints_)}; known: {', '.join(sorted(names))}")
     return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
 
 
@@ -144,22 +154,40 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """``["optim.lr=2e-4", "data.sources.0.root=/x"]`` applied to a nested dict (values parsed as YAML)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        node = data
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+        node: Any = data
         *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        value = yaml.safe_load(raw)
-        if isinstance(node, list):
-            node[int(leaf)] = value
-        else:
-            node[leaf] = value
+        try:
+            for part in parents:
+                if isinstance(node, list):
+                    node = node[int(part)]
+                elif isinstance(node, dict):
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+                else:
+                    raise TypeError(f"{part!r} is inside a {type(node).__name__}")
+            if isinstance(node, list):
+                node[int(leaf)] = value
+            elif isinstance(node, dict):
+                node[leaf] = value
+            else:
+                raise TypeError(f"{leaf!r} is inside a {type(node).__name__}")
+        except (IndexError, ValueError, TypeError) as err:
+            raise ConfigError(f"override {item!r}: no such key path ({err})") from None
     return data
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     data = yaml.safe_load(Path(path).read_text()) if path else {}
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
     return from_dict(TrainConfig, apply_overrides(data or {}, list(overrides)))
 
 

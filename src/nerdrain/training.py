@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,15 +81,29 @@ def build_stream(cfg: TrainConfig) -> TrainingStream:
     return TrainingStream(sources, [s.weight for s in cfg.data.sources], augment, cfg.seed)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up, then cosine decay to ``min_lr`` over the remaining iterations."""
-    warmup = cfg.optim.warmup_iters
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, cfg.iterations - warmup), eta_min=cfg.optim.min_lr)
-    if warmup <= 0:
-        return cosine
-    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+def lr_at(iteration: int, cfg: TrainConfig) -> float:
+    """Learning rate of the optimiser step that follows ``iteration`` completed steps.
+
+    Linear warm-up over ``warmup_iters`` steps from ``lr / warmup`` (step ``k`` uses
+    ``lr * (1/w + (1 - 1/w) * k / w)``), then cosine from ``lr`` down to ``min_lr`` over the
+    remaining ``iterations - warmup_iters`` steps, held at ``min_lr`` after that.
+
+    A closed form of (iteration, config): resuming needs only the iteration, and resuming with a
+    longer ``iterations`` re-plans the cosine for the new length.
+    """
+    lr, warmup = cfg.optim.lr, cfg.optim.warmup_iters
+    if iteration < warmup:
+        start = 1.0 / warmup
+        return lr * (start + (1.0 - start) * iteration / warmup)
+    span = max(1, cfg.iterations - max(warmup, 0))
+    t = min(iteration - max(warmup, 0), span)
+    return cfg.optim.min_lr + (lr - cfg.optim.min_lr) * (1.0 + math.cos(math.pi * t / span)) / 2.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to ``min_lr`` over the remaining iterations (:func:`lr_at`)."""
+    base = cfg.optim.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_at(it, cfg) / base if base else 0.0)
 
 
 def atomic_save(obj: dict, path: Path) -> None:
@@ -137,9 +152,12 @@ class Trainer:
         self.best_psnr = -math.inf
 
         wrapped: nn.Module = AllOutputs(self.model)
-        if self.dist.world_size > 1:
+        if self.dist.world_size > 1:  # wrap AllOutputs, not the model: DDP must see the training forward
+            # Depthwise-conv weight grads differ from their bucket views only in the stride of a
+            # size-1 dim; DDP copies them correctly but warns on every rank.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             wrapped = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                wrapped, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step_model = torch.compile(wrapped) if cfg.compile else wrapped
 
         self.val_pairs = []
@@ -168,18 +186,38 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
+        # The schedule is a closed form of the iteration under the *current* config (which may
+        # have changed, e.g. a longer run); the saved scheduler state is informational only.
+        self.scheduler.base_lrs = [self.cfg.optim.lr for _ in self.optimizer.param_groups]
+        self.scheduler.last_epoch = self.iteration
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = self.cfg.optim.lr
+            group["lr"] = self.cfg.optim.lr * factor(self.iteration)  # exactly what LambdaLR computes
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        torch.set_rng_state(state["rng_cpu"].cpu())
         self.best_psnr = float(state["best_psnr"])
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+            else:  # EMA switched on at resume: start averaging from the loaded weights
+                self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay),
+                                         use_buffers=True)
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
     def resume(self, path: str | Path | None = None) -> bool:
-        path = Path(path) if path else self.out / LAST
-        if not path.is_file():
-            return False
+        """Load ``path`` (default ``OUT/last.pt``); ``False`` when the default is absent.
+
+        A path given explicitly must exist (``FileNotFoundError``).
+        """
+        if path:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"--resume: checkpoint {path} not found")
+        else:
+            path = self.out / LAST
+            if not path.is_file():
+                return False
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
         return True
 
@@ -219,7 +257,10 @@ class Trainer:
         loader = DataLoader(
             build_stream(cfg), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
             sampler=StreamSampler(cfg.data.batch_size, self.dist.rank, self.dist.world_size, self.iteration),
-            pin_memory=self.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+            pin_memory=self.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
+            # its own generator: starting the iterator must not draw from the global RNG, whose
+            # state is checkpointed (samples themselves are a pure function of the sample number)
+            generator=torch.Generator().manual_seed(cfg.seed))
         writer = self._writer()
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext())
         self.model.train()
@@ -290,17 +331,19 @@ class Trainer:
         except ImportError:
             tqdm.write("tensorboard is not installed: no TensorBoard logs (pip install 'nerdrain[train]')")
             return None
-        return SummaryWriter(str(self.out / "tb"))
+        # purge_step: after a crash and resume, TensorBoard hides what was logged past the checkpoint
+        return SummaryWriter(str(self.out / "tb"), purge_step=self.iteration or None)
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, progress: bool = True) -> Path:
     """Train and return the path of the final weights (loadable with :func:`nerdrain.load_model`)."""
     trainer = Trainer(cfg, out_dir, progress)
-    if resume:
-        found = trainer.resume(None if resume is True else resume)
-        if found and trainer.dist.is_main:
-            tqdm.write(f"resumed at iteration {trainer.iteration}")
     try:
+        if resume:
+            found = trainer.resume(None if resume is True else resume)
+            if trainer.dist.is_main:
+                tqdm.write(f"resumed at iteration {trainer.iteration}" if found else
+                           f"--resume: no checkpoint at {trainer.out / LAST}; starting from scratch")
         return trainer.train()
     finally:
         if dist.is_initialized():

@@ -81,6 +81,9 @@ class TrainingStream(Dataset):
             raise ValueError("no training sources configured (data.sources is empty)")
         self.sources = list(sources)
         w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (len(self.sources),) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"source weights must be {len(self.sources)} non-negative numbers, not all 0; "
+                             f"got {list(weights)}")
         self.weights = w / w.sum()
         self.augment = augment
         self.seed = seed
@@ -88,10 +91,19 @@ class TrainingStream(Dataset):
     def __len__(self) -> int:
         return 2**62  # a stream: the sampler decides how far it is read
 
-    def __getitem__(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _choose(self, n: int) -> tuple[int, int, np.random.Generator]:
         rng = np.random.default_rng([self.seed, n])
-        source = self.sources[int(rng.choice(len(self.sources), p=self.weights))]
-        rainy, clean = source.sample(int(rng.integers(len(source))), rng, self.augment.patch_size)
+        source = int(rng.choice(len(self.sources), p=self.weights))
+        return source, int(rng.integers(len(self.sources[source]))), rng
+
+    def choose(self, n: int) -> tuple[int, int]:
+        """``(source index, item index)`` of sample ``n``, without decoding or rendering anything."""
+        source, item, _ = self._choose(n)
+        return source, item
+
+    def __getitem__(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        source, item, rng = self._choose(n)
+        rainy, clean = self.sources[source].sample(item, rng, self.augment.patch_size)
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         return augment_pair(rainy, clean, self.augment, generator)
 

@@ -1,0 +1,183 @@
+"""Experiment configuration: YAML, unknown keys, ``--set`` overrides, type checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nerdrain.cli import main
+from nerdrain.config import (
+    ConfigError,
+    DataConfig,
+    SourceConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    to_dict,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+YAML = """
+model:
+  name: nerd_rain_s
+  overrides: {dim: 16, inr_hidden: [32, 32]}
+data:
+  patch_size: 128
+  batch_size: 2
+  sources:
+    - {kind: synthetic, root: /clean, weight: 3, presets: [heavy]}
+    - {kind: paired, root: /pairs}
+optim:
+  lr: 1e-4          # YAML 1.1 reads this as the string '1e-4'
+  min_lr: 1.0e-6
+  betas: [0.8, 0.99]
+  warmup_iters: 3
+ema_decay: 0.999
+iterations: 5000
+"""
+
+
+@pytest.fixture
+def yaml_path(tmp_path) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(YAML)
+    return path
+
+
+def test_yaml_loads_with_types(yaml_path):
+    assert yaml.safe_load("lr: 1e-4")["lr"] == "1e-4"  # the premise: a string from YAML
+    cfg = load_config(yaml_path)
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.min_lr == 1e-6
+    assert cfg.optim.betas == (0.8, 0.99) and isinstance(cfg.optim.betas, tuple)
+    assert cfg.optim.warmup_iters == 3 and cfg.iterations == 5000
+    assert cfg.ema_decay == 0.999
+    assert cfg.model.overrides == {"dim": 16, "inr_hidden": [32, 32]}
+    assert cfg.data.sources == (
+        SourceConfig(kind="synthetic", root="/clean", weight=3.0, presets=("heavy",)),
+        SourceConfig(kind="paired", root="/pairs"),
+    )
+    assert isinstance(cfg.data.sources[0].weight, float)
+    # untouched keys keep their defaults
+    assert cfg.data.flips is True and cfg.data.num_workers == DataConfig().num_workers
+    assert cfg.seed == 1234 and cfg.val.root is None
+
+
+def test_empty_file_and_empty_sections_give_defaults(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty) == TrainConfig()
+    assert load_config(None) == TrainConfig()
+    sections = tmp_path / "sections.yaml"
+    sections.write_text("val:\noptim:\n")
+    assert load_config(sections) == TrainConfig()
+
+
+def test_round_trip_through_yaml(yaml_path):
+    cfg = load_config(yaml_path)
+    again = from_dict(TrainConfig, yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("text, key", [
+    ("iteratons: 5", "iteratons"),
+    ("optim: {lrr: 1.0}", "lrr"),
+    ("data: {sources: [{kind: paired, root: x, wieght: 2}]}", "wieght"),
+])
+def test_unknown_key_is_named(tmp_path, text, key):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=key):
+        load_config(path)
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match=r"did you mean lr\?"):
+        from_dict(TrainConfig, {"optim": {"lrr": 1.0}})
+
+
+def test_overrides_coerce_types(yaml_path):
+    cfg = load_config(yaml_path, [
+        "optim.lr=2e-4",  # string from YAML -> float
+        "optim.betas=[0.5, 0.9]",  # list -> tuple
+        "data.sources.0.weight=0.25",  # into a list by index
+        "data.sources.1.presets=[light]",
+        "model.overrides.dim=24",  # free-form dict
+        "val.root=/val",
+        "ema_decay=null",  # optional -> None
+        "optim.grad_clip=1e-2",  # float | None from a string
+        "iterations=7",
+        "data.flips=false",
+    ])
+    assert cfg.optim.lr == 2e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == (0.5, 0.9)
+    assert cfg.data.sources[0].weight == 0.25 and cfg.data.sources[1].weight == 1.0
+    assert cfg.data.sources[1].presets == ("light",)
+    assert cfg.model.overrides == {"dim": 24, "inr_hidden": [32, 32]}
+    assert cfg.val.root == "/val" and cfg.ema_decay is None
+    assert cfg.optim.grad_clip == 0.01
+    assert cfg.iterations == 7 and cfg.data.flips is False
+
+
+def test_override_creates_missing_sections():
+    cfg = load_config(None, ["val.every=10", "loss.fft_weight=0"])
+    assert cfg.val.every == 10 and cfg.loss.fft_weight == 0.0
+
+
+def test_apply_overrides_does_not_need_the_schema():
+    data = {"a": [{"b": 1}, {"b": 2}]}
+    assert apply_overrides(data, ["a.1.b=x", "c.d=[1, 2]"]) == {"a": [{"b": 1}, {"b": "x"}], "c": {"d": [1, 2]}}
+
+
+@pytest.mark.parametrize("override, key", [
+    ("iterations=abc", "iterations"),
+    ("iterations=2.5", "iterations"),
+    ("iterations=true", "iterations"),  # a bool is not an int
+    ("data.flips=3", "flips"),
+    ("optim.lr=fast", "lr"),
+    ("optim.betas=[0.9, 0.99, 0.999]", "betas"),
+    ("optim.betas=0.9", "betas"),
+    ("data.sources=5", "sources"),
+    ("model.overrides=7", "overrides"),
+    ("val.root=[1]", "root"),
+])
+def test_bad_types_name_the_key(yaml_path, override, key):
+    with pytest.raises(ValueError, match=key):
+        load_config(yaml_path, [override])
+
+
+@pytest.mark.parametrize("override", ["iterations", "=3", "data.sources.5.weight=1", "iterations.x=1",
+                                      "data.sources.first.weight=1"])
+def test_malformed_overrides(yaml_path, override):
+    with pytest.raises(ConfigError, match="override"):
+        load_config(yaml_path, [override])
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: {patchsize: 64}\n")
+    assert main(["train", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "patchsize" in err and "did you mean patch_size" in err
+    assert not (tmp_path / "run").exists()
+    good = tmp_path / "good.yaml"
+    good.write_text("iterations: 3\n")
+    assert main(["train", str(good), "--out", str(tmp_path / "run"), "--set", "optim.lr=quick"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+
+
+def test_smoke_config_loads():
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    assert cfg.data.sources and cfg.data.num_workers == 0 and cfg.iterations <= 20

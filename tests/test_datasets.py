@@ -1,0 +1,157 @@
+"""The training stream: a pure function of (seed, sample number); the sampler; source weights."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from nerdrain.data.augment import AugmentConfig
+from nerdrain.data.datasets import PairedSource, StreamSampler, SyntheticSource, TrainingStream
+
+
+def write_pairs(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    (root / "input").mkdir(parents=True)
+    (root / "target").mkdir()
+    pairs = []
+    for i in range(count):
+        rainy = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        clean = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(rainy).save(root / "input" / f"{i}.png")
+        Image.fromarray(clean).save(root / "target" / f"{i}.png")
+        pairs.append((rainy, clean))
+    return pairs
+
+
+def write_clean(root: Path, count: int, size: tuple[int, int], seed: int = 1) -> None:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / f"c{i}.png")
+
+
+@pytest.fixture
+def mixed_stream_factory(tmp_path):
+    write_pairs(tmp_path / "pairs", 3, (40, 36))
+    write_clean(tmp_path / "clean", 2, (50, 45))
+
+    def make(seed: int = 7) -> TrainingStream:
+        sources = [PairedSource(tmp_path / "pairs"), SyntheticSource(tmp_path / "clean", ["light", "heavy"])]
+        return TrainingStream(sources, [1, 1], AugmentConfig(patch_size=32), seed)
+
+    return make
+
+
+def test_stream_is_a_pure_function_of_seed_and_n(mixed_stream_factory):
+    a, b = mixed_stream_factory(), mixed_stream_factory()
+    order = [5, 0, 3, 5, 1, 2, 4]
+    first = {n: a[n] for n in order}  # access order, repeats and caches must not matter
+    for n in reversed(order):
+        rainy, clean = b[n]
+        assert rainy.shape == clean.shape == (3, 32, 32) and rainy.dtype == torch.float32
+        assert torch.equal(rainy, first[n][0]) and torch.equal(clean, first[n][1])
+    kinds = {a.choose(n)[0] for n in range(6)}
+    assert kinds == {0, 1}, "both sources are exercised"
+    for m, n in itertools.combinations(range(6), 2):
+        assert not torch.equal(first.get(m, a[m])[0], first.get(n, a[n])[0]), (m, n)
+    other_seed = mixed_stream_factory(seed=8)
+    assert any(not torch.equal(other_seed[n][0], first[n][0]) for n in range(6))
+
+
+def test_paired_patch_is_the_file_content(tmp_path):
+    """Patch = image, no flips, no saturation: the stream yields the PNG bytes / 255 exactly."""
+    pairs = write_pairs(tmp_path / "pairs", 2, (32, 32))
+    stream = TrainingStream([PairedSource(tmp_path / "pairs")], [1.0],
+                            AugmentConfig(patch_size=32, flips=False, saturation_prob=0.0), seed=0)
+    for n in range(4):
+        _, item = stream.choose(n)
+        rainy, clean = stream[n]
+        expected_rainy, expected_clean = (torch.from_numpy(x).permute(2, 0, 1).float() / 255 for x in pairs[item])
+        assert torch.equal(rainy, expected_rainy) and torch.equal(clean, expected_clean)
+
+
+def test_synthetic_rain_makes_the_input_differ(tmp_path):
+    write_clean(tmp_path / "clean", 1, (40, 40))
+    stream = TrainingStream([SyntheticSource(tmp_path / "clean", ["heavy"])], [1.0],
+                            AugmentConfig(patch_size=32), seed=0)
+    rainy, clean = stream[0]
+    assert rainy.shape == clean.shape == (3, 32, 32)
+    assert 0 <= float(rainy.min()) and float(rainy.max()) <= 1
+    assert (rainy - clean).abs().mean() > 1e-3
+
+
+class FakeSource:
+    """Only a length: ``choose`` must not decode or render anything."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def sample(self, *args):  # pragma: no cover - must not be called
+        raise AssertionError("choose() rendered a sample")
+
+
+def test_source_weights_are_respected():
+    stream = TrainingStream([FakeSource(5), FakeSource(3)], [0.8, 0.2], AugmentConfig(patch_size=32), seed=1234)
+    picks = np.array([stream.choose(n) for n in range(2000)])
+    share = float((picks[:, 0] == 0).mean())
+    assert abs(share - 0.8) < 4 * np.sqrt(0.8 * 0.2 / 2000)  # within 4 standard deviations
+    assert set(picks[picks[:, 0] == 0, 1]) == set(range(5))  # every item of each source appears
+    assert set(picks[picks[:, 0] == 1, 1]) == set(range(3))
+    # unnormalised weights mean the same thing
+    scaled = TrainingStream([FakeSource(5), FakeSource(3)], [8, 2], AugmentConfig(patch_size=32), seed=1234)
+    assert [scaled.choose(n) for n in range(200)] == [tuple(p) for p in picks[:200].tolist()]
+
+
+def test_zero_weight_source_is_never_drawn():
+    stream = TrainingStream([FakeSource(2), FakeSource(2)], [0, 1], AugmentConfig(patch_size=32), seed=0)
+    assert {stream.choose(n)[0] for n in range(300)} == {1}
+
+
+@pytest.mark.parametrize("weights", [[1], [1, -1], [0, 0], [1, float("nan")]])
+def test_bad_weights_are_rejected(weights):
+    with pytest.raises(ValueError, match="weights"):
+        TrainingStream([FakeSource(2), FakeSource(2)], weights, AugmentConfig(), seed=0)
+
+
+def test_no_sources_is_an_error():
+    with pytest.raises(ValueError, match="sources"):
+        TrainingStream([], [], AugmentConfig(), seed=0)
+
+
+@pytest.mark.parametrize("batch, world", [(1, 2), (2, 3), (3, 1), (4, 4)])
+def test_sampler_ranks_interleave_to_the_single_process_sequence(batch, world):
+    iterations = 5
+    per_rank = [list(itertools.islice(iter(StreamSampler(batch, r, world)), iterations * batch))
+                for r in range(world)]
+    single = list(itertools.islice(iter(StreamSampler(batch * world)), iterations * batch * world))
+    assert single == list(range(iterations * batch * world))  # global batch i = [i*B*W, (i+1)*B*W)
+    for i in range(iterations):
+        global_batch = [n for rank in per_rank for n in rank[i * batch:(i + 1) * batch]]
+        assert global_batch == single[i * batch * world:(i + 1) * batch * world]
+    assert sorted(n for rank in per_rank for n in rank) == single  # no sample twice, none skipped
+
+
+def test_sampler_start_iteration_resumes_the_sequence():
+    for rank in range(2):
+        full = list(itertools.islice(iter(StreamSampler(3, rank, 2)), 30))
+        resumed = list(itertools.islice(iter(StreamSampler(3, rank, 2, start_iteration=4)), 18))
+        assert resumed == full[12:]
+
+
+def test_dataloader_batches_follow_the_sampler():
+    class Numbers(torch.utils.data.Dataset):
+        def __getitem__(self, n):
+            return torch.tensor(n)
+
+    loader = DataLoader(Numbers(), batch_size=2, sampler=StreamSampler(2, rank=1, world_size=3, start_iteration=1))
+    batches = [b.tolist() for b in itertools.islice(iter(loader), 2)]
+    assert batches == [[8, 9], [14, 15]]

@@ -1,0 +1,366 @@
+"""The training loop: exact resume, DDP equivalence, learning, checkpoints, logs and the CLI.
+
+Every run uses a tiny network on small pairs generated here, so the module takes seconds; only the
+smoke test reads ../shared/data (and skips without it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from nerdrain import load_model
+from nerdrain.cli import main
+from nerdrain.config import TrainConfig, from_dict
+from nerdrain.training import LAST, Trainer, atomic_save, lr_at, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TINY = {"name": "nerd_rain_s", "overrides": {"dim": 8, "depths": [1, 1, 1], "inr_hidden": [16, 16, 16]}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model is far faster on one thread, above all on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_pairs(root: Path, count: int = 3, size: tuple[int, int] = (40, 52), seed: int = 0) -> Path:
+    """``count`` random rainy/clean PNG pairs (input/, target/) of ``size`` (H, W)."""
+    rng = np.random.default_rng(seed)
+    (root / "input").mkdir(parents=True)
+    (root / "target").mkdir()
+    for i in range(count):
+        clean = rng.integers(0, 200, (*size, 3), dtype=np.uint8)
+        rainy = np.clip(clean.astype(int) + rng.integers(0, 56, size)[..., None], 0, 255).astype(np.uint8)
+        Image.fromarray(rainy).save(root / "input" / f"{i}.png")
+        Image.fromarray(clean).save(root / "target" / f"{i}.png")
+    return root
+
+
+def config_dict(data_root: Path, **top) -> dict:
+    cfg = {
+        "model": TINY,
+        "data": {"patch_size": 32, "batch_size": 1, "num_workers": 0,
+                 "sources": [{"kind": "paired", "root": str(data_root)}]},
+        "iterations": 4,
+        "ema_decay": 0.9,
+        "optim": {"lr": 1e-3, "warmup_iters": 2, "min_lr": 1e-5},
+        "log_every": 1,
+        "checkpoint_every": 1,
+    }
+    for key, value in top.items():
+        if isinstance(value, dict):
+            cfg[key] = {**cfg.get(key, {}), **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def make_config(data_root: Path, **top) -> TrainConfig:
+    return from_dict(TrainConfig, config_dict(data_root, **top))
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same(a, b, where: str = "state") -> None:
+    """Nested dicts/lists/tensors equal exactly (tensors by ``torch.equal``)."""
+    if isinstance(a, torch.Tensor):
+        if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)):
+            pytest.fail(f"{where} differs (max |diff| "
+                        f"{(a.double() - torch.as_tensor(b).double()).abs().max().item():.3g})")
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys {sorted(set(a) ^ set(b))}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def no_tmp_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, data_root) -> Path:
+    """Four iterations in one go (EMA, warm-up and cosine on): the reference for the resume tests."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("straight")
+    train(make_config(data_root), out, progress=False)
+    return out
+
+
+# -- learning-rate schedule ---------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = from_dict(TrainConfig, {"iterations": 12, "optim": {"lr": 1e-3, "min_lr": 1e-5, "warmup_iters": 4}})
+    lrs = [lr_at(i, cfg) for i in range(13)]
+    assert lrs[0] == pytest.approx(1e-3 / 4)  # LinearLR-style ramp starts at lr / warmup
+    assert all(a < b for a, b in zip(lrs[:4], lrs[1:5]))  # rising during warm-up
+    assert lrs[4] == pytest.approx(1e-3)  # peak right after warm-up
+    assert all(a > b for a, b in zip(lrs[4:12], lrs[5:13]))  # then strictly decaying
+    assert lrs[8] == pytest.approx((1e-3 + 1e-5) / 2)  # cosine midpoint: halfway between lr and min_lr
+    assert lrs[12] == pytest.approx(1e-5)  # and min_lr at the end
+    assert lr_at(100, cfg) == pytest.approx(1e-5)  # held there
+    no_warmup = from_dict(TrainConfig, {"iterations": 10, "optim": {"lr": 1e-3, "min_lr": 0.0}})
+    assert lr_at(0, no_warmup) == pytest.approx(1e-3)
+    assert lr_at(5, no_warmup) == pytest.approx(5e-4)
+
+
+def test_optimizer_uses_the_scheduled_lr(tmp_path, data_root):
+    cfg = make_config(data_root, iterations=5, optim={"warmup_iters": 2})
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    seen = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    trainer.train()
+    assert seen == pytest.approx([lr_at(i, cfg) for i in range(5)], rel=1e-12)
+    assert seen[0] == pytest.approx(cfg.optim.lr / 2)
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+
+def assert_same_runs(a: Path, b: Path) -> None:
+    final_a, final_b = load_file(a / "final.safetensors"), load_file(b / "final.safetensors")
+    assert_same(final_a, final_b, "final")
+    ckpt_a, ckpt_b = load_ckpt(a / LAST), load_ckpt(b / LAST)
+    assert ckpt_a["iteration"] == ckpt_b["iteration"] == 4
+    for key in ("model", "ema", "optimizer", "rng_cpu"):
+        assert_same(ckpt_a[key], ckpt_b[key], key)
+    assert ckpt_a["optimizer"]["state"], "Adam state (exp_avg, exp_avg_sq, step) is checkpointed"
+
+
+def test_resume_extending_the_run_is_exact(tmp_path, data_root, straight_run):
+    """2 iterations (iterations=2), then ``--resume`` with iterations=4 == 4 in one go, bit for bit."""
+    out = tmp_path / "run"
+    train(make_config(data_root, iterations=2), out, progress=False)
+    half = load_file(out / "final.safetensors")
+    assert load_ckpt(out / LAST)["iteration"] == 2
+    # not vacuous: after 2 iterations the weights still differ from the straight run's
+    assert any(not torch.equal(v, load_file(straight_run / "final.safetensors")[k]) for k, v in half.items())
+    train(make_config(data_root, iterations=4), out, resume=True, progress=False)
+    assert_same_runs(straight_run, out)
+    assert no_tmp_files(out)
+
+
+def test_resume_after_a_crash_is_exact(tmp_path, data_root, straight_run, monkeypatch):
+    """A run planned for 4 iterations dies after checkpointing iteration 2; resuming finishes it exactly."""
+    import nerdrain.training as training
+
+    class Crash(Exception):
+        pass
+
+    real_save = training.atomic_save
+
+    def save_then_crash(obj, path):
+        real_save(obj, path)
+        if obj["iteration"] == 2:
+            raise Crash
+
+    monkeypatch.setattr(training, "atomic_save", save_then_crash)
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(make_config(data_root), out, progress=False)
+    assert not (out / "final.safetensors").exists()
+    monkeypatch.setattr(training, "atomic_save", real_save)
+    train(make_config(data_root), out, resume=str(out / LAST), progress=False)
+    assert_same_runs(straight_run, out)
+
+
+def test_resume_switching_ema_on(tmp_path, data_root):
+    """A checkpoint without EMA resumed with EMA on: averaging starts from the resumed weights."""
+    out = tmp_path / "run"
+    train(make_config(data_root, iterations=1, ema_decay=None), out, progress=False)
+    assert "ema" not in load_ckpt(out / LAST)
+    train(make_config(data_root, iterations=2, ema_decay=0.5), out, resume=True, progress=False)
+    ckpt, final = load_ckpt(out / LAST), load_file(out / "final.safetensors")
+    assert ckpt["iteration"] == 2 and int(ckpt["ema"]["n_averaged"]) == 1
+    # one update of a fresh average copies the weights: the final (EMA) weights are the model's
+    assert_same({k: final[k] for k in ckpt["model"]}, dict(ckpt["model"]), "ema")
+
+
+def test_atomic_save_keeps_previous_checkpoint_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / LAST
+    atomic_save({"iteration": 1, "w": torch.arange(4.0)}, path)
+    real_save = torch.save
+
+    def broken_save(obj, f, *args, **kwargs):
+        real_save({"partial": torch.zeros(1000)}, f)  # some bytes reach the file, then the disk "fails"
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"iteration": 2, "w": torch.ones(4)}, path)
+    monkeypatch.undo()
+    state = load_ckpt(path)
+    assert state["iteration"] == 1 and torch.equal(state["w"], torch.arange(4.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST]  # no temporary file left behind
+
+
+def test_resume_without_checkpoint_starts_from_scratch(tmp_path, data_root, capsys):
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(config_dict(data_root, iterations=1)))
+    out = tmp_path / "run"
+    assert main(["train", str(cfg_path), "--out", str(out), "--resume", "-q"]) == 0
+    assert "starting from scratch" in capsys.readouterr().out
+    assert load_ckpt(out / LAST)["iteration"] == 1
+    load_model(out / "final.safetensors")
+    # an explicitly named checkpoint that does not exist is an error, not a silent fresh start
+    assert main(["train", str(cfg_path), "--out", str(tmp_path / "other"), "--resume",
+                 str(tmp_path / "missing.pt"), "-q"]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+
+
+def test_tensorboard_logs(straight_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((straight_run / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(straight_run / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/total", "train/char", "train/fft", "train/edge", "train/inr_l1", "train/lr"} <= tags
+    totals = acc.Scalars("train/total")
+    assert [e.step for e in totals] == [1, 2, 3, 4]
+    assert all(math.isfinite(e.value) and e.value > 0 for e in totals)
+
+
+# -- DDP ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path, data_root):
+    """torchrun, 2 gloo processes x batch 1 == 1 process x batch 2: same samples, averaged gradients.
+
+    Adam is nearly invariant to the scale of the gradient, which would hide a summed-instead-of-averaged
+    loss; a large ``eps`` makes its steps proportional to the gradient (lr * g / (|g| + 1)), so the
+    comparison sees the scale too (checked below by doubling the learning rate).
+    """
+    base = config_dict(data_root, iterations=3, optim={"lr": 0.05, "eps": 1.0, "warmup_iters": 1},
+                       checkpoint_every=2)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(base))
+    ddp_out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           "-m", "nerdrain.cli", "train", str(cfg_path), "--out", str(ddp_out), "-q",
+           "--set", "data.batch_size=1"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Grad strides" not in result.stderr
+
+    single_out = tmp_path / "single"
+    train(from_dict(TrainConfig, {**base, "data": {**base["data"], "batch_size": 2}}), single_out, progress=False)
+
+    ddp_final, single_final = load_file(ddp_out / "final.safetensors"), load_file(single_out / "final.safetensors")
+    assert set(ddp_final) == set(single_final)
+    diff = max((ddp_final[k] - single_final[k]).abs().max().item() for k in single_final)
+    assert diff < 1e-5
+    ddp_ckpt, single_ckpt = load_ckpt(ddp_out / LAST), load_ckpt(single_out / LAST)
+    assert ddp_ckpt["iteration"] == 3
+    diff_model = max((ddp_ckpt["model"][k].float() - v.float()).abs().max().item()
+                     for k, v in single_ckpt["model"].items())
+    assert diff_model < 1e-5
+
+    # Sensitivity: a doubled gradient (here: doubled lr) moves the weights by far more than the tolerance.
+    doubled = tmp_path / "doubled"
+    train(from_dict(TrainConfig, {**base, "data": {**base["data"], "batch_size": 2},
+                                  "optim": {**base["optim"], "lr": 0.1}}), doubled, progress=False)
+    doubled_final = load_file(doubled / "final.safetensors")
+    assert max((doubled_final[k] - single_final[k]).abs().max().item() for k in single_final) > 1e-3
+
+    # Only rank 0 writes: one TensorBoard event file, no stray temporary files.
+    assert len(list((ddp_out / "tb").glob("events.out.tfevents.*"))) == 1
+    assert (ddp_out / "config.yaml").is_file() and no_tmp_files(ddp_out)
+
+
+# -- learning -----------------------------------------------------------------------------------
+
+
+def test_overfits_one_synthetic_pair(tmp_path):
+    """A tiny model learns to remove synthetic rain from one 48x48 image: +5 dB well within budget."""
+    from nerdrain.data.synth import RainSynthesizer
+
+    coarse = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    smooth = torch.nn.functional.interpolate(coarse, size=(48, 48), mode="bicubic", align_corners=False)
+    clean = (0.15 + 0.7 * smooth.clamp(0, 1))[0].permute(1, 2, 0).numpy().astype(np.float32)
+    rainy = RainSynthesizer("light").render(clean, np.random.default_rng(0))
+    clean8 = np.round(clean * 255).astype(np.uint8)
+    rainy8 = np.round(np.clip(rainy, 0, 1) * 255).astype(np.uint8)
+    root = tmp_path / "pair"
+    (root / "input").mkdir(parents=True)
+    (root / "target").mkdir()
+    Image.fromarray(rainy8).save(root / "input" / "a.png")
+    Image.fromarray(clean8).save(root / "target" / "a.png")
+
+    def psnr(x: np.ndarray) -> float:
+        return 10 * math.log10(1.0 / np.mean((x.astype(np.float64) / 255 - clean8 / 255) ** 2))
+
+    input_psnr = psnr(rainy8)
+    assert 20 < input_psnr < 32  # visible rain
+
+    cfg = from_dict(TrainConfig, {
+        "model": TINY,
+        "data": {"patch_size": 48, "batch_size": 1, "num_workers": 0, "flips": False, "saturation_prob": 0.0,
+                 "sources": [{"kind": "paired", "root": str(root)}]},
+        "iterations": 100, "optim": {"lr": 3e-3, "warmup_iters": 5, "min_lr": 3e-4},
+        "log_every": 1000, "checkpoint_every": 1000,
+    })
+    final = train(cfg, tmp_path / "run", progress=False)
+    model = load_model(final).eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(rainy8).permute(2, 0, 1)[None].float() / 255)
+    out8 = np.round(out[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+    assert psnr(out8) > input_psnr + 5
+
+
+# -- CLI smoke ----------------------------------------------------------------------------------
+
+
+def test_cli_smoke_config(tmp_path):
+    if not (SHARED / "data" / "samples").is_dir() or not (SHARED / "data" / "clean").is_dir():
+        pytest.skip(f"{SHARED / 'data'} is absent (the smoke config reads ../shared/data)")
+    out = tmp_path / "smoke"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "nerdrain.cli", "train", "configs/smoke.yaml", "--out", str(out), "-q",
+           "--set", "iterations=2", "--set", "data.patch_size=32", "--set", "val.max_images=1",
+           "--set", "val.every=2", "--set", "model.overrides.depths=[1,1,1]"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    model = load_model(out / "final.safetensors")
+    assert model.cfg.dim == 8 and tuple(model.cfg.depths) == (1, 1, 1)
+    assert (out / "best.safetensors").is_file()  # validation ran and saved the best weights
+    assert load_ckpt(out / LAST)["iteration"] == 2
+    assert list((out / "tb").glob("events.out.tfevents.*"))
