@@ -401,3 +401,13 @@ def test_large_image_shows_tile_progress(tmp_path, capsys):
     s = derain_files([str(tmp_path / "big.png")], str(tmp_path / "o"), identity, tile=16, overlap=4, progress=True)
     assert s.ok == 1
     assert inference._TILE_BAR_MIN_TILES <= 36
+
+
+def test_same_names_from_different_folders_get_distinct_outputs(tmp_path):
+    from nerdrain.inference import plan_outputs
+
+    files = [tmp_path / "x" / "1.jpg", tmp_path / "y" / "1.jpg", tmp_path / "x" / "1.png", tmp_path / "x" / "2.jpg"]
+    plan = plan_outputs(files, [str(tmp_path / "x"), str(tmp_path / "y")], str(tmp_path / "out"))
+    names = [out.name for _, out, problem in plan]
+    assert all(problem is None for _, _, problem in plan)
+    assert names == ["x_1_jpg.png", "y_1_jpg.png", "1_png.png", "2.png"]

@@ -418,8 +418,9 @@ def plan_outputs(
       photo_derained.png).
     * ``output`` is a folder -- an existing folder, a path ending in a separator, or
       anything but a single plain input file with an image-suffixed output -- then
-      ``<folder>/<stem>.<fmt>`` (created if missing).  Inputs whose stems collide (a.jpg
-      and a.png) are named ``<stem>_<ext>.<fmt>`` (a_jpg.png, a_png.png).
+      ``<folder>/<stem>.<fmt>`` (created if missing).  Inputs whose stems collide are
+      told apart by their extension (a.jpg, a.png -> a_jpg.png, a_png.png), then by their
+      folder (x/1.jpg, y/1.jpg -> x_1_jpg.png, y_1_jpg.png), then by a counter.
     * Otherwise ``output`` is the file to write; its suffix chooses the format.
 
     An output that would be an input file (any of them), or that two inputs would
@@ -430,14 +431,7 @@ def plan_outputs(
     if output is None:
         targets = [f.with_name(f"{f.stem}{suffix}{ext}") for f in files]
     elif _output_is_folder(output, inputs):
-        folder = Path(output)
-        stems: dict[str, int] = {}
-        for f in files:
-            stems[f.stem] = stems.get(f.stem, 0) + 1
-        targets = [
-            folder / (f"{f.stem}{ext}" if stems[f.stem] == 1 else f"{f.stem}_{f.suffix.lstrip('.').lower() or 'noext'}{ext}")
-            for f in files
-        ]
+        targets = [Path(output) / f"{name}{ext}" for name in _unique_names(files)]
     else:
         targets = [Path(output)]
     input_keys = {os.path.normcase(os.path.realpath(f)): f for f in files}
@@ -455,6 +449,32 @@ def plan_outputs(
             claimed[key] = f
             plan.append((f, t, None))
     return plan
+
+
+def _unique_names(files: Sequence[Path]) -> list[str]:
+    """Output stems for one folder: the plainest name that no other input shares."""
+
+    def candidates(f: Path) -> list[str]:
+        ext = f.suffix.lstrip(".").lower() or "noext"
+        return [f.stem, f"{f.stem}_{ext}", f"{f.parent.name}_{f.stem}_{ext}"]
+
+    options = [candidates(f) for f in files]
+    names: list[str] = []
+    for level in range(3):
+        counts: dict[str, int] = {}
+        for opts in options:
+            counts[opts[level]] = counts.get(opts[level], 0) + 1
+        names = [opts[level] for opts in options]
+        if all(counts[n] == 1 for n in names):
+            return names
+        # keep the plainer name for inputs that were already unique at this level
+        options = [[opts[level]] * 3 if counts[opts[level]] == 1 else opts for opts in options]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return unique
 
 
 def _samefile(a: Path, b: Path) -> bool:
