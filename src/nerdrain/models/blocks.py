@@ -35,8 +35,20 @@ class LayerNorm2d(nn.Module):
         return y.to(x.dtype).permute(0, 3, 1, 2)
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Stored NHWC (and not also NCHW-contiguous, as 1x1 images are)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 class ChannelAttention(nn.Module):
-    """Restormer's MDTA: attention across channels, so cost is linear in the pixel count."""
+    """Restormer's MDTA: attention across channels, so cost is linear in the pixel count.
+
+    Computed without copies in either memory layout (NCHW or channels-last). Two exact rewrites
+    of the released form (equal up to float rounding): L2-normalising q and k before ``q k^T`` is
+    the same as dividing ``q k^T`` by the outer product of their norms, which saves two passes
+    over q and k; and ``project_out(attn @ v)`` is ``(W_out blockdiag(attn)) @ v``, a C x C
+    weight per image applied once, which saves the ``attn @ v`` pass over the pixels.
+    """
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -48,25 +60,54 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv_dwconv(self.qkv(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        q = F.normalize(q, dim=-1)
-        k = F.normalize(k, dim=-1)
-        attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)
-        return self.project_out((attn.to(v.dtype) @ v).reshape(b, c, h, w))
+        heads, d, n = self.heads, c // self.heads, h * w
+        qkv = self.qkv_dwconv(self.qkv(x))
+        channels_last = is_channels_last(qkv)
+        if channels_last:  # B x N x 3C in memory; a B x 3C x N view
+            qkv = qkv.permute(0, 2, 3, 1).reshape(b, n, 3 * c).transpose(1, 2)
+        else:
+            qkv = qkv.reshape(b, 3 * c, n)
+        q, k, v = qkv.split(c, dim=1)  # B x C x N views
+        q_heads, k_heads = q.unflatten(1, (heads, d)), k.unflatten(1, (heads, d))
+        # F.normalize's eps: x / max(||x||, 1e-12).
+        q_norm = torch.linalg.vector_norm(q_heads, dim=-1, keepdim=True).clamp_min(1e-12)
+        k_norm = torch.linalg.vector_norm(k_heads, dim=-1, keepdim=True).clamp_min(1e-12)
+        if b == 1:  # heads as the bmm batch (strided views, no copies)
+            gram = torch.bmm(q_heads[0], k_heads[0].transpose(1, 2)).unsqueeze(0)
+        else:  # images as the bmm batch, one call per head
+            gram = torch.stack([torch.bmm(q_heads[:, i], k_heads[:, i].transpose(1, 2))
+                                for i in range(heads)], dim=1)
+        attn = (gram * (self.temperature / (q_norm * k_norm.transpose(-2, -1)))).softmax(dim=-1)
+        weight = self.project_out.weight.reshape(c, heads, d)
+        fused = torch.einsum("ohi,bhij->bohj", weight, attn.to(weight.dtype)).reshape(b, c, c).to(v.dtype)
+        if channels_last:  # out^T = v^T fused^T: B x N x C, i.e. NHWC
+            return torch.bmm(v.transpose(1, 2), fused.transpose(1, 2)).view(b, h, w, c).permute(0, 3, 1, 2)
+        return torch.bmm(fused, v).view(b, c, h, w)
 
 
 class GatedFeedForward(nn.Module):
-    """Restormer's GDFN: depthwise-conv features gated by a GELU branch."""
+    """Restormer's GDFN: depthwise-conv features gated by a GELU branch.
+
+    On CPU in channels-last, the gate and value halves are computed by two half-width convolutions
+    (the same weights, sliced; exact): halves of one NHWC tensor are strided, and element-wise
+    GELU and product over strided halves cost about three times as much as over dense tensors.
+    """
 
     def __init__(self, dim: int, expansion: float):
         super().__init__()
         hidden = int(dim * expansion)
+        self.hidden = hidden
         self.project_in = conv1x1(dim, hidden * 2)
         self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, 3, padding=1, groups=hidden * 2, bias=False)
         self.project_out = conv1x1(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        if x.device.type == "cpu" and is_channels_last(x):
+            h, w_in, w_dw = self.hidden, self.project_in.weight, self.dwconv.weight
+            gate = F.conv2d(F.conv2d(x, w_in[:h]), w_dw[:h], padding=1, groups=h)
+            value = F.conv2d(F.conv2d(x, w_in[h:]), w_dw[h:], padding=1, groups=h)
+        else:
+            gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)
         return self.project_out(F.gelu(gate) * value)
 
 

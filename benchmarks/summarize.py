@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Markdown table from benchmark JSON lines, beside the released code's figures.
+
+    python benchmarks/bench_forward.py --device cuda --output results.jsonl
+    python benchmarks/bench_train.py --device cuda --output results.jsonl
+    python benchmarks/summarize.py results.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+# The authors' released code as measured for the issue (seconds per call; forward batch 1).
+RELEASED = {
+    ("cuda", "forward_latency", "nerd_rain", 256, 1): (0.060, 0.069),
+    ("cuda", "forward_latency", "nerd_rain_s", 256, 1): (0.058, 0.087),
+    ("cuda", "forward_latency", "nerd_rain", 512, 1): (0.137, 0.158),
+    ("cuda", "forward_latency", "nerd_rain_s", 512, 1): (0.122, 0.122),
+    ("cuda", "forward_latency", "nerd_rain", 1024, 1): (0.482, 0.482),
+    ("cuda", "forward_latency", "nerd_rain_s", 1024, 1): (0.414, 0.414),
+    ("cuda", "train_step", "nerd_rain", 256, 1): (0.251, 0.251),
+    ("cuda", "train_step", "nerd_rain", 256, 8): (0.702, 0.702),
+    ("cuda", "train_step", "nerd_rain_s", 256, 1): (0.311, 0.311),
+    ("cuda", "train_step", "nerd_rain_s", 256, 8): (0.583, 0.583),
+    ("cpu", "forward_latency", "nerd_rain", 256, 1): (5.9, 5.9),
+    ("cpu", "forward_latency", "nerd_rain", 128, 1): (1.08, 1.08),
+    ("cpu", "forward_latency", "nerd_rain_s", 256, 1): (3.8, 3.8),
+    ("cpu", "forward_latency", "nerd_rain_s", 128, 1): (0.67, 0.67),
+    ("cpu", "train_step", "nerd_rain", 128, 1): (2.3, 2.3),
+    ("cpu", "train_step", "nerd_rain_s", 128, 1): (1.5, 1.5),
+}
+RELEASED_PEAK_GB = {("nerd_rain", 1024): 5.7, ("nerd_rain_s", 1024): 3.8}  # CUDA fp32 forward
+
+
+def device_of(rec: dict) -> str:
+    return "cuda" if rec["machine"].get("cuda_device") else "cpu"
+
+
+def paths(rec: dict) -> str:
+    p = rec.get("paths") or {}
+    on = [k for k in ("channels_last", "compile", "cuda_graphs") if p.get(k)]
+    if rec.get("cuda_graphed"):
+        on.append("cuda_graphs")
+    if (p.get("plain")):
+        on.append("plain")
+    return "+".join(on) or "-"
+
+
+def main(files: list[str]) -> None:
+    records = []
+    for name in files:
+        with open(name) as f:
+            records += [json.loads(line) for line in f if line.startswith("{")]
+    print("| device | kind | variant | dtype | size | batch | paths | median s | items/s | released s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        if r.get("kind") not in ("forward_latency", "tile_throughput", "train_step"):
+            continue
+        dev = device_of(r)
+        ref = RELEASED.get((dev, r["kind"], r["variant"], r["size"], r["batch"]))
+        rate = r.get("images_per_s") or r.get("samples_per_s")
+        speed = f"{ref[0] / r['median_s']:.2f}-{ref[1] / r['median_s']:.2f}x" if ref else ""
+        released = f"{ref[0]:g}-{ref[1]:g}" if ref and ref[0] != ref[1] else (f"{ref[0]:g}" if ref else "")
+        print(f"| {r['machine'].get('cuda_device', r['machine']['cpu_model'])} | {r['kind']} | {r['variant']} | "
+              f"{r['dtype']} | {r['size']} | {r['batch']} | {paths(r)} | {r['median_s']:.4f} | {rate:.2f} | "
+              f"{released} | {speed} |")
+    mem = [r for r in records if r.get("kind") == "forward_peak_memory"]
+    if mem:
+        print("\n| device | variant | dtype | size | peak (GB) | released (GB) |")
+        print("|---|---|---|---|---|---|")
+        for r in mem:
+            peak = r.get("peak_allocated_bytes") or r.get("peak_rss_delta_bytes") or 0
+            ref = RELEASED_PEAK_GB.get((r["variant"], r["size"])) if device_of(r) == "cuda" else None
+            print(f"| {device_of(r)} | {r['variant']} | {r['dtype']} | {r['size']} | {peak / 1e9:.2f} | "
+                  f"{ref if ref else ''} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
