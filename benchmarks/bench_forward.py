@@ -64,6 +64,14 @@ def make_runner(model: torch.nn.Module, device: torch.device, dtype: str, args: 
     return fast, dict(fast.paths)
 
 
+def run_settings(args: argparse.Namespace) -> dict:
+    tuned = False
+    if "nerdrain.accel" in sys.modules:
+        tuned = sys.modules["nerdrain.accel"]._allocator_tuned
+    return common.settings(args, plain=args.plain, tile_size=args.tile_size, tile_batch=args.tile_batch,
+                           cpu_allocator_tuned=tuned)
+
+
 def inputs(batch: int, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -85,7 +93,7 @@ def memory_record(args, variant, dtype, size, device, info) -> dict:
         peak = torch.cuda.max_memory_allocated(device)
         return {**base, "peak_allocated_bytes": peak, "peak_minus_resident_bytes": peak - before,
                 "peak_reserved_bytes": torch.cuda.max_memory_reserved(device), "paths": paths,
-                "settings": common.settings(args), "machine": info}
+                "settings": run_settings(args), "machine": info}
     argv = ["--memory-worker", "--device", "cpu", "--variant", variant, "--dtype", dtype,
             "--sizes", str(size), "--seed", str(args.seed)]
     for flag in ("compile", "channels_last", "plain", "no_alloc_tune"):
@@ -95,7 +103,7 @@ def memory_record(args, variant, dtype, size, device, info) -> dict:
         argv += ["--threads", str(args.threads)]
     records = common.run_in_subprocess(Path(__file__), argv)
     rec = records[0] if records else {"error": "no output"}
-    return {**base, **rec, "settings": common.settings(args), "machine": info}
+    return {**base, **rec, "settings": run_settings(args), "machine": info}
 
 
 def memory_worker(args: argparse.Namespace, device: torch.device) -> None:
@@ -109,7 +117,8 @@ def memory_worker(args: argparse.Namespace, device: torch.device) -> None:
     before = common.current_rss_bytes() if reset else common.max_rss_bytes()
     run(x)
     after = common.peak_rss_bytes()
-    common.emit({"peak_rss_bytes": after, "peak_rss_delta_bytes": after - before,
+    tuned = sys.modules["nerdrain.accel"]._allocator_tuned if "nerdrain.accel" in sys.modules else False
+    common.emit({"peak_rss_bytes": after, "peak_rss_delta_bytes": after - before, "cpu_allocator_tuned": tuned,
                  "rss_method": "VmHWM after clear_refs, minus VmRSS before" if reset
                  else "ru_maxrss after minus before (0 if below an earlier peak)", "paths": paths})
 
@@ -134,14 +143,14 @@ def main(argv=None) -> None:
                 timing = common.time_fn(lambda: run(x), device, args.warmup, args.repeats)
                 common.emit({"kind": "forward_latency", "variant": variant, "dtype": dtype, "size": size,
                              "batch": 1, **timing, "images_per_s": 1 / timing["median_s"], "paths": paths,
-                             "settings": common.settings(args), "machine": info}, args.output)
+                             "settings": run_settings(args), "machine": info}, args.output)
             for batch in (b for b in args.tile_batch if b > 0):
                 x = inputs(batch, args.tile_size, device, args.channels_last)
                 timing = common.time_fn(lambda: run(x), device, args.warmup, args.repeats)
                 common.emit({"kind": "tile_throughput", "variant": variant, "dtype": dtype,
                              "size": args.tile_size, "batch": batch, **timing,
                              "images_per_s": batch / timing["median_s"], "paths": paths,
-                             "settings": common.settings(args), "machine": info}, args.output)
+                             "settings": run_settings(args), "machine": info}, args.output)
             del model, run
             if device.type == "cuda":
                 torch.cuda.empty_cache()

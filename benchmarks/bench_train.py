@@ -103,10 +103,11 @@ def main(argv=None) -> None:
         args.sizes = [256] if device.type == "cuda" else [128]
     if args.batch is None:
         args.batch = [1, 8] if device.type == "cuda" else [1]
+    tuned = False
     if device.type == "cpu" and not args.no_alloc_tune:
         from nerdrain.accel import tune_cpu_allocator
 
-        tune_cpu_allocator()
+        tuned = tune_cpu_allocator()
     from nerdrain.losses import NeRDRainLoss
 
     info = common.machine_info(device)
@@ -141,7 +142,8 @@ def main(argv=None) -> None:
                                  "cuda_graphed": step.graph is not None,
                                  "settings": common.settings(args, optimizer="Adam", lr=args.lr,
                                                              grad_clip=args.grad_clip,
-                                                             loss="NeRDRainLoss()"),
+                                                             loss="NeRDRainLoss()",
+                                                             cpu_allocator_tuned=tuned),
                                  "machine": info}, args.output)
                     del step, model, x, y
                     if device.type == "cuda":

@@ -49,6 +49,24 @@ def _nvidia_driver() -> str | None:
         return None
 
 
+def code_info() -> dict:
+    """Which nerdrain is being measured: its path and, in a git checkout, the commit and dirtiness."""
+    import nerdrain
+
+    path = Path(nerdrain.__file__).resolve().parent
+    info = {"nerdrain_path": str(path), "git_commit": None, "git_dirty": None}
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=20)
+        if rev.returncode == 0:
+            info["git_commit"] = rev.stdout.strip()
+            status = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=path,
+                                    capture_output=True, text=True, timeout=20)
+            info["git_dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "cpu_model": cpu_model(),
@@ -89,6 +107,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="also append the JSON lines to this file")
+    parser.add_argument("--label", default=None, help="free-form label stored in every record")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -213,8 +232,10 @@ def emit(record: dict, output: str | None = None) -> None:
 
 
 def settings(args: argparse.Namespace, **extra) -> dict:
-    keys = ("compile", "cuda_graphs", "channels_last", "repeats", "warmup", "threads", "seed")
-    return {**{k: getattr(args, k) for k in keys}, **extra}
+    keys = ("compile", "cuda_graphs", "channels_last", "repeats", "warmup", "threads", "seed", "label")
+    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")
+           if k in os.environ}
+    return {**{k: getattr(args, k) for k in keys}, **extra, "env": env, "code": code_info()}
 
 
 def build_model(variant: str, device: torch.device, seed: int = 0) -> torch.nn.Module:

@@ -52,8 +52,8 @@ def main(files: list[str]) -> None:
     for name in files:
         with open(name) as f:
             records += [json.loads(line) for line in f if line.startswith("{")]
-    print("| device | kind | variant | dtype | size | batch | paths | median s | items/s | released s | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| label | device | kind | variant | dtype | size | batch | paths | median s | items/s | released s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
         if r.get("kind") not in ("forward_latency", "tile_throughput", "train_step"):
             continue
@@ -62,17 +62,18 @@ def main(files: list[str]) -> None:
         rate = r.get("images_per_s") or r.get("samples_per_s")
         speed = f"{ref[0] / r['median_s']:.2f}-{ref[1] / r['median_s']:.2f}x" if ref else ""
         released = f"{ref[0]:g}-{ref[1]:g}" if ref and ref[0] != ref[1] else (f"{ref[0]:g}" if ref else "")
-        print(f"| {r['machine'].get('cuda_device', r['machine']['cpu_model'])} | {r['kind']} | {r['variant']} | "
+        label = r.get("settings", {}).get("label") or ""
+        print(f"| {label} | {r['machine'].get('cuda_device', r['machine']['cpu_model'])} | {r['kind']} | {r['variant']} | "
               f"{r['dtype']} | {r['size']} | {r['batch']} | {paths(r)} | {r['median_s']:.4f} | {rate:.2f} | "
               f"{released} | {speed} |")
     mem = [r for r in records if r.get("kind") == "forward_peak_memory"]
     if mem:
-        print("\n| device | variant | dtype | size | peak (GB) | released (GB) |")
-        print("|---|---|---|---|---|---|")
+        print("\n| label | device | variant | dtype | size | peak (GB) | released (GB) |")
+        print("|---|---|---|---|---|---|---|")
         for r in mem:
             peak = r.get("peak_allocated_bytes") or r.get("peak_rss_delta_bytes") or 0
             ref = RELEASED_PEAK_GB.get((r["variant"], r["size"])) if device_of(r) == "cuda" else None
-            print(f"| {device_of(r)} | {r['variant']} | {r['dtype']} | {r['size']} | {peak / 1e9:.2f} | "
+            print(f"| {r.get('settings', {}).get('label') or ''} | {device_of(r)} | {r['variant']} | {r['dtype']} | {r['size']} | {peak / 1e9:.2f} | "
                   f"{ref if ref else ''} |")
 
 

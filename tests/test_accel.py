@@ -120,3 +120,20 @@ def test_compile_matches_golden(model, golden_io, channels_last):
         fast = optimize_for_inference(model, "cpu", compile=True, channels_last=channels_last)
         assert_matches_golden(fast, golden_io)
     assert fast.paths["compile"]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_autograd_and_no_grad_paths_agree(model, golden_io, channels_last):
+    """Without autograd the blocks work in place; with it (training) they must not, same values."""
+    x = golden_io["case0.input"]
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    model.eval()
+    with torch.no_grad():
+        fast = model.forward_all(x)
+    slow = model.forward_all(x)
+    slow.full.sum().backward()  # the graph is intact: nothing it saved was overwritten
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(slow.full.detach(), golden_io["case0.output0"], atol=1e-4, rtol=0)

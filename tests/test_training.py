@@ -20,9 +20,10 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from nerdrain import load_model
+from nerdrain import create_model, load_model, save_model
+from nerdrain.checkpoint import load_default_model
 from nerdrain.cli import main
-from nerdrain.config import TrainConfig, from_dict
+from nerdrain.config import ConfigError, TrainConfig, from_dict
 from nerdrain.training import LAST, Trainer, atomic_save, lr_at, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -364,3 +365,28 @@ def test_cli_smoke_config(tmp_path):
     assert (out / "best.safetensors").is_file()  # validation ran and saved the best weights
     assert load_ckpt(out / LAST)["iteration"] == 2
     assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path, data_root):
+    """model.weights: the run starts from the file's weights, not from the seeded initialisation."""
+    source = create_model(TINY["name"], **TINY["overrides"])
+    for p in source.parameters():  # unlike anything a seeded init gives
+        p.data.uniform_(-0.5, 0.5)
+    save_model(source, tmp_path / "start.safetensors")
+    cfg = make_config(data_root, model={"weights": str(tmp_path / "start.safetensors")})
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    assert_same(trainer.model.state_dict(), source.state_dict(), "initial weights")
+    assert_same(trainer.ema.module.state_dict(), source.state_dict(), "initial EMA")
+
+
+def test_fine_tuning_from_a_different_model_is_a_config_error(tmp_path, data_root):
+    save_model(create_model("nerd_rain_s", dim=8), tmp_path / "other.safetensors")
+    cfg = make_config(data_root, model={"weights": str(tmp_path / "other.safetensors")})
+    with pytest.raises(ConfigError, match="model.weights"):
+        Trainer(cfg, tmp_path / "run", progress=False)
+
+
+def test_fine_tuning_from_the_default_weights(tmp_path, data_root):
+    cfg = make_config(data_root, model={"name": "nerd_rain_s", "overrides": {}, "weights": "default"})
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    assert_same(trainer.model.state_dict(), load_default_model().state_dict(), "default weights")

@@ -16,7 +16,12 @@ def _model(args: argparse.Namespace):
     from .inference import resolve_device
 
     device = resolve_device(getattr(args, "device", "auto"))
-    return load_model(args.weights, device) if args.weights else load_default_model(device)
+    model = load_model(args.weights, device) if args.weights else load_default_model(device)
+    if device.type == "cpu":  # exact; oneDNN's native NHWC layout is ~1.7x faster on batched tiles
+        from .accel import optimize_for_inference
+
+        model = optimize_for_inference(model, device, channels_last=True)
+    return model
 
 
 def cmd_derain(args: argparse.Namespace) -> int:

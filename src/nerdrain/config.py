@@ -21,6 +21,9 @@ import yaml
 class ModelConfig:
     name: str = "nerd_rain_s"
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {dim: 16}
+    # Start from these weights (fine-tuning): a checkpoint load_model reads (the authors' .pth,
+    # ours), or "default" for the package's default weights. --resume takes precedence.
+    weights: str | None = None
 
 
 @dataclass(frozen=True)

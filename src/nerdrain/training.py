@@ -24,8 +24,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import save_model
-from .config import TrainConfig, to_dict
+from .checkpoint import load_default_model, load_model, save_model
+from .config import ConfigError, TrainConfig, to_dict
 from .data.augment import AugmentConfig
 from .data.datasets import PairedSource, StreamSampler, SyntheticSource, TrainingStream
 from .data.pairs import find_pairs
@@ -138,7 +138,10 @@ class Trainer:
         self.progress = progress and self.dist.is_main
 
         torch.manual_seed(cfg.seed)  # identical initial weights in every process
-        self.model: NeRDRain = create_model(cfg.model.name, **cfg.model.overrides).to(self.device)
+        self.model: NeRDRain = create_model(cfg.model.name, **cfg.model.overrides)
+        if cfg.model.weights:
+            self.model.load_state_dict(self._initial_weights(cfg.model.weights))
+        self.model = self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -163,6 +166,13 @@ class Trainer:
         self.val_pairs = []
         if cfg.val.root and self.dist.is_main:
             self.val_pairs = find_pairs(cfg.val.root)[: cfg.val.max_images]
+
+    def _initial_weights(self, source: str) -> dict[str, torch.Tensor]:
+        start = load_default_model() if source == "default" else load_model(source)
+        if start.cfg != self.model.cfg:
+            raise ConfigError(f"model.weights: {source} holds {start.cfg}, but the config builds "
+                              f"{self.model.cfg}; set model.name/overrides to match")
+        return start.state_dict()
 
     # -- state ------------------------------------------------------------------------------
 

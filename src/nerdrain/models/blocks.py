@@ -35,6 +35,26 @@ class LayerNorm2d(nn.Module):
         return y.to(x.dtype).permute(0, 3, 1, 2)
 
 
+def _in_place_ok(fresh: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether ``fresh`` (a temporary this module made) may take the result of an op with ``other``.
+
+    Only without autograd (which may have saved ``fresh``), and only where the out-of-place op
+    would give the same shape and dtype. Saves an allocation per op; on CPU without allocator
+    tuning each large allocation is fresh memory, page-faulted in by the kernel.
+    """
+    return not torch.is_grad_enabled() and fresh.shape == other.shape and fresh.dtype == other.dtype
+
+
+def _add(x: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    """``x + fresh`` (bitwise the same), in place into ``fresh`` where allowed."""
+    return fresh.add_(x) if _in_place_ok(fresh, x) else x + fresh
+
+
+def _mul(fresh: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``fresh * y`` (bitwise the same), in place into ``fresh`` where allowed."""
+    return fresh.mul_(y) if _in_place_ok(fresh, y) else fresh * y
+
+
 def is_channels_last(x: torch.Tensor) -> bool:
     """Stored NHWC (and not also NCHW-contiguous, as 1x1 images are)."""
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -108,7 +128,7 @@ class GatedFeedForward(nn.Module):
             value = F.conv2d(F.conv2d(x, w_in[h:]), w_dw[h:], padding=1, groups=h)
         else:
             gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)
-        return self.project_out(F.gelu(gate) * value)
+        return self.project_out(_mul(F.gelu(gate), value))
 
 
 class TransformerBlock(nn.Module):
@@ -120,8 +140,8 @@ class TransformerBlock(nn.Module):
         self.ffn = GatedFeedForward(dim, ffn_expansion)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.ffn(self.norm2(x))
+        x = _add(x, self.attn(self.norm1(x)))
+        return _add(x, self.ffn(self.norm2(x)))
 
 
 def transformer_stage(dim: int, depth: int, heads: int, ffn_expansion: float) -> nn.Sequential:
