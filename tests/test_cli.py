@@ -115,3 +115,15 @@ def test_demo_writes_comparison(tmp_path, tiny_weights, capsys):
 def test_models_lists_variants(capsys):
     assert main(["models"]) == 0
     assert "nerd_rain_s" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_cli():
+    """``python -m nerdrain`` is the CLI (the device scripts run it from a source tree)."""
+    import subprocess
+    import sys
+
+    import nerdrain
+
+    done = subprocess.run([sys.executable, "-m", "nerdrain", "--version"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and nerdrain.__version__ in done.stdout + done.stderr
