@@ -64,12 +64,15 @@ def make_runner(model: torch.nn.Module, device: torch.device, dtype: str, args: 
     return fast, dict(fast.paths)
 
 
+def allocator_tuned() -> bool:
+    """Whether nerdrain.accel tuned glibc malloc in this process (it does so only once imported)."""
+    accel = sys.modules.get("nerdrain.accel")
+    return bool(accel and accel._allocator_tuned)
+
+
 def run_settings(args: argparse.Namespace) -> dict:
-    tuned = False
-    if "nerdrain.accel" in sys.modules:
-        tuned = sys.modules["nerdrain.accel"]._allocator_tuned
     return common.settings(args, plain=args.plain, tile_size=args.tile_size, tile_batch=args.tile_batch,
-                           cpu_allocator_tuned=tuned)
+                           cpu_allocator_tuned=allocator_tuned())
 
 
 def inputs(batch: int, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -117,8 +120,8 @@ def memory_worker(args: argparse.Namespace, device: torch.device) -> None:
     before = common.current_rss_bytes() if reset else common.max_rss_bytes()
     run(x)
     after = common.peak_rss_bytes()
-    tuned = sys.modules["nerdrain.accel"]._allocator_tuned if "nerdrain.accel" in sys.modules else False
-    common.emit({"peak_rss_bytes": after, "peak_rss_delta_bytes": after - before, "cpu_allocator_tuned": tuned,
+    common.emit({"peak_rss_bytes": after, "peak_rss_delta_bytes": after - before,
+                 "cpu_allocator_tuned": allocator_tuned(),
                  "rss_method": "VmHWM after clear_refs, minus VmRSS before" if reset
                  else "ru_maxrss after minus before (0 if below an earlier peak)", "paths": paths})
 
