@@ -1,13 +1,18 @@
-"""Shared test fixtures. Data under ../shared (beside the checkout) is optional: tests skip without it."""
+"""Shared test fixtures. Data under ../shared (beside the checkout) is optional: tests skip without it.
+
+``NERDRAIN_SHARED`` points at another copy of that folder (the device machine gets only the checkout,
+so a GPU run carries the golden files inside it).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(os.environ.get("NERDRAIN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 GOLDEN = SHARED / "golden"
 DATA = SHARED / "data"
 

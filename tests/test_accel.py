@@ -137,3 +137,85 @@ def test_autograd_and_no_grad_paths_agree(model, golden_io, channels_last):
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(slow.full.detach(), golden_io["case0.output0"], atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- CUDA (run on a lent GPU)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def golden_errors(fast, golden_io) -> dict[str, tuple[float, float]]:
+    """(mean, max) absolute error of the full-resolution output per golden case."""
+    errors = {}
+    for case in CASES:
+        y = fast(golden_io[f"{case}.input"])
+        assert y.dtype == torch.float32 and y.is_contiguous()
+        err = (y.cpu() - golden_io[f"{case}.output0"]).abs()
+        errors[case] = (err.mean().item(), err.max().item())
+    print(f"golden errors {fast.paths}: {errors}")
+    return errors
+
+
+@CUDA
+def test_cuda_plain_fp32_matches_all_seven_golden_outputs(model, golden_io, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # PyTorch's default is True
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model = model.cuda().eval()
+    for case in CASES:
+        with torch.no_grad():
+            outputs = model.forward_all(golden_io[f"{case}.input"].cuda()).official_order()
+        for index, output in enumerate(outputs):
+            torch.testing.assert_close(output.cpu(), golden_io[f"{case}.output{index}"], atol=1e-4, rtol=0,
+                                       msg=f"{case} output{index}")
+
+
+@CUDA
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_fp32_fast_paths_match_golden(model, golden_io, channels_last, cuda_graphs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastPathWarning)  # a silent fallback would prove nothing
+        fast = optimize_for_inference(model, "cuda", channels_last=channels_last, cuda_graphs=cuda_graphs)
+        errors = golden_errors(fast, golden_io)
+        assert all(worst <= 1e-4 for _, worst in errors.values()), errors
+        if cuda_graphs:
+            # Replays of a captured graph: a new input of the same shape, and the earlier result
+            # must not be overwritten by it (outputs are copied out of the graph's buffers).
+            first = fast(golden_io["case0.input"])
+            second = fast(golden_io["case0.input"].flip(-1))
+            torch.testing.assert_close(first.cpu(), golden_io["case0.output0"], atol=1e-4, rtol=0)
+            assert not torch.allclose(first, second)
+    assert fast.paths["cuda_graphs"] == cuda_graphs
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", ["tf32", torch.bfloat16, torch.float16])
+def test_cuda_reduced_precision_within_stated_tolerance(model, golden_io, dtype):
+    fast = optimize_for_inference(model, "cuda", channels_last=True, cuda_graphs=True, dtype=dtype)
+    for mean, worst in golden_errors(fast, golden_io).values():
+        assert mean < 1 / 255 and worst < 0.1  # the stated reduced-precision tolerance
+    assert fast.paths["cuda_graphs"]
+
+
+@CUDA
+@pytest.mark.skipif(not SLOW, reason="torch.compile takes minutes; set NERDRAIN_SLOW_TESTS=1")
+def test_cuda_compile_with_graphs_matches_golden(model, golden_io):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastPathWarning)
+        fast = optimize_for_inference(model, "cuda", compile=True, cuda_graphs=True, channels_last=True)
+        errors = golden_errors(fast, golden_io)
+    assert fast.paths["compile"] and fast.paths["cuda_graphs"]
+    assert all(worst <= 1e-4 for _, worst in errors.values()), errors
+
+
+@CUDA
+def test_cuda_cli_model_derains_like_golden(golden_dir, golden_io):
+    from argparse import Namespace
+
+    from nerdrain.cli import _model
+    from nerdrain.inference import derain
+
+    model = _model(Namespace(weights=str(golden_dir / "official_dim16_seed0.safetensors"), device="cuda"))
+    for case in CASES:
+        y = derain(golden_io[f"{case}.input"].cuda(), model, tile=0)
+        torch.testing.assert_close(y.cpu(), golden_io[f"{case}.output0"].clamp(0, 1), atol=1e-4, rtol=0, msg=case)

@@ -124,3 +124,49 @@ def test_third_full_scale_pass_shares_second_pass_reduction():
     with torch.no_grad():
         model.passes[2][1].reduces[1].weight.add_(0.1)
     assert not torch.allclose(model(x), before)  # the shared one is
+
+
+@pytest.mark.parametrize("batch, heads, channels, height, width, channels_last", [
+    (1, 1, 48, 64, 64, True),     # chunks of 256 pixels, no remainder
+    (1, 2, 96, 32, 33, True),     # a remainder of 32 pixels
+    (2, 4, 64, 17, 31, True),     # batch > 1 through channels-last views
+    (1, 4, 32, 40, 40, False),    # NCHW at batch 1
+    (3, 2, 16, 16, 32, False),    # NCHW at batch > 1: falls back to per-head products
+])
+def test_split_channel_gram_equals_per_head_products(batch, heads, channels, height, width, channels_last):
+    from nerdrain.models.blocks import channel_gram
+
+    x = torch.randn(batch, 3 * channels, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    n, d = height * width, channels // heads
+    if channels_last:  # the layout ChannelAttention hands over: B x 3C x N views of NHWC memory
+        qkv = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(batch, n, -1).transpose(1, 2)
+    else:
+        qkv = x.reshape(batch, 3 * channels, n)
+    q, k, _ = qkv.split(channels, dim=1)
+    q.requires_grad_(True)
+    expected = torch.einsum("bhin,bhjn->bhij", q.unflatten(1, (heads, d)), k.unflatten(1, (heads, d)))
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), q)
+    for split in (False, True):
+        gram = channel_gram(q, k, heads, split=split)
+        torch.testing.assert_close(gram, expected.detach(), atol=1e-10, rtol=0)
+        (grad,) = torch.autograd.grad(gram.square().sum(), q)
+        torch.testing.assert_close(grad, expected_grad, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_gram_form_matches_golden_outputs(golden_dir, golden_io, monkeypatch, channels_last):
+    """The CUDA form of q k^T, forced on the CPU: all seven outputs still match the released code."""
+    from nerdrain.models import blocks
+
+    monkeypatch.setattr(blocks, "SPLIT_GRAM_DEVICES", {"cpu"})
+    model = load_model(golden_dir / "official_dim16_seed0.safetensors").eval()
+    for case in ("case0", "case1"):
+        x = golden_io[f"{case}.input"]
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            outputs = model.forward_all(x).official_order()
+        for index, output in enumerate(outputs):
+            torch.testing.assert_close(output, golden_io[f"{case}.output{index}"], atol=1e-4, rtol=0,
+                                       msg=f"{case} output{index}")

@@ -38,6 +38,7 @@ Imports only torch.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, NamedTuple
 
 import torch
@@ -92,8 +93,17 @@ def _no_autocast(t: Tensor):
 
 
 def _kernel5(taps: tuple[float, ...], channels: int, like: Tensor) -> Tensor:
-    k = torch.tensor(taps, dtype=like.dtype, device=like.device)
-    return torch.outer(k, k).expand(channels, 1, 5, 5).contiguous()
+    return _cached_kernel5(taps, channels, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_kernel5(taps: tuple[float, ...], channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # Cached per device: building it copies from host memory, which a CUDA-graph capture of the
+    # training step forbids (the warm-up steps before the capture fill the cache). A normal tensor
+    # even under inference mode, so that a training step can save it for backward.
+    with torch.inference_mode(False):
+        k = torch.tensor(taps, dtype=dtype, device=device)
+        return torch.outer(k, k).expand(channels, 1, 5, 5).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Where a NeRD-Rain forward spends its time: torch.profiler's operator table, slowest first.
+
+A diagnostic beside the benchmarks (which give the figures): it shows which operators a speed-up
+should go after. Eager execution, so every kernel is visible (CUDA graphs would hide them)::
+
+    python benchmarks/profile_forward.py --device cuda --variant nerd_rain --size 256 --channels-last
+    python benchmarks/profile_forward.py --device cpu --size 64 --rows 15      # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--variant", default="nerd_rain", choices=common.VARIANTS)
+    p.add_argument("--dtype", default="fp32", choices=common.DTYPES)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--calls", type=int, default=3, help="profiled forwards (after 3 warm-ups)")
+    p.add_argument("--rows", type=int, default=30)
+    args = p.parse_args(argv)
+    device = common.resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = common.build_model(args.variant, device).eval()
+    x = torch.rand(args.batch, 3, args.size, args.size, device=device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def forward() -> None:
+        with torch.no_grad(), common.precision(args.dtype, device):
+            model(x)
+
+    for _ in range(3):
+        forward()
+    common.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.calls):
+            forward()
+        common.synchronize(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"# {args.variant} {args.dtype} {args.batch}x3x{args.size}x{args.size} channels_last={args.channels_last} "
+          f"on {common.machine_info(device).get('cuda_device', common.cpu_model())}, {args.calls} forwards")
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
