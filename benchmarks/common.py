@@ -108,6 +108,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="also append the JSON lines to this file")
     parser.add_argument("--label", default=None, help="free-form label stored in every record")
+    parser.add_argument("--no-split-gram", action="store_true",
+                        help="compute attention's q k^T in one reduction over the pixels on CUDA too")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -131,6 +133,10 @@ def setup(args: argparse.Namespace) -> torch.device:
         args.warmup = 5 if device.type == "cuda" else 1
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.no_split_gram:
+        from nerdrain.models import blocks
+
+        blocks.SPLIT_GRAM_DEVICES = set()
     return device
 
 
@@ -232,7 +238,8 @@ def emit(record: dict, output: str | None = None) -> None:
 
 
 def settings(args: argparse.Namespace, **extra) -> dict:
-    keys = ("compile", "cuda_graphs", "channels_last", "repeats", "warmup", "threads", "seed", "label")
+    keys = ("compile", "cuda_graphs", "channels_last", "repeats", "warmup", "threads", "seed", "label",
+            "no_split_gram")
     env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")
            if k in os.environ}
     return {**{k: getattr(args, k) for k in keys}, **extra, "env": env, "code": code_info()}

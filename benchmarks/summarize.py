@@ -42,8 +42,10 @@ def paths(rec: dict) -> str:
     on = [k for k in ("channels_last", "compile", "cuda_graphs") if p.get(k)]
     if rec.get("cuda_graphed"):
         on.append("cuda_graphs")
-    if (p.get("plain")):
+    if p.get("plain"):
         on.append("plain")
+    if rec.get("settings", {}).get("no_split_gram"):
+        on.append("unsplit_gram")
     return "+".join(on) or "-"
 
 
