@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--grad-clip", type=float, default=0.0, help="clip_grad_norm_ max norm (0: off)")
     p.add_argument("--no-alloc-tune", action="store_true", help="CPU: leave glibc malloc alone")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute transformer blocks in backward (less memory, more compute)")
     return p.parse_args(argv)
 
 
@@ -116,6 +118,7 @@ def main(argv=None) -> None:
             for size in args.sizes:
                 for batch in args.batch:
                     model = common.build_model(variant, device, args.seed).train()
+                    model.set_activation_checkpointing(args.activation_checkpointing)
                     if args.channels_last:
                         model.to(memory_format=torch.channels_last)
                     g = torch.Generator().manual_seed(args.seed)
@@ -141,6 +144,7 @@ def main(argv=None) -> None:
                                  "peak_rss_delta_bytes": None if rss_before is None else peak - rss_before,
                                  "cuda_graphed": step.graph is not None,
                                  "settings": common.settings(args, optimizer="Adam", lr=args.lr,
+                                                             activation_checkpointing=args.activation_checkpointing,
                                                              grad_clip=args.grad_clip,
                                                              loss="NeRDRainLoss()",
                                                              cpu_allocator_tuned=tuned),

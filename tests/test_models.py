@@ -170,3 +170,29 @@ def test_split_gram_form_matches_golden_outputs(golden_dir, golden_io, monkeypat
         for index, output in enumerate(outputs):
             torch.testing.assert_close(output, golden_io[f"{case}.output{index}"], atol=1e-4, rtol=0,
                                        msg=f"{case} output{index}")
+
+
+def test_activation_checkpointing_keeps_gradients_and_saves_memory():
+    def saved_bytes_and_grads(checkpointing: bool):
+        torch.manual_seed(0)
+        model = create_model("nerd_rain_s", dim=8).set_activation_checkpointing(checkpointing).train()
+        x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outputs = model.forward_all(x)
+        loss = sum(o.square().mean() for o in outputs)
+        loss.backward()
+        return sum(storages.values()), outputs, [p.grad for p in model.parameters() if p.requires_grad]
+
+    plain_bytes, plain_out, plain_grads = saved_bytes_and_grads(False)
+    ckpt_bytes, ckpt_out, ckpt_grads = saved_bytes_and_grads(True)
+    for a, b in zip(plain_out, ckpt_out):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for a, b in zip(plain_grads, ckpt_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert ckpt_bytes < plain_bytes / 2, (ckpt_bytes, plain_bytes)

@@ -390,3 +390,12 @@ def test_fine_tuning_from_the_default_weights(tmp_path, data_root):
     cfg = make_config(data_root, model={"name": "nerd_rain_s", "overrides": {}, "weights": "default"})
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     assert_same(trainer.model.state_dict(), load_default_model().state_dict(), "default weights")
+
+
+def test_activation_checkpointing_trains_like_storing_activations(tmp_path, data_root, straight_run):
+    """Recomputing the blocks in backward gives the same run (to float rounding), with less memory."""
+    train(make_config(data_root, activation_checkpointing=True), tmp_path, progress=False)
+    expected, got = load_ckpt(straight_run / LAST), load_ckpt(tmp_path / LAST)
+    assert got["iteration"] == expected["iteration"] == 4
+    for name, value in expected["model"].items():
+        torch.testing.assert_close(got["model"][name], value, atol=1e-5, rtol=1e-4, msg=name)

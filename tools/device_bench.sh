@@ -2,8 +2,9 @@
 # The prepared run on a lent GPU (issue #6), about 7 minutes, most important first. The first H200
 # run (benchmarks/results_gpu_h200.jsonl) measured eager, channels-last and CUDA-graph figures; this
 # one checks the CUDA paths against the golden outputs again, then measures what that run could not:
-# the split q k^T reduction against the unsplit one, the missing NeRD-Rain-S bf16 figures, and
-# torch.compile (inference and the training step). Records: $OUT/bench_gpu.jsonl (+ .md).
+# the split q k^T reduction against the unsplit one, the missing NeRD-Rain-S bf16 figures,
+# activation checkpointing, and torch.compile (inference and the training step). Records:
+# $OUT/bench_gpu.jsonl (+ .md).
 # Needs the golden files inside the checkout (../shared does not travel):
 #   mkdir -p .device_shared && cp -r ../shared/golden .device_shared/
 #   device run: bash tools/device_bench.sh, carry [".device_shared"], timeout_s 480
@@ -28,6 +29,8 @@ for split in "" "--no-split-gram"; do  # the split q k^T against the unsplit one
 done
 step 30 $B --variant nerd_rain_s --dtype fp32 bf16 --sizes 256 1024 --tile-batch 16 --label "channels-last + CUDA graphs"
 step 30 $T --variant nerd_rain_s --batch 8 16 --dtype bf16 --cuda-graphs --label "train, channels-last + CUDA graphs"
+step 30 $T --variant nerd_rain --batch 16 32 --dtype bf16 --cuda-graphs --activation-checkpointing \
+  --label "train, channels-last + CUDA graphs + activation checkpointing"
 step 20 $PY benchmarks/profile_forward.py --device cuda --variant nerd_rain --size 256 --channels-last --dtype bf16 \
   --rows 25 > "$OUT/profile.txt"
 $PY benchmarks/summarize.py "$J" > "$OUT/bench_gpu.md"

@@ -87,6 +87,7 @@ class TrainConfig:
     bf16: bool = False  # autocast the forward pass in bfloat16
     compile: bool = False  # torch.compile the model
     channels_last: bool = False
+    activation_checkpointing: bool = False  # recompute transformer blocks in backward: less memory
     ema_decay: float | None = None
     log_every: int = 50
     checkpoint_every: int = 1000

@@ -142,6 +142,7 @@ class Trainer:
         if cfg.model.weights:
             self.model.load_state_dict(self._initial_weights(cfg.model.weights))
         self.model = self.model.to(self.device)
+        self.model.set_activation_checkpointing(cfg.activation_checkpointing)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         params = [p for p in self.model.parameters() if p.requires_grad]

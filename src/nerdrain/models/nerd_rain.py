@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Downsample, Upsample, conv1x1, conv3x3, transformer_stage
+from .blocks import Downsample, TransformerBlock, Upsample, conv1x1, conv3x3, transformer_stage
 from .fusion import FeedbackFusion
 from .inr import ImplicitDecoder
 
@@ -135,6 +135,17 @@ class NeRDRain(nn.Module):
         # reduction; its own stays in checkpoints unused. Kept (frozen) so official state dicts
         # round-trip unchanged and parameter counts match; frozen so DDP and optimisers skip it.
         self.passes[2][2].reduces[1].requires_grad_(False)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> NeRDRain:
+        """Recompute each transformer block in backward instead of storing its activations.
+
+        Same outputs and gradients; for training at batch sizes or patch sizes that would not fit
+        otherwise (see :class:`~nerdrain.models.blocks.TransformerBlock`). No effect without autograd.
+        """
+        for module in self.modules():
+            if isinstance(module, TransformerBlock):
+                module.checkpointing = enabled
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Derained image for any H, W >= 1 (reflect-padded internally, cropped back)."""
