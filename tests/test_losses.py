@@ -296,3 +296,17 @@ def test_bf16_autocast():
     # same value as the fp32 loss on the (bf16-rounded) outputs
     ref, _ = loss_fn(Out(*(o.detach().float() for o in outs)), tgt)
     torch.testing.assert_close(total.detach(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_filter_kernel_is_usable_for_backward_after_inference_mode():
+    """The Gaussian kernel is cached per device; one first made under inference mode must still be
+    a normal tensor, or a later training step could not save it for backward."""
+    from nerdrain.losses import edge_loss
+
+    x, y = torch.rand(1, 5, 24, 24), torch.rand(1, 5, 24, 24)  # 5 channels: a kernel no other test caches first
+    with torch.inference_mode():
+        expected = edge_loss(x, y)
+    x.requires_grad_(True)
+    loss = edge_loss(x, y)
+    loss.backward()
+    assert torch.equal(loss.detach(), expected) and x.grad is not None and x.grad.abs().sum() > 0

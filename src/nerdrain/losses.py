@@ -93,17 +93,21 @@ def _no_autocast(t: Tensor):
 
 
 def _kernel5(taps: tuple[float, ...], channels: int, like: Tensor) -> Tensor:
-    return _cached_kernel5(taps, channels, like.dtype, like.device)
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    build = _build_kernel5 if compiling else _cached_kernel5  # dynamo folds it in as a constant
+    return build(taps, channels, like.dtype, like.device)
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_kernel5(taps: tuple[float, ...], channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # Cached per device: building it copies from host memory, which a CUDA-graph capture of the
-    # training step forbids (the warm-up steps before the capture fill the cache). A normal tensor
-    # even under inference mode, so that a training step can save it for backward.
+def _build_kernel5(taps: tuple[float, ...], channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # A normal tensor even under inference mode, so that a training step can save it for backward.
     with torch.inference_mode(False):
         k = torch.tensor(taps, dtype=dtype, device=device)
         return torch.outer(k, k).expand(channels, 1, 5, 5).contiguous()
+
+
+# Cached per device: building it copies from host memory, which a CUDA-graph capture of the eager
+# training step forbids (the warm-up steps before the capture fill the cache).
+_cached_kernel5 = functools.lru_cache(maxsize=64)(_build_kernel5)
 
 
 # --------------------------------------------------------------------------------------------------
