@@ -10,7 +10,8 @@ Prints one JSON object per line (machine info, exact settings, measurement). Exa
 
 Records: ``forward_latency`` (batch 1, per size), ``tile_throughput`` (``--tile-batch`` tiles of
 ``--tile-size``, images/s) and ``forward_peak_memory`` (CUDA: ``max_memory_allocated`` during
-one forward; CPU: peak RSS during one forward minus RSS before it, in a fresh subprocess).
+one forward; CPU, in a fresh subprocess: the growth of peak RSS over one forward, and of the heap
+in use, ``common.PeakHeap``, which unlike RSS does not count freed memory malloc keeps).
 ``--plain`` times the bare model (``torch.no_grad``, autocast for bf16) instead of
 :func:`nerdrain.accel.optimize_for_inference`.
 """
@@ -99,7 +100,7 @@ def memory_record(args, variant, dtype, size, device, info) -> dict:
                 "settings": run_settings(args), "machine": info}
     argv = ["--memory-worker", "--device", "cpu", "--variant", variant, "--dtype", dtype,
             "--sizes", str(size), "--seed", str(args.seed)]
-    for flag in ("compile", "channels_last", "plain", "no_alloc_tune"):
+    for flag in ("compile", "channels_last", "plain", "no_alloc_tune", "no_split_gram", "no_bands"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     if args.threads:
@@ -118,9 +119,12 @@ def memory_worker(args: argparse.Namespace, device: torch.device) -> None:
     x = inputs(1, size, device, args.channels_last)
     reset = common.reset_peak_rss()
     before = common.current_rss_bytes() if reset else common.max_rss_bytes()
-    run(x)
+    heap_before = common.heap_in_use_bytes()
+    with common.PeakHeap() as heap:
+        run(x)
     after = common.peak_rss_bytes()
     common.emit({"peak_rss_bytes": after, "peak_rss_delta_bytes": after - before,
+                 "peak_heap_delta_bytes": None if heap_before is None else heap.peak - heap_before,
                  "cpu_allocator_tuned": allocator_tuned(),
                  "rss_method": "VmHWM after clear_refs, minus VmRSS before" if reset
                  else "ru_maxrss after minus before (0 if below an earlier peak)", "paths": paths})

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # run from a checkout without installing
@@ -110,6 +113,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", default=None, help="free-form label stored in every record")
     parser.add_argument("--no-split-gram", action="store_true",
                         help="compute attention's q k^T in one reduction over the pixels on CUDA too")
+    parser.add_argument("--no-bands", action="store_true",
+                        help="run inference on large maps whole, not in bands of rows")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -133,10 +138,12 @@ def setup(args: argparse.Namespace) -> torch.device:
         args.warmup = 5 if device.type == "cuda" else 1
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if args.no_split_gram:
-        from nerdrain.models import blocks
+    from nerdrain.models import blocks
 
+    if args.no_split_gram:
         blocks.SPLIT_GRAM_DEVICES = set()
+    if args.no_bands:
+        blocks.BAND_PIXELS = 1 << 62
     return device
 
 
@@ -211,6 +218,38 @@ def reset_peak_rss() -> bool:
         return False
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_in_use_bytes() -> int | None:
+    """Bytes glibc malloc has handed out and not had back (all arenas and mmapped blocks), or None
+    without glibc >= 2.33. Unlike RSS it ignores freed memory the allocator keeps."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class PeakHeap(TorchDispatchMode):
+    """Highest :func:`heap_in_use_bytes` after any operator inside the block: on the CPU the
+    counterpart of CUDA's ``max_memory_allocated`` (tensors, plus the libraries' own buffers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = heap_in_use_bytes() or 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, heap_in_use_bytes() or 0)
+        return out
+
+
 def current_rss_bytes() -> int | None:
     return _proc_status_bytes("VmRSS")
 
@@ -239,7 +278,7 @@ def emit(record: dict, output: str | None = None) -> None:
 
 def settings(args: argparse.Namespace, **extra) -> dict:
     keys = ("compile", "cuda_graphs", "channels_last", "repeats", "warmup", "threads", "seed", "label",
-            "no_split_gram")
+            "no_split_gram", "no_bands")
     env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")
            if k in os.environ}
     return {**{k: getattr(args, k) for k in keys}, **extra, "env": env, "code": code_info()}

@@ -73,7 +73,8 @@ def main(files: list[str]) -> None:
         print("\n| label | device | variant | dtype | size | peak (GB) | released (GB) |")
         print("|---|---|---|---|---|---|---|")
         for r in mem:
-            peak = r.get("peak_allocated_bytes") or r.get("peak_rss_delta_bytes") or 0
+            peak = (r.get("peak_allocated_bytes") or r.get("peak_heap_delta_bytes")
+                    or r.get("peak_rss_delta_bytes") or 0)
             ref = RELEASED_PEAK_GB.get((r["variant"], r["size"])) if device_of(r) == "cuda" else None
             print(f"| {r.get('settings', {}).get('label') or ''} | {device_of(r)} | {r['variant']} | {r['dtype']} | {r['size']} | {peak / 1e9:.2f} | "
                   f"{ref if ref else ''} |")

@@ -55,3 +55,11 @@ def test_profile_prints_an_operator_table():
     text = run("profile_forward.py", "--device", "cpu", "--variant", "nerd_rain_s", "--size", "32", "--calls", "1",
                "--rows", "5")
     assert "aten::" in text and "nerd_rain_s fp32 1x3x32x32" in text
+
+
+def test_cpu_memory_record_measures_the_heap():
+    recs = records(run("bench_forward.py", "--device", "cpu", "--threads", "1", "--variant", "nerd_rain_s",
+                       "--sizes", "64", "--tile-batch", "0", "--repeats", "1", "--warmup", "0", "--channels-last"))
+    (memory,) = [r for r in recs if r["kind"] == "forward_peak_memory"]
+    # At least the 32-channel feature maps at 64x64 (0.5 MB each) are live at once; under 1 GB.
+    assert 2**19 < memory["peak_heap_delta_bytes"] < 2**30, memory

@@ -196,3 +196,37 @@ def test_activation_checkpointing_keeps_gradients_and_saves_memory():
     for a, b in zip(plain_grads, ckpt_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert ckpt_bytes < plain_bytes / 2, (ckpt_bytes, plain_bytes)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_banded_inference_matches_golden_outputs(golden_dir, golden_io, monkeypatch, channels_last):
+    """Large maps go through attention, FFN and INR in bands of rows; forced here onto the golden
+    inputs (bands of 8 rows, 2 to 8 per map, batch 1 and 2), all seven outputs still match."""
+    from nerdrain.models import blocks, inr
+
+    monkeypatch.setattr(blocks, "BAND_PIXELS", 64)
+    calls = {"blocks": [], "inr": []}
+    real_row_bands = blocks.row_bands
+
+    def counting(where):
+        def row_bands(x, halo=1):
+            bands = real_row_bands(x, halo)
+            calls[where].append(len(bands or ()))
+            return bands
+        return row_bands
+
+    monkeypatch.setattr(blocks, "row_bands", counting("blocks"))
+    monkeypatch.setattr(inr, "row_bands", counting("inr"))
+    model = load_model(golden_dir / "official_dim16_seed0.safetensors").eval()
+    for case in ("case0", "case1"):
+        x = golden_io[f"{case}.input"]
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            outputs = model.forward_all(x).official_order()
+        for index, output in enumerate(outputs):
+            torch.testing.assert_close(output, golden_io[f"{case}.output{index}"], atol=1e-4, rtol=0,
+                                       msg=f"{case} output{index}")
+    # Attention and FFN (two calls per block) and the INR all went through bands, up to 8 of them.
+    assert max(calls["blocks"]) == 8 and max(calls["inr"]) >= 2

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The prepared run on a lent GPU (issue #6), at most DEADLINE seconds (7 minutes), most important first. The first H200
-# run (benchmarks/results_gpu_h200.jsonl) measured eager, channels-last and CUDA-graph figures; this
-# one checks the CUDA paths against the golden outputs again, then measures what that run could not:
-# the split q k^T reduction against the unsplit one, the missing NeRD-Rain-S bf16 figures,
-# activation checkpointing, and torch.compile (inference and the training step). Records:
-# $OUT/bench_gpu.jsonl (+ .md).
+# The prepared run on a lent GPU (issue #6), at most DEADLINE seconds (7 minutes), most important
+# first. The first H200 run (benchmarks/results_gpu_h200.jsonl) measured eager, channels-last and
+# CUDA-graph figures; this one checks the CUDA paths against the golden outputs again, then
+# measures what that run could not: the split q k^T reduction against the unsplit one,
+# torch.compile (inference and the training step), banded inference's memory, the missing
+# NeRD-Rain-S bf16 figures and activation checkpointing. Records: $OUT/bench_gpu.jsonl (+ .md).
 # Needs the golden files inside the checkout (../shared does not travel):
 #   mkdir -p .device_shared && cp -r ../shared/golden .device_shared/
 #   device run: bash tools/device_bench.sh, carry [".device_shared"], timeout_s 480
@@ -30,6 +30,11 @@ done
 # torch.compile with CUDA graphs: the likeliest way to 5x at 256x256 (fuses LayerNorm and the casts).
 step 120 $B --compile --variant nerd_rain --dtype bf16 tf32 --sizes 256 --tile-batch 16 --no-memory \
   --label "channels-last + compile + CUDA graphs"
+# Inference on large maps in bands of rows against whole maps: peak memory and time at 1024x1024.
+M="$PY benchmarks/bench_forward.py --device cuda --output $J --repeats 3 --warmup 1 --channels-last --sizes 1024"
+for bands in "" "--no-bands"; do
+  step 40 $M $bands --dtype fp32 bf16 --tile-batch 0 --label "channels-last $bands"
+done
 step 30 $B --variant nerd_rain_s --dtype bf16 --sizes 256 1024 --tile-batch 16 --label "channels-last + CUDA graphs"
 step 30 $T --variant nerd_rain --batch 16 32 --dtype bf16 --cuda-graphs --activation-checkpointing \
   --label "train, channels-last + CUDA graphs + activation checkpointing"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,6 +64,53 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+# Inference on maps larger than this works in horizontal bands of about this many pixels, so that
+# the wide intermediate maps (3x the channels in attention, 5.3x in the FFN, 256 in the INR) exist
+# one band at a time. Exact: each band is computed with the rows its 3x3 convolutions need.
+BAND_PIXELS = 1 << 17
+
+
+class Band(NamedTuple):
+    top: int  # the output rows [top, bottom)
+    bottom: int
+    lo: int  # the input rows [lo, hi) they need: `halo` more on each side, within the image
+    hi: int
+
+    def crop(self, y: torch.Tensor) -> torch.Tensor:
+        """The output rows of a result computed on the input rows."""
+        return y[:, :, self.top - self.lo:self.bottom - self.lo]
+
+
+def row_bands(x: torch.Tensor, halo: int = 1) -> list[Band] | None:
+    """How to cut ``x`` into bands, or ``None`` where it is small or autograd is recording (which
+    would keep every band's intermediates anyway)."""
+    h, w = x.shape[-2:]
+    rows = max(8, BAND_PIXELS // w)
+    if torch.is_grad_enabled() or h <= rows:
+        return None
+    return [Band(top, min(top + rows, h), max(top - halo, 0), min(top + rows + halo, h)) for top in range(0, h, rows)]
+
+
+def banded(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bands: list[Band]) -> torch.Tensor:
+    """``fn(x)`` for a ``fn`` that sees at most ``halo`` rows around each pixel, a band at a time."""
+    out = None
+    for band in bands:
+        y = band.crop(fn(x[:, :, band.lo:band.hi]))
+        if out is None:
+            layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+            out = torch.empty((*y.shape[:2], *x.shape[-2:]), dtype=y.dtype, device=y.device, memory_format=layout)
+        out[:, :, band.top:band.bottom] = y
+    return out
+
+
+def pixel_major(t: torch.Tensor) -> torch.Tensor:
+    """A B x C x N view of a B x C x H x W map, without copies in either layout."""
+    b, c, h, w = t.shape
+    if is_channels_last(t):  # B x N x C in memory
+        return t.permute(0, 2, 3, 1).reshape(b, h * w, c).transpose(1, 2)
+    return t.reshape(b, c, h * w)
+
+
 # Device types on which the pixel reduction of q k^T is split into chunks (see channel_gram); the
 # benchmarks empty it to time the other form, the tests add "cpu" to check it against the golden.
 SPLIT_GRAM_DEVICES = {"cuda"}
@@ -108,6 +158,8 @@ class ChannelAttention(nn.Module):
     the same as dividing ``q k^T`` by the outer product of their norms, which saves two passes
     over q and k; and ``project_out(attn @ v)`` is ``(W_out blockdiag(attn)) @ v``, a C x C
     weight per image applied once, which saves the ``attn @ v`` pass over the pixels.
+    In inference on large maps q and k exist one band of rows at a time (see ``row_bands``):
+    only their products and norms are kept, and v.
     """
 
     def __init__(self, dim: int, heads: int):
@@ -120,24 +172,45 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        heads, d, n = self.heads, c // self.heads, h * w
-        qkv = self.qkv_dwconv(self.qkv(x))
-        channels_last = is_channels_last(qkv)
-        if channels_last:  # B x N x 3C in memory; a B x 3C x N view
-            qkv = qkv.permute(0, 2, 3, 1).reshape(b, n, 3 * c).transpose(1, 2)
+        heads = self.heads
+        split = x.device.type in SPLIT_GRAM_DEVICES
+        bands = row_bands(x)
+        if bands is None:
+            q, k, v = pixel_major(self.qkv_dwconv(self.qkv(x))).split(c, dim=1)  # B x C x N views
+            gram = channel_gram(q, k, heads, split)
+            q_norm, k_norm = self._norms(q), self._norms(k)
         else:
-            qkv = qkv.reshape(b, 3 * c, n)
-        q, k, v = qkv.split(c, dim=1)  # B x C x N views
+            gram, q_norm, k_norm, v = self._in_bands(x, bands, split)
         # F.normalize's eps: x / max(||x||, 1e-12).
-        q_norm = torch.linalg.vector_norm(q.unflatten(1, (heads, d)), dim=-1, keepdim=True).clamp_min(1e-12)
-        k_norm = torch.linalg.vector_norm(k.unflatten(1, (heads, d)), dim=-1, keepdim=True).clamp_min(1e-12)
-        gram = channel_gram(q, k, heads, split=q.device.type in SPLIT_GRAM_DEVICES)
-        attn = (gram * (self.temperature / (q_norm * k_norm.transpose(-2, -1)))).softmax(dim=-1)
-        weight = self.project_out.weight.reshape(c, heads, d)
+        scale = self.temperature / (q_norm.clamp_min(1e-12) * k_norm.clamp_min(1e-12).transpose(-2, -1))
+        attn = (gram * scale).softmax(dim=-1)
+        weight = self.project_out.weight.reshape(c, heads, c // heads)
         fused = torch.einsum("ohi,bhij->bohj", weight, attn.to(weight.dtype)).reshape(b, c, c).to(v.dtype)
-        if channels_last:  # out^T = v^T fused^T: B x N x C, i.e. NHWC
+        if v.stride(1) == 1:  # channels-last: out^T = v^T fused^T, B x N x C, i.e. NHWC
             return torch.bmm(v.transpose(1, 2), fused.transpose(1, 2)).view(b, h, w, c).permute(0, 3, 1, 2)
         return torch.bmm(fused, v).view(b, c, h, w)
+
+    def _in_bands(self, x: torch.Tensor, bands: list[Band], split: bool) -> tuple[torch.Tensor, ...]:
+        """Gram matrix, norms and v as in ``forward``, with q and k made one band at a time."""
+        b, c, h, w = x.shape
+        grams, q_norms, k_norms, v_map = [], [], [], None
+        for band in bands:
+            qkv = band.crop(self.qkv_dwconv(self.qkv(x[:, :, band.lo:band.hi])))
+            q, k, _ = pixel_major(qkv).split(c, dim=1)
+            grams.append(channel_gram(q, k, self.heads, split))
+            q_norms.append(self._norms(q))
+            k_norms.append(self._norms(k))
+            if v_map is None:
+                layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+                v_map = torch.empty((b, c, h, w), dtype=qkv.dtype, device=qkv.device, memory_format=layout)
+            v_map[:, :, band.top:band.bottom] = qkv[:, 2 * c:]
+        norm = torch.linalg.vector_norm  # of the per-band norms: the norm over all pixels
+        return (torch.stack(grams).sum(0), norm(torch.stack(q_norms), dim=0), norm(torch.stack(k_norms), dim=0),
+                pixel_major(v_map))
+
+    def _norms(self, t: torch.Tensor) -> torch.Tensor:
+        """B x heads x d x 1 L2 norms over the pixels of a B x C x N map."""
+        return torch.linalg.vector_norm(t.unflatten(1, (self.heads, -1)), dim=-1, keepdim=True)
 
 
 class GatedFeedForward(nn.Module):
@@ -157,6 +230,10 @@ class GatedFeedForward(nn.Module):
         self.project_out = conv1x1(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bands = row_bands(x)
+        return self._forward(x) if bands is None else banded(self._forward, x, bands)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and is_channels_last(x):
             h, w_in, w_dw = self.hidden, self.project_in.weight, self.dwconv.weight
             gate = F.conv2d(F.conv2d(x, w_in[:h]), w_dw[:h], padding=1, groups=h)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import banded, row_bands
+
 # The released query appends 18 zeros (relative coordinate and its encoding) and the cell size,
 # which is 2 in both axes once scaled to the feature grid.
 CONSTANT_INPUTS = (0.0,) * 18 + (2.0, 2.0)
@@ -31,6 +33,10 @@ class ImplicitDecoder(nn.Module):
         self.register_buffer("constant_inputs", torch.tensor(CONSTANT_INPUTS), persistent=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        bands = row_bands(features)  # in inference on large maps: the 256-wide layers a band at a time
+        return self._forward(features) if bands is None else banded(self._forward, features, bands)
+
+    def _forward(self, features: torch.Tensor) -> torch.Tensor:
         first, *rest = self.layers
         n_unfolded = self.feature_dim * 9
         # F.unfold orders inputs channel-major with the 9 taps inner: exactly a conv kernel's layout.

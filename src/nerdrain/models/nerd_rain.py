@@ -175,17 +175,21 @@ class NeRDRain(nn.Module):
         enc_small, enc_mid1 = first_encodings
 
         # Full scale: three unfolded passes; the first two decode into the next one's input.
+        # Only the latents are kept (for the feedback) and the last pass's skips: the earlier
+        # passes' full-resolution skips are dropped once decoded, which lowers peak inference memory.
         features = self.embed[2](guides[2])
-        enc_max = []
+        max_latents = []
         for index, unet in enumerate(self.passes[2]):
             encoded = unet.encode(features)
-            enc_max.append(encoded)
+            max_latents.append(encoded.latent)
             if index < len(self.context[2]):
                 features = self.context[2][index](unet.decode(encoded.latent, encoded.skips))
+        del features
+        max_skips = encoded.skips
 
         # Fine to coarse: fused latents of consecutive passes steer the coarser decoders.
-        feedback_mid1 = downsample2(self.fusion[0](enc_max[0].latent, enc_max[1].latent))
-        feedback_mid2 = downsample2(self.fusion[1](enc_max[1].latent, enc_max[2].latent))
+        feedback_mid1 = downsample2(self.fusion[0](max_latents[0], max_latents[1]))
+        feedback_mid2 = downsample2(self.fusion[1](max_latents[1], max_latents[2]))
         decoded = mid_pass1.decode(enc_mid1.latent + feedback_mid1, enc_mid1.skips)
         enc_mid2 = mid_pass2.encode(self.context[1][0](decoded))
         feedback_small = downsample2(self.fusion[2](enc_mid1.latent, enc_mid2.latent))
@@ -193,7 +197,7 @@ class NeRDRain(nn.Module):
         dec_small = small_pass.decode(enc_small.latent + feedback_small, enc_small.skips)
         dec_mid = mid_pass2.decode(enc_mid2.latent + feedback_mid2, enc_mid2.skips) + upsample2(dec_small)
         shared_reduces = (max_pass3.reduces[0], max_pass2.reduces[1])
-        dec_full = max_pass3.decode(enc_max[2].latent, enc_max[2].skips, shared_reduces) + upsample2(dec_mid)
+        dec_full = max_pass3.decode(max_latents[2], max_skips, shared_reduces) + upsample2(dec_mid)
 
         return NeRDRainOutputs(
             full=self.output[2](dec_full) + x_full,
