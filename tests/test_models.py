@@ -22,6 +22,20 @@ def golden_io(golden_dir):
     return load_file(str(golden_dir / "official_dim16_seed0_io.safetensors"))
 
 
+def assert_all_outputs_match_golden(model, golden_io, channels_last: bool) -> None:
+    """All seven outputs of both golden cases within 1e-4, in either memory layout."""
+    for case in ("case0", "case1"):
+        x = golden_io[f"{case}.input"]
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            outputs = model.forward_all(x).official_order()
+        for index, output in enumerate(outputs):
+            torch.testing.assert_close(output, golden_io[f"{case}.output{index}"], atol=1e-4, rtol=0,
+                                       msg=f"{case} output{index}")
+
+
 @pytest.mark.parametrize("name, count", [("nerd_rain", 22_893_146), ("nerd_rain_s", 10_530_314)])
 def test_parameter_counts_equal_released_models(name, count):
     model = create_model(name)
@@ -160,16 +174,7 @@ def test_split_gram_form_matches_golden_outputs(golden_dir, golden_io, monkeypat
 
     monkeypatch.setattr(blocks, "SPLIT_GRAM_DEVICES", {"cpu"})
     model = load_model(golden_dir / "official_dim16_seed0.safetensors").eval()
-    for case in ("case0", "case1"):
-        x = golden_io[f"{case}.input"]
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            outputs = model.forward_all(x).official_order()
-        for index, output in enumerate(outputs):
-            torch.testing.assert_close(output, golden_io[f"{case}.output{index}"], atol=1e-4, rtol=0,
-                                       msg=f"{case} output{index}")
+    assert_all_outputs_match_golden(model, golden_io, channels_last)
 
 
 def test_activation_checkpointing_keeps_gradients_and_saves_memory():
@@ -218,15 +223,6 @@ def test_banded_inference_matches_golden_outputs(golden_dir, golden_io, monkeypa
     monkeypatch.setattr(blocks, "row_bands", counting("blocks"))
     monkeypatch.setattr(inr, "row_bands", counting("inr"))
     model = load_model(golden_dir / "official_dim16_seed0.safetensors").eval()
-    for case in ("case0", "case1"):
-        x = golden_io[f"{case}.input"]
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            outputs = model.forward_all(x).official_order()
-        for index, output in enumerate(outputs):
-            torch.testing.assert_close(output, golden_io[f"{case}.output{index}"], atol=1e-4, rtol=0,
-                                       msg=f"{case} output{index}")
+    assert_all_outputs_match_golden(model, golden_io, channels_last)
     # Attention and FFN (two calls per block) and the INR all went through bands, up to 8 of them.
     assert max(calls["blocks"]) == 8 and max(calls["inr"]) >= 2
