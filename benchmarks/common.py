@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import json
 import os
 import platform
@@ -223,15 +224,22 @@ class _MallInfo2(ctypes.Structure):
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def heap_in_use_bytes() -> int | None:
-    """Bytes glibc malloc has handed out and not had back (all arenas and mmapped blocks), or None
-    without glibc >= 2.33. Unlike RSS it ignores freed memory the allocator keeps."""
+@functools.cache
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallinfo2 = libc.mallinfo2
+        mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
     except (OSError, AttributeError):
         return None
     mallinfo2.restype = _MallInfo2
+    return mallinfo2
+
+
+def heap_in_use_bytes() -> int | None:
+    """Bytes glibc malloc has handed out and not had back (all arenas and mmapped blocks), or None
+    without glibc >= 2.33. Unlike RSS it ignores freed memory the allocator keeps."""
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
+        return None
     info = mallinfo2()
     return info.uordblks + info.hblkhd
 
