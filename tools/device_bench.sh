@@ -30,6 +30,8 @@ done
 # torch.compile with CUDA graphs: the likeliest way to 5x at 256x256 (fuses LayerNorm and the casts).
 step 120 $B --compile --variant nerd_rain --dtype bf16 tf32 --sizes 256 --tile-batch 16 --no-memory \
   --label "channels-last + compile + CUDA graphs"
+step 60 env NERDRAIN_SHARED=$PWD/.device_shared NERDRAIN_SLOW_TESTS=1 $PY -m pytest -q -s -p no:cacheprovider \
+  tests/test_accel.py -k "cuda and compile" >> "$OUT/gpu_tests.txt"
 # Inference on large maps in bands of rows against whole maps: peak memory and time at 1024x1024.
 M="$PY benchmarks/bench_forward.py --device cuda --output $J --repeats 3 --warmup 1 --channels-last --sizes 1024"
 for bands in "" "--no-bands"; do
