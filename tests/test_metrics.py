@@ -4,7 +4,6 @@ MATLAB definitions, and Rain12 figures measured by an independent implementation
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,9 @@ from skimage.metrics import structural_similarity
 
 from nerdrain.metrics import PROTOCOLS, psnr, rgb_to_y, score, ssim, to_uint8
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-RAIN12 = SHARED / "data" / "rain12"
+from conftest import DATA  # the one place ../shared is located (NERDRAIN_SHARED overrides)
+
+RAIN12 = DATA / "rain12"
 
 
 def _gray(value: int, shape: tuple[int, int] = (16, 16)) -> np.ndarray:

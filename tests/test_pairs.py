@@ -11,8 +11,9 @@ from PIL import Image
 
 from nerdrain.data.pairs import LAYOUTS, Pair, detect_layout, find_pairs, load_pair
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-RAIN12 = SHARED / "data" / "rain12"
+from conftest import DATA  # the one place ../shared is located (NERDRAIN_SHARED overrides)
+
+RAIN12 = DATA / "rain12"
 CLEAN = 100  # clean images hold value id + CLEAN, rainy ones hold id
 
 

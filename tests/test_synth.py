@@ -23,9 +23,10 @@ from nerdrain.data.synth import (
     synthesize_folder,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-BSDS = SHARED / "clean" / "bsds500"
-STREAKS = SHARED / "streaks" / "garg06"
+from conftest import DATA  # the one place ../shared is located (NERDRAIN_SHARED overrides)
+
+BSDS = DATA / "clean" / "bsds500"
+STREAKS = DATA / "streaks" / "garg06"
 needs_bsds = pytest.mark.skipif(not BSDS.is_dir(), reason=f"shared data absent: {BSDS}")
 needs_streaks = pytest.mark.skipif(not STREAKS.is_dir(), reason=f"shared data absent: {STREAKS}")
 
