@@ -55,7 +55,8 @@ def main(argv=None) -> None:
         common.synchronize(device)
     sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"# {args.variant} {args.dtype} {args.batch}x3x{args.size}x{args.size} channels_last={args.channels_last} "
-          f"on {common.machine_info(device).get('cuda_device', common.cpu_model())}, {args.calls} forwards")
+          f"on {torch.cuda.get_device_name(device) if device.type == 'cuda' else common.cpu_model()}, "
+          f"{args.calls} forwards")
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
 
 

@@ -44,8 +44,11 @@ def paths(rec: dict) -> str:
         on.append("cuda_graphs")
     if p.get("plain"):
         on.append("plain")
-    if rec.get("settings", {}).get("no_split_gram"):
+    settings = rec.get("settings", {})
+    if settings.get("no_split_gram"):
         on.append("unsplit_gram")
+    if settings.get("no_bands"):
+        on.append("whole_maps")
     return "+".join(on) or "-"
 
 

@@ -92,7 +92,7 @@ def row_bands(x: torch.Tensor, halo: int = 1) -> list[Band] | None:
 
 
 def banded(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bands: list[Band]) -> torch.Tensor:
-    """``fn(x)`` for a ``fn`` that sees at most ``halo`` rows around each pixel, a band at a time."""
+    """``fn(x)`` a band at a time, for a ``fn`` that looks no further up or down than the bands' halo."""
     out = None
     for band in bands:
         y = band.crop(fn(x[:, :, band.lo:band.hi]))
