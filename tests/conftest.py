@@ -33,3 +33,20 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return require(DATA)
+
+
+def assert_all_outputs_match_golden(model, golden_io, channels_last: bool = False, device: str = "cpu") -> None:
+    """All seven outputs of both golden cases within 1e-4, in either memory layout, on ``device``."""
+    model.to(device).eval()
+    for case in ("case0", "case1"):
+        x = golden_io[f"{case}.input"].to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            outputs = model.forward_all(x).official_order()
+        if channels_last:
+            assert outputs[0].is_contiguous(memory_format=torch.channels_last)  # the layout is kept
+        for index, output in enumerate(outputs):
+            torch.testing.assert_close(output.cpu(), golden_io[f"{case}.output{index}"], atol=1e-4, rtol=0,
+                                       msg=f"{case} output{index}")

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from nerdrain import load_model
 from nerdrain.accel import FastInference, FastPathWarning, optimize_for_inference, tune_cpu_allocator
 
+from conftest import assert_all_outputs_match_golden
+
 CASES = ("case0", "case1")
 SLOW = os.environ.get("NERDRAIN_SLOW_TESTS") == "1"
 
@@ -48,16 +50,31 @@ def test_channels_last_matches_golden(model, golden_io):
     assert_matches_golden(fast, golden_io)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_channels_last_forward_all_matches_all_seven_golden_outputs(model, golden_io, case):
-    model.to(memory_format=torch.channels_last)
-    x = golden_io[f"{case}.input"].contiguous(memory_format=torch.channels_last)
+def test_channels_last_forward_all_matches_all_seven_golden_outputs(model, golden_io):
+    assert_all_outputs_match_golden(model, golden_io, channels_last=True)
+
+
+def test_fused_depthwise_gelu_matches_separate_ops_and_its_fallback_the_golden(model, golden_io, monkeypatch):
+    """fp32 CPU inference computes the FFN's GELU inside the depthwise convolution (oneDNN)."""
+    from nerdrain.models import blocks
+
+    if blocks._CONV_POINTWISE is None:
+        pytest.skip("this PyTorch has no oneDNN convolution with post-ops")
+    x = torch.randn(2, 40, 17, 23).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(40, 1, 3, 3)
+    expected = torch.nn.functional.gelu(torch.nn.functional.conv2d(x, weight, padding=1, groups=40))
+    calls = []
+    fused = blocks._CONV_POINTWISE
+    monkeypatch.setattr(blocks, "_CONV_POINTWISE", lambda *args: calls.append(1) or fused(*args))
     with torch.no_grad():
-        outputs = model.eval().forward_all(x).official_order()
-    assert outputs[0].is_contiguous(memory_format=torch.channels_last)  # the layout is kept throughout
-    for index, output in enumerate(outputs):
-        torch.testing.assert_close(output, golden_io[f"{case}.output{index}"], atol=1e-4, rtol=0,
-                                   msg=f"{case} output{index}")
+        torch.testing.assert_close(blocks.depthwise_gelu(x, weight), expected, atol=1e-5, rtol=0)
+    assert calls == [1]
+    blocks.depthwise_gelu(x, weight)  # with autograd: the separate ops
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        blocks.depthwise_gelu(x, weight)
+    assert calls == [1]
+    monkeypatch.setattr(blocks, "_CONV_POINTWISE", None)
+    assert_all_outputs_match_golden(model, golden_io, channels_last=True)
 
 
 def test_cuda_graphs_on_cpu_warn_and_fall_back(model, golden_io):
@@ -160,13 +177,7 @@ def golden_errors(fast, golden_io) -> dict[str, tuple[float, float]]:
 def test_cuda_plain_fp32_matches_all_seven_golden_outputs(model, golden_io, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # PyTorch's default is True
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    model = model.cuda().eval()
-    for case in CASES:
-        with torch.no_grad():
-            outputs = model.forward_all(golden_io[f"{case}.input"].cuda()).official_order()
-        for index, output in enumerate(outputs):
-            torch.testing.assert_close(output.cpu(), golden_io[f"{case}.output{index}"], atol=1e-4, rtol=0,
-                                       msg=f"{case} output{index}")
+    assert_all_outputs_match_golden(model, golden_io, device="cuda")
 
 
 @CUDA

@@ -11,6 +11,8 @@ from nerdrain import create_model, load_model
 from nerdrain.models import list_models
 from nerdrain.models.inr import ImplicitDecoder
 
+from conftest import assert_all_outputs_match_golden
+
 
 @pytest.fixture(scope="module")
 def golden_model(golden_dir):
@@ -20,20 +22,6 @@ def golden_model(golden_dir):
 @pytest.fixture(scope="module")
 def golden_io(golden_dir):
     return load_file(str(golden_dir / "official_dim16_seed0_io.safetensors"))
-
-
-def assert_all_outputs_match_golden(model, golden_io, channels_last: bool) -> None:
-    """All seven outputs of both golden cases within 1e-4, in either memory layout."""
-    for case in ("case0", "case1"):
-        x = golden_io[f"{case}.input"]
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            outputs = model.forward_all(x).official_order()
-        for index, output in enumerate(outputs):
-            torch.testing.assert_close(output, golden_io[f"{case}.output{index}"], atol=1e-4, rtol=0,
-                                       msg=f"{case} output{index}")
 
 
 @pytest.mark.parametrize("name, count", [("nerd_rain", 22_893_146), ("nerd_rain_s", 10_530_314)])

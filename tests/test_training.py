@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from nerdrain import create_model, load_model, save_model
-from nerdrain.checkpoint import load_default_model
+from nerdrain.checkpoint import CheckpointError, load_default_model
 from nerdrain.cli import main
 from nerdrain.config import ConfigError, TrainConfig, from_dict
 from nerdrain.training import LAST, Trainer, atomic_save, lr_at, train
@@ -377,6 +377,22 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path, data_root):
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     assert_same(trainer.model.state_dict(), source.state_dict(), "initial weights")
     assert_same(trainer.ema.module.state_dict(), source.state_dict(), "initial EMA")
+
+
+def test_resumed_fine_tuning_does_not_read_the_starting_weights(tmp_path, data_root):
+    """The checkpoint replaces model.weights on --resume, so that file is not read (it may be gone)."""
+    start = tmp_path / "start.safetensors"
+    save_model(create_model(TINY["name"], **TINY["overrides"]), start)
+    cfg = make_config(data_root, iterations=1, model={"weights": str(start)})
+    out = tmp_path / "run"
+    train(cfg, out, progress=False)
+    start.unlink()
+    trainer = Trainer(make_config(data_root, iterations=2, model={"weights": str(start)}), out, progress=False,
+                      resume=True)
+    assert trainer.resumed_from == out / LAST and trainer.iteration == 1
+    assert_same(trainer.model.state_dict(), load_ckpt(out / LAST)["model"], "resumed weights")
+    with pytest.raises(CheckpointError, match="start.safetensors"):  # no checkpoint: model.weights is read
+        Trainer(cfg, tmp_path / "fresh", progress=False, resume=True)
 
 
 def test_fine_tuning_from_a_different_model_is_a_config_error(tmp_path, data_root):

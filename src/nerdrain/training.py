@@ -131,15 +131,24 @@ class AllOutputs(nn.Module):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, out_dir: str | Path, progress: bool = True):
+    """One training run in ``out_dir``.
+
+    ``resume``: ``True`` continues from ``out_dir/last.pt`` where it exists (else from scratch), a
+    path from that checkpoint (which must exist). A resumed run does not read ``model.weights``:
+    the checkpoint replaces them, and the file may be gone by then.
+    """
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, progress: bool = True,
+                 resume: bool | str | Path = False):
         self.cfg = cfg
         self.out = Path(out_dir)
+        self.resumed_from = self._checkpoint_to_resume(resume)
         self.dist, self.device = setup_distributed(cfg.device)
         self.progress = progress and self.dist.is_main
 
         torch.manual_seed(cfg.seed)  # identical initial weights in every process
         self.model: NeRDRain = create_model(cfg.model.name, **cfg.model.overrides)
-        if cfg.model.weights:
+        if cfg.model.weights and self.resumed_from is None:
             self.model.load_state_dict(self._initial_weights(cfg.model.weights))
         self.model = self.model.to(self.device)
         self.model.set_activation_checkpointing(cfg.activation_checkpointing)
@@ -167,6 +176,19 @@ class Trainer:
         self.val_pairs = []
         if cfg.val.root and self.dist.is_main:
             self.val_pairs = find_pairs(cfg.val.root)[: cfg.val.max_images]
+        if self.resumed_from is not None:
+            self.load_state_dict(torch.load(self.resumed_from, map_location=self.device, weights_only=True))
+
+    def _checkpoint_to_resume(self, resume: bool | str | Path) -> Path | None:
+        if not resume:
+            return None
+        if resume is True:
+            path = self.out / LAST
+            return path if path.is_file() else None
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: checkpoint {path} not found")
+        return path
 
     def _initial_weights(self, source: str) -> dict[str, torch.Tensor]:
         start = load_default_model() if source == "default" else load_model(source)
@@ -215,22 +237,6 @@ class Trainer:
                                          use_buffers=True)
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-
-    def resume(self, path: str | Path | None = None) -> bool:
-        """Load ``path`` (default ``OUT/last.pt``); ``False`` when the default is absent.
-
-        A path given explicitly must exist (``FileNotFoundError``).
-        """
-        if path:
-            path = Path(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"--resume: checkpoint {path} not found")
-        else:
-            path = self.out / LAST
-            if not path.is_file():
-                return False
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
-        return True
 
     def save(self) -> None:
         if self.dist.is_main:
@@ -348,13 +354,11 @@ class Trainer:
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, progress: bool = True) -> Path:
     """Train and return the path of the final weights (loadable with :func:`nerdrain.load_model`)."""
-    trainer = Trainer(cfg, out_dir, progress)
     try:
-        if resume:
-            found = trainer.resume(None if resume is True else resume)
-            if trainer.dist.is_main:
-                tqdm.write(f"resumed at iteration {trainer.iteration}" if found else
-                           f"--resume: no checkpoint at {trainer.out / LAST}; starting from scratch")
+        trainer = Trainer(cfg, out_dir, progress, resume=resume)
+        if resume and trainer.dist.is_main:
+            tqdm.write(f"resumed at iteration {trainer.iteration}" if trainer.resumed_from else
+                       f"--resume: no checkpoint at {trainer.out / LAST}; starting from scratch")
         return trainer.train()
     finally:
         if dist.is_initialized():
