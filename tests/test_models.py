@@ -155,6 +155,43 @@ def test_split_channel_gram_equals_per_head_products(batch, heads, channels, hei
         torch.testing.assert_close(grad, expected_grad, atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("batch, heads, split", [(1, 1, False), (2, 2, False), (1, 2, True)])
+def test_channels_last_attention_gradients_equal_nchw_ones_and_stay_channels_last(batch, heads, split, monkeypatch):
+    """In training on channels-last maps, attention's q k^T and q/k/v split have their own backward
+    (pixel-major gradients): input and parameter gradients equal plain autograd's through the NCHW
+    path, in float64, and the input gradient comes out channels-last."""
+    from nerdrain.models import blocks
+
+    monkeypatch.setattr(blocks, "SPLIT_GRAM_DEVICES", {"cpu"} if split else set())
+    torch.manual_seed(0)
+    attention = blocks.ChannelAttention(16, heads).double()
+    with torch.no_grad():
+        attention.temperature.uniform_(0.5, 2.0)
+    x = torch.randn(batch, 16, 24, 23, dtype=torch.float64)  # 552 pixels: two chunks and a remainder
+    upstream = torch.randn(batch, 16, 24, 23, dtype=torch.float64)
+
+    def gradients(channels_last: bool):
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        attention.to(memory_format=layout)
+        inp = x.contiguous(memory_format=layout).requires_grad_(True)
+        params = list(attention.parameters())
+        grads = torch.autograd.grad((attention(inp) * upstream).sum(), [inp, *params])
+        return grads
+
+    calls = {"split": 0, "gram": 0}
+    for name, key in (("_PixelMajorSplit", "split"), ("_PixelMajorGram", "gram")):
+        real_apply = getattr(blocks, name).apply
+        monkeypatch.setattr(getattr(blocks, name), "apply",
+                            lambda *a, _real=real_apply, _key=key: calls.__setitem__(_key, calls[_key] + 1) or _real(*a))
+    expected = gradients(channels_last=False)
+    assert calls == {"split": 0, "gram": 0}
+    got = gradients(channels_last=True)
+    assert calls == {"split": 1, "gram": 1}
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_split_gram_form_matches_golden_outputs(golden_dir, golden_io, monkeypatch, channels_last):
     """The CUDA form of q k^T, forced on the CPU: all seven outputs still match the released code."""

@@ -160,9 +160,20 @@ def laplacian(x: Tensor, prefilter: bool = False) -> Tensor:
     x = _hi(x)
     with _no_autocast(x):
         g = conv_gauss(x) if prefilter else x
-        z = torch.zeros_like(g)
-        z[..., ::2, ::2] = g[..., ::2, ::2] * 4
-        return x - conv_gauss(z)
+        return x - conv_gauss(g * _even_pixels_times_4(g))
+
+
+def _even_pixels_times_4(like: Tensor) -> Tensor:
+    """H x W: 4 where row and column are both even, else 0.
+
+    ``g * this`` is ``z = 0; z[..., ::2, ::2] = 4 * g[..., ::2, ::2]`` for finite ``g``, as one
+    element-wise product, which ``torch.compile`` handles (inductor 2.13 fails on the assignment:
+    "vr must not be None").
+    """
+    h, w = like.shape[-2:]
+    rows = torch.arange(h, device=like.device) % 2 == 0
+    cols = torch.arange(w, device=like.device) % 2 == 0
+    return (rows[:, None] & cols[None, :]).to(like.dtype) * 4
 
 
 def edge_loss(x: Tensor, y: Tensor, eps: float = 1e-3) -> Tensor:

@@ -117,6 +117,37 @@ def pixel_major(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(b, c, h * w)
 
 
+class _PixelMajorSplit(torch.autograd.Function):
+    """``pixel_major(qkv).split(c, dim=1)`` whose backward writes the three gradients straight into
+    one channels-last map, as the convolutions before it want it (see :func:`split_channels`)."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, c: int) -> tuple[torch.Tensor, ...]:
+        ctx.like, ctx.c = (qkv.shape, qkv.dtype, qkv.device), c
+        return pixel_major(qkv).split(c, dim=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+        shape, dtype, device = ctx.like
+        grad = torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+        for part, g in zip(pixel_major(grad).split(ctx.c, dim=1), grads):
+            part.zero_() if g is None else part.copy_(g)
+        return grad, None
+
+
+def split_channels(qkv: torch.Tensor, c: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v: B x C x N views of a B x 3C x H x W map.
+
+    In training on a channels-last map the gradients of the three views would otherwise be
+    concatenated in NCHW order and then converted back to channels-last for the convolutions'
+    backward, two passes over the widest map of attention: 9 % of a CPU training step at 128x128.
+    """
+    if torch.is_grad_enabled() and qkv.requires_grad and is_channels_last(qkv):
+        return _PixelMajorSplit.apply(qkv, c)
+    return pixel_major(qkv).split(c, dim=1)
+
+
 # Device types on which the pixel reduction of q k^T is split into chunks (see channel_gram); the
 # benchmarks empty it to time the other form, the tests add "cpu" to check it against the golden.
 SPLIT_GRAM_DEVICES = {"cuda"}
@@ -133,7 +164,16 @@ def channel_gram(q: torch.Tensor, k: torch.Tensor, heads: int, split: bool) -> t
     pixels as one batched bmm (S x C x C partial sums, enough blocks to fill the GPU), sums the
     partials and takes the per-head diagonal blocks. The same sums in another order; it needs
     either batch 1 or channels-last ``q``/``k`` so that the chunks are views, not copies.
+
+    With autograd on pixel-major (channels-last) ``q`` and ``k``, the gradients come out
+    pixel-major too (:class:`_PixelMajorGram`), as the rest of their gradient is.
     """
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and q.stride(1) == 1 == k.stride(1):
+        return _PixelMajorGram.apply(q, k, heads, split)
+    return _gram(q, k, heads, split)
+
+
+def _gram(q: torch.Tensor, k: torch.Tensor, heads: int, split: bool) -> torch.Tensor:
     b, c, n = q.shape
     d = c // heads
     chunks = min(n // _GRAM_CHUNK, 1024)
@@ -154,6 +194,39 @@ def channel_gram(q: torch.Tensor, k: torch.Tensor, heads: int, split: bool) -> t
         full = full + torch.bmm(q[:, :, main:], k[:, :, main:].transpose(1, 2))
     blocks = full.view(b, heads, d, heads, d).diagonal(dim1=1, dim2=3)  # B x d x d x heads
     return blocks.permute(0, 3, 1, 2)
+
+
+class _PixelMajorGram(torch.autograd.Function):
+    """:func:`channel_gram` with gradients stored B x N x C, like pixel-major ``q`` and ``k``.
+
+    bmm's own backward returns them B x C x N (pixels fastest): they would then be added to the
+    norms' pixel-major gradients and copied into the channels-last map in transposing passes.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, heads: int, split: bool) -> torch.Tensor:
+        ctx.save_for_backward(q, k)
+        ctx.heads = heads
+        return _gram(q, k, heads, split)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        q, k = ctx.saved_tensors
+        b, c, n = q.shape
+        heads, d = ctx.heads, c // ctx.heads
+
+        def product(g: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+            """``g_h @ other_h`` per head, as a B x C x N view of a B x N x C tensor."""
+            other_t = other.transpose(1, 2).unflatten(2, (heads, d)).transpose(1, 2).flatten(0, 1)  # B*h x N x d
+            result_t = torch.bmm(other_t, g.flatten(0, 1).transpose(1, 2).to(other.dtype))  # (g_h other_h)^T
+            out = torch.empty((b, n, c), dtype=result_t.dtype, device=result_t.device)
+            out.view(b, n, heads, d).copy_(result_t.view(b, heads, n, d).transpose(1, 2))
+            return out.transpose(1, 2)
+
+        grad_q = product(grad, k) if ctx.needs_input_grad[0] else None
+        grad_k = product(grad.transpose(-2, -1), q) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_k, None, None
 
 
 class ChannelAttention(nn.Module):
@@ -182,7 +255,7 @@ class ChannelAttention(nn.Module):
         split = x.device.type in SPLIT_GRAM_DEVICES
         bands = row_bands(x)
         if bands is None:
-            q, k, v = pixel_major(self.qkv_dwconv(self.qkv(x))).split(c, dim=1)  # B x C x N views
+            q, k, v = split_channels(self.qkv_dwconv(self.qkv(x)), c)  # B x C x N views
             gram = channel_gram(q, k, heads, split)
             q_norm, k_norm = self._norms(q), self._norms(k)
         else:
