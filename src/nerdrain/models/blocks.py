@@ -141,7 +141,8 @@ def split_channels(qkv: torch.Tensor, c: int) -> tuple[torch.Tensor, ...]:
 
     In training on a channels-last map the gradients of the three views would otherwise be
     concatenated in NCHW order and then converted back to channels-last for the convolutions'
-    backward, two passes over the widest map of attention: 9 % of a CPU training step at 128x128.
+    backward, two passes over the widest map of attention. With :class:`_PixelMajorGram` this
+    made a CPU training step at 128x128 4-13 % faster (fp32 and bf16, both variants).
     """
     if torch.is_grad_enabled() and qkv.requires_grad and is_channels_last(qkv):
         return _PixelMajorSplit.apply(qkv, c)
@@ -320,7 +321,7 @@ def depthwise_gelu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``GELU(depthwise 3x3 conv(x))``.
 
     In fp32 CPU inference one oneDNN kernel applies the GELU as it writes the convolution's output,
-    which saves a pass over the FFN's widest map (about 4 % of a forward at 128x128). Its erf
+    which saves a pass over the FFN's widest map (at 127 x 128 x 128, 1.6 ms became 1.05). Its erf
     GELU differs from PyTorch's by float rounding (about 1e-6). Not while tracing for
     ``torch.compile``, which makes this fusion itself.
     """
