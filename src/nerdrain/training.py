@@ -133,9 +133,9 @@ class AllOutputs(nn.Module):
 class Trainer:
     """One training run in ``out_dir``.
 
-    ``resume``: ``True`` continues from ``out_dir/last.pt`` where it exists (else from scratch), a
-    path from that checkpoint (which must exist). A resumed run does not read ``model.weights``:
-    the checkpoint replaces them, and the file may be gone by then.
+    ``resume``: ``True`` continues from ``out_dir/last.pt`` where it exists (else starts from
+    scratch); a path continues from that checkpoint, which must exist. A resumed run does not read
+    ``model.weights``: the checkpoint replaces them, and the file may be gone by then.
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, progress: bool = True,

@@ -300,14 +300,10 @@ class ChannelAttention(nn.Module):
         return t.float().square().sum(-1, keepdim=True).sqrt().to(t.dtype)
 
 
-def _onednn_fusion_available() -> bool:
-    op = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
-    return op is not None and torch.backends.mkldnn.is_available()
-
-
 # oneDNN convolution with an element-wise post-op (the op inductor uses after freezing): None where
 # this PyTorch lacks it; the tests set it to None to check the fallback.
-_CONV_POINTWISE = torch.ops.mkldnn._convolution_pointwise if _onednn_fusion_available() else None
+_CONV_POINTWISE = (getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+                   if torch.backends.mkldnn.is_available() else None)
 
 
 def _autocast_on_cpu() -> bool:
