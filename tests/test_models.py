@@ -155,20 +155,23 @@ def test_split_channel_gram_equals_per_head_products(batch, heads, channels, hei
         torch.testing.assert_close(grad, expected_grad, atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("batch, heads, split", [(1, 1, False), (2, 2, False), (1, 2, True)])
-def test_channels_last_attention_gradients_equal_nchw_ones_and_stay_channels_last(batch, heads, split, monkeypatch):
+def test_channels_last_attention_gradients_equal_nchw_ones_and_stay_channels_last(batch, heads, split, device,
+                                                                                 monkeypatch):
     """In training on channels-last maps, attention's q k^T and q/k/v split have their own backward
     (pixel-major gradients): input and parameter gradients equal plain autograd's through the NCHW
     path, in float64, and the input gradient comes out channels-last."""
     from nerdrain.models import blocks
 
-    monkeypatch.setattr(blocks, "SPLIT_GRAM_DEVICES", {"cpu"} if split else set())
+    monkeypatch.setattr(blocks, "SPLIT_GRAM_DEVICES", {device} if split else set())
     torch.manual_seed(0)
-    attention = blocks.ChannelAttention(16, heads).double()
+    attention = blocks.ChannelAttention(16, heads).double().to(device)
     with torch.no_grad():
         attention.temperature.uniform_(0.5, 2.0)
-    x = torch.randn(batch, 16, 24, 23, dtype=torch.float64)  # 552 pixels: two chunks and a remainder
-    upstream = torch.randn(batch, 16, 24, 23, dtype=torch.float64)
+    x = torch.randn(batch, 16, 24, 23, dtype=torch.float64, device=device)  # 552 pixels: 2 chunks + remainder
+    upstream = torch.randn(batch, 16, 24, 23, dtype=torch.float64, device=device)
 
     def gradients(channels_last: bool):
         layout = torch.channels_last if channels_last else torch.contiguous_format
