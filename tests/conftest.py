@@ -37,12 +37,10 @@ def data_dir() -> Path:
 
 def assert_all_outputs_match_golden(model, golden_io, channels_last: bool = False, device: str = "cpu") -> None:
     """All seven outputs of both golden cases within 1e-4, in either memory layout, on ``device``."""
-    model.to(device).eval()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device, memory_format=layout).eval()
     for case in ("case0", "case1"):
-        x = golden_io[f"{case}.input"].to(device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = golden_io[f"{case}.input"].to(device).contiguous(memory_format=layout)
         with torch.no_grad():
             outputs = model.forward_all(x).official_order()
         if channels_last:

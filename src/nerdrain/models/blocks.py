@@ -221,6 +221,8 @@ class _PixelMajorGram(torch.autograd.Function):
             """``g_h @ other_h`` per head, as a B x C x N view of a B x N x C tensor."""
             other_t = other.transpose(1, 2).unflatten(2, (heads, d)).transpose(1, 2).flatten(0, 1)  # B*h x N x d
             result_t = torch.bmm(other_t, g.flatten(0, 1).transpose(1, 2).to(other.dtype))  # (g_h other_h)^T
+            if heads == 1:  # already B x N x C
+                return result_t.view(b, n, c).transpose(1, 2)
             out = torch.empty((b, n, c), dtype=result_t.dtype, device=result_t.device)
             out.view(b, n, heads, d).copy_(result_t.view(b, heads, n, d).transpose(1, 2))
             return out.transpose(1, 2)
@@ -276,7 +278,7 @@ class ChannelAttention(nn.Module):
         grams, q_norms, k_norms, v_map = [], [], [], None
         for band in bands:
             qkv = band.crop(self.qkv_dwconv(self.qkv(x[:, :, band.lo:band.hi])))
-            q, k, _ = pixel_major(qkv).split(c, dim=1)
+            q, k, _ = split_channels(qkv, c)
             grams.append(channel_gram(q, k, self.heads, split))
             q_norms.append(self._norms(q))
             k_norms.append(self._norms(k))
