@@ -13,7 +13,8 @@ Records: ``forward_latency`` (batch 1, per size), ``tile_throughput`` (``--tile-
 one forward; CPU, in a fresh subprocess: the growth of peak RSS over one forward, and of the heap
 in use, ``common.PeakHeap``, which unlike RSS does not count freed memory malloc keeps).
 ``--plain`` times the bare model (``torch.no_grad``, autocast for bf16) instead of
-:func:`nerdrain.accel.optimize_for_inference`.
+:func:`nerdrain.accel.optimize_for_inference`; ``--fp32-weights`` keeps its bf16 path on autocast
+over fp32 weights (no bf16 copy of the weights), the form before ``half_weights``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tiles per call for the throughput test (default: 4 on CPU, 16 on CUDA; 0 skips)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory records")
     p.add_argument("--plain", action="store_true", help="time the bare model, not optimize_for_inference")
+    p.add_argument("--fp32-weights", action="store_true",
+                   help="bf16: autocast over fp32 weights (optimize_for_inference(half_weights=False))")
     p.add_argument("--no-alloc-tune", action="store_true",
                    help="CPU: leave glibc malloc alone (optimize_for_inference tunes it by default)")
     p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
@@ -61,7 +64,8 @@ def make_runner(model: torch.nn.Module, device: torch.device, dtype: str, args: 
 
     fast = optimize_for_inference(model, device, compile=args.compile, cuda_graphs=args.cuda_graphs,
                                   channels_last=args.channels_last, dtype=_DTYPE_ARG[dtype],
-                                  cpu_allocator=False if args.no_alloc_tune else None)
+                                  cpu_allocator=False if args.no_alloc_tune else None,
+                                  half_weights=not args.fp32_weights)
     return fast, dict(fast.paths)
 
 
@@ -73,7 +77,7 @@ def allocator_tuned() -> bool:
 
 def run_settings(args: argparse.Namespace) -> dict:
     return common.settings(args, plain=args.plain, tile_size=args.tile_size, tile_batch=args.tile_batch,
-                           cpu_allocator_tuned=allocator_tuned())
+                           cpu_allocator_tuned=allocator_tuned(), fp32_weights=args.fp32_weights)
 
 
 def inputs(batch: int, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -100,7 +104,7 @@ def memory_record(args, variant, dtype, size, device, info) -> dict:
                 "settings": run_settings(args), "machine": info}
     argv = ["--memory-worker", "--device", "cpu", "--variant", variant, "--dtype", dtype,
             "--sizes", str(size), "--seed", str(args.seed)]
-    for flag in ("compile", "channels_last", "plain", "no_alloc_tune", "no_split_gram", "no_bands"):
+    for flag in ("compile", "channels_last", "plain", "no_alloc_tune", "no_split_gram", "no_bands", "fp32_weights"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     if args.threads:

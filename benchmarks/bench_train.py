@@ -48,12 +48,14 @@ class Step:
     def __init__(self, model, loss_fn, device, dtype: str, args, x, y):
         self.model, self.loss_fn, self.device, self.dtype, self.args = model, loss_fn, device, dtype, args
         self.x, self.y = x, y
-        capturable = bool(args.cuda_graphs and device.type == "cuda")
-        kwargs = {"capturable": True} if capturable else {}
-        if device.type == "cuda" and not capturable:
-            kwargs["fused"] = True
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=args.lr, **kwargs)
+        if args.cuda_graphs and device.type == "cuda":
+            self.optimizer = torch.optim.Adam(params, lr=args.lr, capturable=True)
+        else:  # the Trainer's optimizer: fused where this PyTorch has the kernel
+            from nerdrain.config import OptimConfig, TrainConfig
+            from nerdrain.training import build_optimizer
+
+            self.optimizer = build_optimizer(params, TrainConfig(optim=OptimConfig(lr=args.lr)))
         self.params = params
         self.graph = None
         self.forward_all = torch.compile(model.forward_all) if args.compile else model.forward_all
@@ -144,6 +146,7 @@ def main(argv=None) -> None:
                                  "peak_rss_delta_bytes": None if rss_before is None else peak - rss_before,
                                  "cuda_graphed": step.graph is not None,
                                  "settings": common.settings(args, optimizer="Adam", lr=args.lr,
+                                                             adam_fused=bool(step.optimizer.defaults.get("fused")),
                                                              activation_checkpointing=args.activation_checkpointing,
                                                              grad_clip=args.grad_clip,
                                                              loss="NeRDRainLoss()",

@@ -40,7 +40,8 @@ def assert_matches_golden(fast, golden_io, atol=1e-4):
 def test_no_fast_path_is_the_plain_model(model, golden_io):
     fast = optimize_for_inference(model, "cpu")
     assert isinstance(fast, FastInference)
-    assert fast.paths == {"channels_last": False, "compile": False, "cuda_graphs": False, "precision": "fp32"}
+    assert fast.paths == {"channels_last": False, "compile": False, "cuda_graphs": False, "precision": "fp32",
+                          "half_weights": False}
     assert_matches_golden(fast, golden_io)
 
 
@@ -108,14 +109,62 @@ def test_input_errors_still_raise(model):
         fast(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
 
 
-def test_bfloat16_autocast_within_stated_tolerance(model, golden_io):
-    fast = optimize_for_inference(model, "cpu", channels_last=True, dtype=torch.bfloat16)
-    assert fast.paths["precision"] == "bf16"
+@pytest.mark.parametrize("half_weights", [True, False])
+def test_bfloat16_autocast_within_stated_tolerance(model, golden_io, half_weights):
+    fast = optimize_for_inference(model, "cpu", channels_last=True, dtype=torch.bfloat16, half_weights=half_weights)
+    assert fast.paths["precision"] == "bf16" and fast.paths["half_weights"] == half_weights
+    # half_weights runs a bf16 copy; the caller's model keeps its fp32 weights either way
+    assert {p.dtype for p in fast.model.parameters()} == {torch.bfloat16 if half_weights else torch.float32}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
     for case in CASES:
         y = fast(golden_io[f"{case}.input"])
         assert y.dtype == torch.float32
         err = (y - golden_io[f"{case}.output0"]).abs()
         assert err.mean() < 1 / 255 and err.max() < 0.1  # the stated bf16 tolerance
+
+
+def test_half_weights_leave_autocast_no_weight_to_cast(model, golden_io):
+    """With bf16 weights no parameter is cast during a forward (autocast casts each at every call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CastsOfParameters(TorchDispatchMode):
+        def __init__(self, params):
+            super().__init__()
+            self.ptrs, self.count = {p.data_ptr() for p in params}, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.ptrs:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    x = golden_io["case0.input"]
+    counts = {}
+    for half_weights in (False, True):
+        fast = optimize_for_inference(model, "cpu", dtype=torch.bfloat16, half_weights=half_weights)
+        with CastsOfParameters(fast.model.parameters()) as mode:
+            fast(x)
+        counts[half_weights] = mode.count
+    assert counts[False] > 100 and counts[True] == 0, counts
+
+
+def test_model_that_cannot_be_copied_keeps_fp32_weights_with_a_warning(golden_io):
+    class Uncopyable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+        def __deepcopy__(self, memo):
+            raise TypeError("holds a handle")
+
+    net = Uncopyable()
+    with pytest.warns(FastPathWarning, match="could not copy"):
+        fast = optimize_for_inference(net, "cpu", dtype=torch.bfloat16)
+    assert not fast.paths["half_weights"] and fast.model is net
+    x = torch.rand(1, 3, 8, 8)
+    torch.testing.assert_close(fast(x), net(x).detach(), atol=0.02, rtol=0)
 
 
 def test_unknown_dtype_is_rejected(model):
@@ -200,12 +249,15 @@ def test_cuda_fp32_fast_paths_match_golden(model, golden_io, channels_last, cuda
 
 
 @CUDA
+@pytest.mark.parametrize("half_weights", [True, False])
 @pytest.mark.parametrize("dtype", ["tf32", torch.bfloat16, torch.float16])
-def test_cuda_reduced_precision_within_stated_tolerance(model, golden_io, dtype):
-    fast = optimize_for_inference(model, "cuda", channels_last=True, cuda_graphs=True, dtype=dtype)
+def test_cuda_reduced_precision_within_stated_tolerance(model, golden_io, dtype, half_weights):
+    fast = optimize_for_inference(model, "cuda", channels_last=True, cuda_graphs=True, dtype=dtype,
+                                  half_weights=half_weights)
     for mean, worst in golden_errors(fast, golden_io).values():
         assert mean < 1 / 255 and worst < 0.1  # the stated reduced-precision tolerance
     assert fast.paths["cuda_graphs"]
+    assert fast.paths["half_weights"] == (half_weights and dtype != "tf32")
 
 
 @CUDA

@@ -50,6 +50,24 @@ def test_derain_single_file_default_output_beside_input(tmp_path, tiny_weights):
         assert img.size == (31, 17)
 
 
+def test_derain_half_stores_weights_in_bf16_and_stays_close_to_fp32(tmp_path, tiny_weights):
+    from argparse import Namespace
+
+    from nerdrain.cli import _model
+
+    model = _model(Namespace(weights=str(tiny_weights), device="cpu", half=True))
+    assert model.paths["precision"] == "bf16" and model.paths["half_weights"]
+    write_image(tmp_path / "rainy.png", 4, size=(33, 47))
+    outputs = {}
+    for flags in ([], ["--half"]):
+        out = tmp_path / f"out{len(flags)}"
+        assert main(["derain", str(tmp_path / "rainy.png"), "-o", str(out), "--weights", str(tiny_weights),
+                     "--device", "cpu", "--tile", "0", "-q", *flags]) == 0
+        outputs[len(flags)] = np.asarray(Image.open(out / "rainy.png"), dtype=np.float64)
+    err = np.abs(outputs[1] - outputs[0]) / 255
+    assert 0 < err.mean() < 1 / 255 and err.max() < 0.1  # really bf16; within the stated tolerance
+
+
 def test_bad_weights_is_one_line_error(tmp_path, capsys):
     write_image(tmp_path / "x.png", 3)
     bogus = tmp_path / "weights.pth"

@@ -93,6 +93,40 @@ def test_bfloat16_weights_and_autocast_run_close_to_fp32(golden_model, golden_io
         assert err.mean() < 1 / 255 and err.max() < 0.1
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+def test_layer_norm_of_bf16_maps_under_autocast(weight_dtype):
+    """Per pixel over channels, as fp64 computes it from the same rounded inputs; with bf16
+    weights the bf16 map goes through one kernel, never cast (autocast alone would cast it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nerdrain.models.blocks import LayerNorm2d
+
+    class MapCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].dim() == 4:
+                MapCasts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    norm = LayerNorm2d(24)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.3)
+        norm.bias.normal_(0, 0.3)
+    norm.to(weight_dtype)
+    x = (torch.randn(2, 24, 9, 11) * 3 + 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), MapCasts():
+        y = norm(x)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    assert MapCasts.count == (0 if weight_dtype == torch.bfloat16 else 2)
+    x64 = x.double()
+    mean, var = x64.mean(1, keepdim=True), x64.var(1, unbiased=False, keepdim=True)
+    expected = (x64 - mean) / (var + norm.eps).sqrt() * norm.weight.double()[:, None, None] \
+        + norm.bias.double()[:, None, None]
+    torch.testing.assert_close(y.double(), expected, atol=0.02, rtol=2 ** -8)  # bf16 rounding of the output
+
+
 def test_inr_conv_form_equals_four_way_ensemble_mlp():
     """The released INR: MLP on unfolded 3x3 features plus 20 constant inputs, averaged 4 times."""
     torch.manual_seed(0)

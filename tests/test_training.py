@@ -24,7 +24,7 @@ from nerdrain import create_model, load_model, save_model
 from nerdrain.checkpoint import CheckpointError, load_default_model
 from nerdrain.cli import main
 from nerdrain.config import ConfigError, TrainConfig, from_dict
-from nerdrain.training import LAST, Trainer, atomic_save, lr_at, train
+from nerdrain.training import LAST, Trainer, atomic_save, build_optimizer, lr_at, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -132,6 +132,24 @@ def test_lr_schedule_warmup_then_cosine():
     no_warmup = from_dict(TrainConfig, {"iterations": 10, "optim": {"lr": 1e-3, "min_lr": 0.0}})
     assert lr_at(0, no_warmup) == pytest.approx(1e-3)
     assert lr_at(5, no_warmup) == pytest.approx(5e-4)
+
+
+def test_adam_two_steps_by_hand_and_fused_where_available():
+    """Two Adam steps against the textbook update, computed here in float64."""
+    cfg = from_dict(TrainConfig, {"optim": {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-3, "weight_decay": 0.1}})
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(7, 5))
+    optimizer = build_optimizer([param], cfg)
+    fused_expected = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)  # CPU kernel since 2.4
+    assert optimizer.defaults.get("fused") is (True if fused_expected else None)
+    p, m, v = param.detach().double().clone(), 0.0, 0.0
+    for t, grad in enumerate((torch.randn(7, 5), torch.randn(7, 5)), start=1):
+        param.grad = grad.clone()
+        optimizer.step()
+        g = grad.double() + 0.1 * p  # L2 weight decay, added to the gradient as torch's Adam does
+        m, v = 0.9 * m + 0.1 * g, 0.99 * v + 0.01 * g * g
+        p = p - 0.01 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.99 ** t)).sqrt() + 1e-3)
+        torch.testing.assert_close(param.detach().double(), p, atol=1e-6, rtol=1e-6)
 
 
 def test_optimizer_uses_the_scheduled_lr(tmp_path, data_root):

@@ -18,11 +18,14 @@ def _model(args: argparse.Namespace):
     device = resolve_device(getattr(args, "device", "auto"))
     model = load_model(args.weights, device) if args.weights else load_default_model(device)
     if device.type in ("cpu", "cuda"):
-        # Exact fp32 (TF32 off on CUDA); the NHWC layout is oneDNN's native one (~1.7x faster on
-        # batched CPU tiles) and the one cuDNN prefers.
+        # Exact fp32 (TF32 off on CUDA) unless --half; the NHWC layout is oneDNN's native one
+        # (~1.7x faster on batched CPU tiles) and the one cuDNN prefers. With --half the weights
+        # are stored in half precision once, instead of autocast casting them at every call.
         from .accel import optimize_for_inference
+        from .inference import half_dtype
 
-        model = optimize_for_inference(model, device, channels_last=True)
+        dtype = half_dtype(device) if getattr(args, "half", False) else None
+        model = optimize_for_inference(model, device, channels_last=True, dtype=dtype)
     return model
 
 

@@ -118,7 +118,8 @@ class _Autocast(torch.nn.Module):
         return y.float()
 
 
-def _half_dtype(dev: torch.device) -> torch.dtype:
+def half_dtype(dev: torch.device) -> torch.dtype:
+    """The reduced precision ``half`` means on ``dev``: bfloat16, else float16 where bf16 is not supported."""
     if dev.type == "mps":
         return torch.float16
     if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -144,7 +145,7 @@ class _Runner:
         """Bx3xHxW float in [0, 1] (any device) -> float32 on x's device, clamped to [0, 1]."""
         net: ModelLike = self.model
         if self.half:
-            net = _Autocast(self.model, self.device.type, _half_dtype(self.device))
+            net = _Autocast(self.model, self.device.type, half_dtype(self.device))
         module = self.model if isinstance(self.model, torch.nn.Module) else None
         was_training = module.training if module is not None else False
         if module is not None:

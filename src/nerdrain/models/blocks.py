@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -23,8 +24,11 @@ class LayerNorm2d(nn.Module):
     """Per-pixel LayerNorm over channels.
 
     ``F.layer_norm`` on a channels-last view is one fused kernel; the released code computes the
-    variance of a permuted copy, which dominates CPU time. Statistics are kept in fp32 so the
-    module also works after ``model.to(torch.bfloat16)``.
+    variance of a permuted copy, which dominates CPU time. Statistics are always accumulated in
+    fp32: for half-precision maps with half-precision weights (``model.to(torch.bfloat16)``) the
+    kernel does so itself, reading and writing the half map (autocast would otherwise cast the map
+    to fp32 and back, two more passes over it); for half maps with fp32 weights (autocast alone)
+    the map is cast up and the result down.
     """
 
     def __init__(self, channels: int, eps: float = 1e-5):
@@ -35,8 +39,24 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.permute(0, 2, 3, 1)
-        y = F.layer_norm(y.float(), y.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
-        return y.to(x.dtype).permute(0, 3, 1, 2)
+        if x.dtype == self.weight.dtype:
+            with no_autocast(x.device.type):
+                y = F.layer_norm(y, y.shape[-1:], self.weight, self.bias, self.eps)
+        else:
+            y = F.layer_norm(y.float(), y.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+        return y.permute(0, 3, 1, 2)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # PyTorch < 2.4 takes no device
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off for ``device_type`` where it is on (an op that must see its inputs' own dtypes)."""
+    return torch.autocast(device_type, enabled=False) if autocast_enabled(device_type) else contextlib.nullcontext()
 
 
 def _in_place_ok(fresh: torch.Tensor, other: torch.Tensor) -> bool:
@@ -308,13 +328,6 @@ _CONV_POINTWISE = (getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
                    if torch.backends.mkldnn.is_available() else None)
 
 
-def _autocast_on_cpu() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # PyTorch < 2.4 takes no device
-        return torch.is_autocast_cpu_enabled()
-
-
 def depthwise_gelu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``GELU(depthwise 3x3 conv(x))``.
 
@@ -325,7 +338,7 @@ def depthwise_gelu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     groups = x.shape[1]
     if (_CONV_POINTWISE is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_grad_enabled() and not _autocast_on_cpu()
+            and not torch.is_grad_enabled() and not autocast_enabled("cpu")
             and not getattr(torch.compiler, "is_compiling", lambda: False)()):
         return _CONV_POINTWISE(x, weight, None, [1, 1], [1, 1], [1, 1], groups, "gelu", [], "none")
     return F.gelu(F.conv2d(x, weight, padding=1, groups=groups))
