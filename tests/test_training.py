@@ -256,6 +256,47 @@ def test_resume_without_checkpoint_starts_from_scratch(tmp_path, data_root, caps
     assert "missing.pt" in capsys.readouterr().err
 
 
+def test_cuda_graphs_without_cuda_warn_and_train_exactly_as_eager(tmp_path, data_root, straight_run):
+    if torch.cuda.is_available():
+        pytest.skip("checks the fallback where CUDA is absent")
+    with pytest.warns(UserWarning, match="cuda_graphs: they need a CUDA device"):
+        train(make_config(data_root, cuda_graphs=True), tmp_path, progress=False)
+    assert_same_runs(straight_run, tmp_path)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cuda_graphs_train_like_eager_steps(tmp_path, data_root, bf16):
+    """Graph replays compute the eager step (cuDNN may pick other algorithms: close, not equal),
+    and a run resumes from its checkpoint into a fresh capture."""
+    def config(graphs: bool, **top) -> TrainConfig:
+        return make_config(data_root, device="cuda", cuda_graphs=graphs, bf16=bf16, channels_last=True,
+                           optim={"grad_clip": 0.5}, **top)
+
+    finals = {}
+    for graphs in (False, True):
+        trainer = Trainer(config(graphs), tmp_path / str(graphs), progress=False)
+        start = {k: v.float().cpu().clone() for k, v in trainer.model.state_dict().items()}
+        finals[graphs] = load_file(trainer.train())
+        assert (trainer.graph_step is not None) == graphs  # really captured, no silent fallback
+    resumed = tmp_path / "resumed"
+    train(config(True, iterations=2), resumed, progress=False)
+    train(config(True), resumed, resume=True, progress=False)
+    finals["resumed"] = load_file(resumed / "final.safetensors")
+
+    def largest(a: dict, b: dict) -> float:
+        return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+    moved = largest(finals[False], {k: start[k] for k in finals[False]})
+    assert moved > 5e-4  # four Adam steps of lr up to 1e-3, seen through an EMA of decay 0.9
+    tolerance = moved / 10 if bf16 else 1e-4
+    assert largest(finals[True], finals[False]) < tolerance
+    assert largest(finals["resumed"], finals[True]) < tolerance
+
+
 def test_tensorboard_logs(straight_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

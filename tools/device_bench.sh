@@ -19,8 +19,8 @@ step() {  # step SECONDS_NEEDED command...: run it if the deadline allows, cut o
   if [ "$(left)" -gt "$need" ]; then timeout "$(left)" "$@" 2>>"$E"; else echo "skipped: $*" >>"$E"; fi
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
-NERDRAIN_SHARED=$PWD/.device_shared timeout 120 $PY -m pytest -q -s -p no:cacheprovider tests/test_accel.py \
-  tests/test_models.py -k "cuda or split" > "$OUT/gpu_tests.txt" 2>&1
+NERDRAIN_SHARED=$PWD/.device_shared timeout 150 $PY -m pytest -q -s -p no:cacheprovider tests/test_accel.py \
+  tests/test_models.py tests/test_training.py -k "cuda or split" > "$OUT/gpu_tests.txt" 2>&1
 B="$PY benchmarks/bench_forward.py --device cuda --output $J --repeats 10 --warmup 3 --channels-last --cuda-graphs"
 T="$PY benchmarks/bench_train.py --device cuda --output $J --sizes 256 --repeats 10 --warmup 3 --channels-last"
 for split in "" "--no-split-gram"; do  # the split q k^T against the unsplit one (the first run's form)

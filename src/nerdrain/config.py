@@ -88,6 +88,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     channels_last: bool = False
     activation_checkpointing: bool = False  # recompute transformer blocks in backward: less memory
+    cuda_graphs: bool = False  # replay forward + backward as one CUDA graph (CUDA, one process)
     ema_decay: float | None = None
     log_every: int = 50
     checkpoint_every: int = 1000
