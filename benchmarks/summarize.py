@@ -3,7 +3,11 @@
 
     python benchmarks/bench_forward.py --device cuda --output results.jsonl
     python benchmarks/bench_train.py --device cuda --output results.jsonl
+    python benchmarks/bench_trainer.py --device cuda --output results.jsonl
     python benchmarks/summarize.py results.jsonl
+
+``trainer_throughput`` records (the whole training loop) give their mean step time and are compared
+with the released code's training step.
 """
 
 from __future__ import annotations
@@ -57,19 +61,21 @@ def main(files: list[str]) -> None:
     for name in files:
         with open(name) as f:
             records += [json.loads(line) for line in f if line.startswith("{")]
-    print("| label | device | kind | variant | dtype | size | batch | paths | median s | items/s | released s | speed-up |")
+    print("| label | device | kind | variant | dtype | size | batch | paths | s per call | items/s | released s | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
-        if r.get("kind") not in ("forward_latency", "tile_throughput", "train_step"):
+        if r.get("kind") not in ("forward_latency", "tile_throughput", "train_step", "trainer_throughput"):
             continue
         dev = device_of(r)
-        ref = RELEASED.get((dev, r["kind"], r["variant"], r["size"], r["batch"]))
+        kind = "train_step" if r["kind"] == "trainer_throughput" else r["kind"]
+        ref = RELEASED.get((dev, kind, r["variant"], r["size"], r["batch"]))
         rate = r.get("images_per_s") or r.get("samples_per_s")
-        speed = f"{ref[0] / r['median_s']:.2f}-{ref[1] / r['median_s']:.2f}x" if ref else ""
+        seconds = r["median_s"] if "median_s" in r else r["step_s"]
+        speed = f"{ref[0] / seconds:.2f}-{ref[1] / seconds:.2f}x" if ref else ""
         released = f"{ref[0]:g}-{ref[1]:g}" if ref and ref[0] != ref[1] else (f"{ref[0]:g}" if ref else "")
         label = r.get("settings", {}).get("label") or ""
         print(f"| {label} | {r['machine'].get('cuda_device', r['machine']['cpu_model'])} | {r['kind']} | {r['variant']} | "
-              f"{r['dtype']} | {r['size']} | {r['batch']} | {paths(r)} | {r['median_s']:.4f} | {rate:.2f} | "
+              f"{r['dtype']} | {r['size']} | {r['batch']} | {paths(r)} | {seconds:.4f} | {rate:.2f} | "
               f"{released} | {speed} |")
     mem = [r for r in records if r.get("kind") == "forward_peak_memory"]
     if mem:

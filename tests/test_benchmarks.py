@@ -51,6 +51,18 @@ def test_train_benchmark_records():
     assert r["settings"]["activation_checkpointing"] and r["peak_memory_bytes"] > 0
 
 
+def test_trainer_benchmark_times_the_training_loop(tmp_path):
+    jsonl = tmp_path / "r.jsonl"
+    recs = records(run("bench_trainer.py", "--device", "cpu", "--threads", "1", "--variant", "nerd_rain_s",
+                       "--sizes", "32", "--batch", "2", "--repeats", "2", "--warmup", "1", "--workers", "0",
+                       "--cuda-graphs", "--output", str(jsonl)))
+    (r,) = recs
+    assert r["kind"] == "trainer_throughput" and r["step_s"] > 0
+    assert abs(r["samples_per_s"] * r["step_s"] - 2) < 1e-9
+    assert not r["cuda_graphed"] and r["settings"]["cuda_graphs"]  # asked for, fell back on the CPU
+    assert "| trainer_throughput | nerd_rain_s | fp32 | 32 | 2 |" in run("summarize.py", str(jsonl))
+
+
 def test_profile_prints_an_operator_table():
     text = run("profile_forward.py", "--device", "cpu", "--variant", "nerd_rain_s", "--size", "32", "--calls", "1",
                "--rows", "5")

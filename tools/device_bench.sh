@@ -4,7 +4,9 @@
 # CUDA-graph figures; this one checks the CUDA paths against the golden outputs again, then
 # measures what that run could not: the split q k^T reduction against the unsplit one,
 # torch.compile (inference and the training step), banded inference's memory, the missing
-# NeRD-Rain-S bf16 figures and activation checkpointing. Records: $OUT/bench_gpu.jsonl (+ .md).
+# NeRD-Rain-S bf16 figures and activation checkpointing; since stop 12 also bf16 weights stored once
+# against autocast's per-call casts, and the Trainer's own CUDA-graph loop (tested first against
+# eager steps). Records: $OUT/bench_gpu.jsonl (+ .md).
 # Needs the golden files inside the checkout (../shared does not travel):
 #   mkdir -p .device_shared && cp -r ../shared/golden .device_shared/
 #   device run: bash tools/device_bench.sh, carry [".device_shared"], timeout_s 480
@@ -45,6 +47,9 @@ step 30 $B --variant nerd_rain_s --dtype bf16 --sizes 256 1024 --tile-batch 16 -
 step 30 $T --variant nerd_rain --batch 16 32 --dtype bf16 --cuda-graphs --activation-checkpointing \
   --label "train, channels-last + CUDA graphs + activation checkpointing"
 step 30 $T --variant nerd_rain_s --batch 8 16 --dtype bf16 --cuda-graphs --label "train, channels-last + CUDA graphs"
+# The real training loop (data workers, fused Adam, EMA) with the Trainer's CUDA graphs (new in stop 12).
+step 60 $PY benchmarks/bench_trainer.py --device cuda --output $J --variant nerd_rain --dtype bf16 --sizes 256 \
+  --batch 16 --channels-last --cuda-graphs --warmup 5 --repeats 30 --label "Trainer loop, channels-last + CUDA graphs"
 step 20 $PY benchmarks/profile_forward.py --device cuda --variant nerd_rain --size 256 --channels-last --dtype bf16 \
   --rows 25 > "$OUT/profile.txt"
 $PY benchmarks/summarize.py "$J" > "$OUT/bench_gpu.md"
