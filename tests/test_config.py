@@ -181,3 +181,10 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 def test_smoke_config_loads():
     cfg = load_config(ROOT / "configs" / "smoke.yaml")
     assert cfg.data.sources and cfg.data.num_workers == 0 and cfg.iterations <= 20
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    """Each experiment file names only known keys with values of the right types."""
+    cfg = load_config(path)
+    assert cfg.iterations > 0 and cfg.data.sources

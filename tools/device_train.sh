@@ -8,10 +8,11 @@ OUT=${OUT:-out}; mkdir -p "$OUT"; MINUTES=${MINUTES:-7}
 # The device image has every dependency but cannot install packages: run from the source tree.
 export PYTHONPATH=$PWD/src; PY=python3
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt"
-# Step time at the config's shape, to size the cosine schedule to the budget (+15 % for data/val).
-$PY benchmarks/bench_train.py --device cuda --variant nerd_rain_s --sizes 256 --batch 8 --dtype bf16 \
-  --channels-last --repeats 10 --warmup 3 --output "$OUT/probe.jsonl" > /dev/null
-ITERS=$($PY -c "import json; r=json.loads(open('$OUT/probe.jsonl').readline()); print(int($MINUTES*60/(r['median_s']*1.15)))")
+# Step time of the training loop itself at the config's shape and settings (data workers, EMA, CUDA
+# graphs), to size the cosine schedule to the budget (+10 % for validation and checkpoints).
+$PY benchmarks/bench_trainer.py --device cuda --variant nerd_rain_s --sizes 256 --batch 8 --dtype bf16 \
+  --channels-last --cuda-graphs --workers 12 --repeats 20 --warmup 5 --output "$OUT/probe.jsonl" > /dev/null
+ITERS=$($PY -c "import json; r=json.loads(open('$OUT/probe.jsonl').readline()); print(int($MINUTES*60/(r['step_s']*1.1)))")
 echo "training $ITERS iterations" | tee "$OUT/plan.txt"
 $PY -m nerdrain train configs/default_weights_gpu.yaml --set iterations=$ITERS --out runs/gpu --quiet 2>&1 \
   | tail -20 > "$OUT/train_tail.txt"
