@@ -127,6 +127,20 @@ def test_layer_norm_of_bf16_maps_under_autocast(weight_dtype):
     torch.testing.assert_close(y.double(), expected, atol=0.02, rtol=2 ** -8)  # bf16 rounding of the output
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_meta_device_forward_gives_shapes_without_memory(channels_last):
+    """Shape inference on the meta device (no data, no memory), e.g. before loading weights."""
+    model = create_model("nerd_rain_s").to("meta").eval()
+    x = torch.empty(2, 3, 48, 80, device="meta")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        outputs = model.forward_all(x)
+    assert outputs.full.shape == (2, 3, 48, 80) and outputs.small.shape == (2, 3, 12, 20)
+    assert outputs.full.device.type == "meta"
+
+
 def test_inr_conv_form_equals_four_way_ensemble_mlp():
     """The released INR: MLP on unfolded 3x3 features plus 20 constant inputs, averaged 4 times."""
     torch.manual_seed(0)

@@ -52,6 +52,8 @@ def autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # PyTorch < 2.4 takes no device
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device autocast does not know (meta, ...): never on there
+        return False
 
 
 def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
