@@ -104,7 +104,8 @@ def memory_record(args, variant, dtype, size, device, info) -> dict:
                 "settings": run_settings(args), "machine": info}
     argv = ["--memory-worker", "--device", "cpu", "--variant", variant, "--dtype", dtype,
             "--sizes", str(size), "--seed", str(args.seed)]
-    for flag in ("compile", "channels_last", "plain", "no_alloc_tune", "no_split_gram", "no_bands", "fp32_weights"):
+    for flag in ("compile", "channels_last", "plain", "no_alloc_tune", "no_split_gram", "no_bands", "fp32_weights",
+                 "no_triton_ln"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     if args.threads:

@@ -93,8 +93,18 @@ def machine_info(device: torch.device) -> dict:
             "cuda_runtime": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
             "nvidia_driver": _nvidia_driver(),
+            "triton": _version_of("triton"),
         })
     return info
+
+
+def _version_of(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +126,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="compute attention's q k^T in one reduction over the pixels on CUDA too")
     parser.add_argument("--no-bands", action="store_true",
                         help="run inference on large maps whole, not in bands of rows")
+    parser.add_argument("--no-triton-ln", action="store_true",
+                        help="LayerNorm by PyTorch's kernel on CUDA too, not the Triton one")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -145,6 +157,8 @@ def setup(args: argparse.Namespace) -> torch.device:
         blocks.SPLIT_GRAM_DEVICES = set()
     if args.no_bands:
         blocks.BAND_PIXELS = 1 << 62
+    if args.no_triton_ln:
+        blocks.triton_ln.DEVICES.clear()
     return device
 
 
@@ -286,7 +300,7 @@ def emit(record: dict, output: str | None = None) -> None:
 
 def settings(args: argparse.Namespace, **extra) -> dict:
     keys = ("compile", "cuda_graphs", "channels_last", "repeats", "warmup", "threads", "seed", "label",
-            "no_split_gram", "no_bands")
+            "no_split_gram", "no_bands", "no_triton_ln")
     env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")
            if k in os.environ}
     return {**{k: getattr(args, k) for k in keys}, **extra, "env": env, "code": code_info()}

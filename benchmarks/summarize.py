@@ -53,6 +53,10 @@ def paths(rec: dict) -> str:
         on.append("unsplit_gram")
     if settings.get("no_bands"):
         on.append("whole_maps")
+    if settings.get("no_triton_ln"):
+        on.append("torch_layer_norm")
+    if settings.get("fp32_weights"):
+        on.append("fp32_weights")
     return "+".join(on) or "-"
 
 

@@ -22,7 +22,7 @@ step() {  # step SECONDS_NEEDED command...: run it if the deadline allows, cut o
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 NERDRAIN_SHARED=$PWD/.device_shared timeout 150 $PY -m pytest -q -s -p no:cacheprovider tests/test_accel.py \
-  tests/test_models.py tests/test_training.py -k "cuda or split" > "$OUT/gpu_tests.txt" 2>&1
+  tests/test_models.py tests/test_training.py tests/test_triton_ln.py -k "cuda or split" > "$OUT/gpu_tests.txt" 2>&1
 B="$PY benchmarks/bench_forward.py --device cuda --output $J --repeats 10 --warmup 3 --channels-last --cuda-graphs"
 T="$PY benchmarks/bench_train.py --device cuda --output $J --sizes 256 --repeats 10 --warmup 3 --channels-last"
 for split in "" "--no-split-gram"; do  # the split q k^T against the unsplit one (the first run's form)
@@ -33,6 +33,9 @@ done
 # every call (the form the first run measured): about 600 casts and 312 LayerNorm map casts fewer.
 step 30 $B --variant nerd_rain --dtype bf16 --sizes 256 --tile-batch 0 --no-memory --fp32-weights \
   --label "channels-last + CUDA graphs, autocast over fp32 weights"
+# LayerNorm by the Triton kernel (the default since stop 12) against PyTorch's (27 us a call on the H200).
+step 30 $B --variant nerd_rain --dtype bf16 tf32 --sizes 256 --tile-batch 0 --no-memory --no-triton-ln \
+  --label "channels-last + CUDA graphs, PyTorch LayerNorm"
 # torch.compile with CUDA graphs: the likeliest way to 5x at 256x256 (fuses LayerNorm and the casts).
 step 120 $B --compile --variant nerd_rain --dtype bf16 tf32 --sizes 256 --tile-batch 16 --no-memory \
   --label "channels-last + compile + CUDA graphs"
