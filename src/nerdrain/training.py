@@ -152,10 +152,11 @@ class CudaGraphStep:
 
     Launched one by one, the thousands of small kernels of a NeRD-Rain forward and backward keep the
     GPU waiting on the CPU; a replay launches them all at once (on an H200, ``bench_train.py``'s
-    step in one graph ran NeRD-Rain at batch 8 in 313 ms against the released code's 702). Each batch is copied into
-    the graph's static inputs; the gradients and loss terms it computes live in its static outputs
-    (``p.grad`` points at them). The optimiser step, the schedule and the EMA stay outside, eager,
-    so the learning rate stays a plain float and nothing is stepped during the warm-up.
+    step in one graph ran NeRD-Rain at batch 8 in 313 ms against the released code's 702). Each
+    batch is copied into the graph's static inputs; the gradients and loss terms it computes live
+    in its static outputs (``p.grad`` points at them). The optimiser step, the schedule and the EMA
+    stay outside, eager, so the learning rate stays a plain float and nothing is stepped during
+    the warm-up.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
