@@ -67,6 +67,9 @@ def test_profile_prints_an_operator_table():
     text = run("profile_forward.py", "--device", "cpu", "--variant", "nerd_rain_s", "--size", "32", "--calls", "1",
                "--rows", "5")
     assert "aten::" in text and "nerd_rain_s fp32 1x3x32x32" in text
+    text = run("profile_forward.py", "--device", "cpu", "--variant", "nerd_rain_s", "--size", "32", "--calls", "1",
+               "--rows", "40", "--train")
+    assert "1 training steps" in text and "convolution_backward" in text
 
 
 def test_cpu_memory_record_measures_the_heap():

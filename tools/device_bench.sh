@@ -55,6 +55,8 @@ step 60 $PY benchmarks/bench_trainer.py --device cuda --output $J --variant nerd
   --batch 16 --channels-last --cuda-graphs --warmup 5 --repeats 30 --label "Trainer loop, channels-last + CUDA graphs"
 step 20 $PY benchmarks/profile_forward.py --device cuda --variant nerd_rain --size 256 --channels-last --dtype bf16 \
   --rows 25 > "$OUT/profile.txt"
+step 30 $PY benchmarks/profile_forward.py --device cuda --variant nerd_rain --size 256 --batch 8 --channels-last \
+  --dtype bf16 --train --calls 2 --rows 30 > "$OUT/profile_train.txt"
 $PY benchmarks/summarize.py "$J" > "$OUT/bench_gpu.md"
 step 120 $T --compile --variant nerd_rain --batch 16 --dtype bf16 --cuda-graphs \
   --label "train, channels-last + compile + CUDA graphs"
