@@ -139,3 +139,23 @@ def test_cuda_golden_model_runs_the_kernel(golden_dir, monkeypatch):
     io = load_file(str(golden_dir / "official_dim16_seed0_io.safetensors"))
     assert_all_outputs_match_golden(model, io, channels_last=True, device="cuda")
     assert len(calls) == 2 * 156
+
+
+def test_a_failing_kernel_warns_once_and_pytorch_takes_over(monkeypatch):
+    monkeypatch.setattr(triton_ln, "available", lambda: True)
+    monkeypatch.setattr(triton_ln, "DEVICES", {"cpu"})
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("no compiler for this GPU")
+
+    monkeypatch.setattr(triton_ln, "layer_norm_channels_last", broken)
+    norm = LayerNorm2d(8)
+    x = torch.rand(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    expected = F.layer_norm(x.permute(0, 2, 3, 1), (8,)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="Triton LayerNorm failed.*no compiler"):
+            torch.testing.assert_close(norm(x), expected)
+        torch.testing.assert_close(norm(x), expected)  # no second attempt, no second warning
+    assert calls == [1] and not triton_ln.DEVICES

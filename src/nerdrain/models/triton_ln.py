@@ -8,8 +8,8 @@ reading and writing each element once.
 
 Used by :class:`~nerdrain.models.blocks.LayerNorm2d` only where it applies (:func:`applies`):
 Triton installed, a device type in :data:`DEVICES`, channels-last storage, no autograd, not while
-``torch.compile`` traces (inductor writes its own fused kernel); everywhere else PyTorch's
-``F.layer_norm`` runs. Tests run it on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+``torch.compile`` traces (inductor writes its own fused kernel); everywhere else, and after the
+kernel once fails on a device (:func:`try_layer_norm` warns), PyTorch's ``F.layer_norm`` runs. Tests run it on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import warnings
 
 import torch
 
@@ -60,6 +61,17 @@ def _kernel():
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     return layer_norm_rows, triton.next_power_of_2, triton.cdiv
+
+
+def try_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """:func:`layer_norm_channels_last`, or ``None`` (with a warning, once) where Triton fails here,
+    e.g. a GPU it cannot compile for or no writable cache: the kernel is then off for that device type."""
+    try:
+        return layer_norm_channels_last(x, weight, bias, eps)
+    except Exception as err:  # noqa: BLE001 - any Triton failure: PyTorch's LayerNorm from now on
+        DEVICES.discard(x.device.type)
+        warnings.warn(f"Triton LayerNorm failed ({type(err).__name__}: {err}); using PyTorch's", stacklevel=3)
+        return None
 
 
 def layer_norm_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
