@@ -286,13 +286,14 @@ class ChannelAttention(nn.Module):
         split = x.device.type in SPLIT_GRAM_DEVICES
         bands = row_bands(x)
         if bands is None:
-            q, k, v = split_channels(self.qkv_dwconv(self.qkv(x)), c)  # B x C x N views
+            qkv = self.qkv_dwconv(self.qkv(x))
+            q, k, v = split_channels(qkv, c)  # B x C x N views
             gram = channel_gram(q, k, heads, split)
-            q_norm, k_norm = self._norms(q), self._norms(k)
+            norms = self._norms(qkv, q, k)
         else:
-            gram, q_norm, k_norm, v = self._in_bands(x, bands, split)
-        # F.normalize's eps: x / max(||x||, 1e-12).
-        scale = self.temperature / (q_norm.clamp_min(1e-12) * k_norm.clamp_min(1e-12).transpose(-2, -1))
+            gram, norms, v = self._in_bands(x, bands, split)
+        norms = norms.clamp_min(1e-12)  # F.normalize's eps: x / max(||x||, 1e-12)
+        scale = self.temperature / (norms[:, :heads] * norms[:, heads:].transpose(-2, -1))
         attn = (gram * scale).softmax(dim=-1)
         weight = self.project_out.weight.reshape(c, heads, c // heads)
         fused = torch.einsum("ohi,bhij->bohj", weight, attn.to(weight.dtype)).reshape(b, c, c).to(v.dtype)
@@ -303,31 +304,35 @@ class ChannelAttention(nn.Module):
     def _in_bands(self, x: torch.Tensor, bands: list[Band], split: bool) -> tuple[torch.Tensor, ...]:
         """Gram matrix, norms and v as in ``forward``, with q and k made one band at a time."""
         c = x.shape[1]
-        grams, q_norms, k_norms, v_map = [], [], [], None
+        grams, norms, v_map = [], [], None
         for band in bands:
             qkv = band.crop(self.qkv_dwconv(self.qkv(x[:, :, band.lo:band.hi])))
             q, k, _ = split_channels(qkv, c)
             grams.append(channel_gram(q, k, self.heads, split))
-            q_norms.append(self._norms(q))
-            k_norms.append(self._norms(k))
+            norms.append(self._norms(qkv, q, k))
             if v_map is None:
                 v_map = empty_map_like(x, c, qkv.dtype)
             v_map[:, :, band.top:band.bottom] = qkv[:, 2 * c:]
-        norm = torch.linalg.vector_norm  # of the per-band norms: the norm over all pixels
-        return (torch.stack(grams).sum(0), norm(torch.stack(q_norms), dim=0), norm(torch.stack(k_norms), dim=0),
-                pixel_major(v_map))
+        # the norm of the per-band norms is the norm over all pixels
+        return torch.stack(grams).sum(0), torch.linalg.vector_norm(torch.stack(norms), dim=0), pixel_major(v_map)
 
-    def _norms(self, t: torch.Tensor) -> torch.Tensor:
-        """B x heads x d x 1 L2 norms over the pixels of a B x C x N map.
+    def _norms(self, qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """L2 norms over the pixels of q's heads, then k's: B x 2*heads x d x 1.
 
-        In CPU inference as the root of a sum of squares: over q and k of a channels-last map
-        (pixels 3C apart) that is 2-3x faster than ``vector_norm``. Training keeps ``vector_norm``,
-        whose gradient at a zero norm is 0 where the root's would be NaN.
+        Without autograd both come from one reduction over q and k's channels of ``qkv`` (one
+        kernel instead of two on the GPU), in CPU inference as the root of a sum of squares (over a
+        channels-last map, pixels 3C apart, 2-3x faster than ``vector_norm``). With autograd, two
+        ``vector_norm`` of the q and k views, so their gradients join the rest of q's and k's (see
+        :func:`split_channels`); ``vector_norm``'s gradient at a zero norm is 0 where the root's
+        would be NaN.
         """
-        t = t.unflatten(1, (self.heads, -1))
-        if torch.is_grad_enabled() or t.device.type != "cpu":
-            return torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-        return t.float().square().sum(-1, keepdim=True).sqrt().to(t.dtype)
+        if torch.is_grad_enabled():
+            return torch.cat([torch.linalg.vector_norm(t.unflatten(1, (self.heads, -1)), dim=-1, keepdim=True)
+                              for t in (q, k)], dim=1)
+        qk = pixel_major(qkv)[:, :2 * q.shape[1]].unflatten(1, (2 * self.heads, -1))
+        if qk.device.type != "cpu":
+            return torch.linalg.vector_norm(qk, dim=-1, keepdim=True)
+        return qk.float().square().sum(-1, keepdim=True).sqrt().to(qk.dtype)
 
 
 # oneDNN convolution with an element-wise post-op (the op inductor uses after freezing): None where
