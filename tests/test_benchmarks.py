@@ -63,6 +63,15 @@ def test_trainer_benchmark_times_the_training_loop(tmp_path):
     assert "| trainer_throughput | nerd_rain_s | fp32 | 32 | 2 |" in run("summarize.py", str(jsonl))
 
 
+def test_op_count_on_the_meta_device():
+    (r,) = records(run("count_ops.py", "--variant", "nerd_rain_s", "--size", "64", "--channels-last"))
+    assert r["kind"] == "op_count" and r["non_view_ops"] == sum(r["by_op"].values())
+    # 6 U-passes (1 + 2 + 3 over the scales) x 13 transformer blocks (2 + 3 encoding, 3 latent,
+    # 3 + 2 decoding), two LayerNorms a block
+    assert r["by_op"]["native_layer_norm"] == 2 * 6 * 13
+    assert "view" not in r["by_op"] and "permute" not in r["by_op"]
+
+
 def test_profile_prints_an_operator_table():
     text = run("profile_forward.py", "--device", "cpu", "--variant", "nerd_rain_s", "--size", "32", "--calls", "1",
                "--rows", "5")
