@@ -160,17 +160,17 @@ class CudaGraphStep:
     """
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
-                 params: list[nn.Parameter], rainy: torch.Tensor, clean: torch.Tensor, warmup: int = 3):
+                 optimizer: torch.optim.Optimizer, rainy: torch.Tensor, clean: torch.Tensor, warmup: int = 3):
         self.rainy, self.clean = rainy.clone(), clean.clone()
         device = rainy.device
         stream = torch.cuda.Stream(device=device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
             for _ in range(warmup):
-                _drop_grads(params)
+                optimizer.zero_grad(set_to_none=True)
                 fn(self.rainy, self.clean)
         torch.cuda.current_stream(device).wait_stream(stream)
-        _drop_grads(params)  # the captured backward allocates them in the graph's memory pool
+        optimizer.zero_grad(set_to_none=True)  # the captured backward allocates them in the graph's pool
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.parts = fn(self.rainy, self.clean)
@@ -180,11 +180,6 @@ class CudaGraphStep:
         self.clean.copy_(clean, non_blocking=True)
         self.graph.replay()
         return self.parts
-
-
-def _drop_grads(params: list[nn.Parameter]) -> None:
-    for p in params:
-        p.grad = None
 
 
 class Trainer:
@@ -410,9 +405,8 @@ class Trainer:
         """``_forward_backward`` by replaying its CUDA graph, captured at the first call; ``None``
         (and eager steps from then on) where capture fails."""
         if self.graph_step is None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
             try:
-                self.graph_step = CudaGraphStep(self._forward_backward, params, rainy, clean)
+                self.graph_step = CudaGraphStep(self._forward_backward, self.optimizer, rainy, clean)
             except Exception as err:  # noqa: BLE001 - any capture failure: train eagerly
                 torch.cuda.synchronize(self.device)
                 warnings.warn(f"cuda_graphs: capturing the training step failed ({type(err).__name__}: {err}); "
