@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .torch_compat import is_compiling, no_autocast
+
 __all__ = [
     "CharbonnierLoss",
     "EdgeLoss",
@@ -84,17 +86,8 @@ def _promote(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def _no_autocast(t: Tensor):
-    """A context that turns autocast off on ``t``'s device (no-op where autocast is unknown)."""
-    try:
-        return torch.autocast(device_type=t.device.type, enabled=False)
-    except (RuntimeError, ValueError):  # pragma: no cover - exotic device types
-        return contextlib.nullcontext()
-
-
 def _kernel5(taps: tuple[float, ...], channels: int, like: Tensor) -> Tensor:
-    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
-    build = _build_kernel5 if compiling else _cached_kernel5  # dynamo folds it in as a constant
+    build = _build_kernel5 if is_compiling() else _cached_kernel5  # dynamo folds it in as a constant
     return build(taps, channels, like.dtype, like.device)
 
 
@@ -117,7 +110,7 @@ _cached_kernel5 = functools.lru_cache(maxsize=64)(_build_kernel5)
 def charbonnier(x: Tensor, y: Tensor, eps: float = 1e-3) -> Tensor:
     """``mean(sqrt((x - y)^2 + eps^2))`` (SPEC: eps = 1e-3)."""
     x, y = _promote(x, y)
-    with _no_autocast(x):
+    with no_autocast(x.device.type):
         diff = x - y
         return torch.mean(torch.sqrt(diff * diff + eps * eps))
 
@@ -129,7 +122,7 @@ def fft_loss(x: Tensor, y: Tensor, mode: str = "modulus") -> Tensor:
     ``mode="real_imag"``: ``mean`` of ``|.|`` over ``stack([Re, Im], -1)`` of ``F(x) - F(y)``.
     """
     x, y = _promote(x, y)
-    with _no_autocast(x):
+    with no_autocast(x.device.type):
         diff = torch.fft.fft2(x) - torch.fft.fft2(y)
         if mode == "modulus":
             return torch.mean(torch.abs(diff))
@@ -145,7 +138,7 @@ def conv_gauss(x: Tensor) -> Tensor:
     (identical for RGB).
     """
     x = _hi(x)
-    with _no_autocast(x):
+    with no_autocast(x.device.type):
         c = x.shape[1]
         xp = F.pad(x, (2, 2, 2, 2), mode="replicate")
         return F.conv2d(xp, _kernel5(_EDGE_TAPS, c, x), groups=c)
@@ -158,7 +151,7 @@ def laplacian(x: Tensor, prefilter: bool = False) -> Tensor:
     ``prefilter=True`` (MPRNet's ``laplacian_kernel``) subsamples ``conv_gauss(x)`` instead.
     """
     x = _hi(x)
-    with _no_autocast(x):
+    with no_autocast(x.device.type):
         g = conv_gauss(x) if prefilter else x
         return x - conv_gauss(g * _even_pixels_times_4(g))
 
@@ -190,7 +183,7 @@ def pyrdown(x: Tensor, border_type: str = "reflect", align_corners: bool = False
     mean of each 2x2 block of the blurred image.
     """
     x = _hi(x)
-    with _no_autocast(x):
+    with no_autocast(x.device.type):
         b, c, h, w = x.shape
         xp = F.pad(x, (2, 2, 2, 2), mode=border_type)
         blurred = F.conv2d(xp, _kernel5(_PYR_TAPS, c, x), groups=c)
@@ -330,7 +323,7 @@ class NeRDRainLoss(nn.Module):
         fft = sum(self.fft(p, t) for p, t in pairs)
         edge = sum(self.edge(p, t) for p, t in pairs)
         r2, r1 = _hi(o["inr_mid"]), _hi(o["inr_small"])
-        with _no_autocast(target):
+        with no_autocast(target.device.type):
             inr = F.l1_loss(r2, t_half.to(r2.dtype)) + F.l1_loss(r1, t_quarter.to(r1.dtype))
         return LossParts(char, fft, edge, inr)
 

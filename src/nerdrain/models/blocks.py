@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..torch_compat import autocast_enabled, is_compiling, no_autocast
 from . import triton_ln
 
 
@@ -51,20 +51,6 @@ class LayerNorm2d(nn.Module):
         else:
             y = F.layer_norm(y.float(), y.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
         return y.permute(0, 3, 1, 2)
-
-
-def autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # PyTorch < 2.4 takes no device
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-    except RuntimeError:  # a device autocast does not know (meta, ...): never on there
-        return False
-
-
-def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast off for ``device_type`` where it is on (an op that must see its inputs' own dtypes)."""
-    return torch.autocast(device_type, enabled=False) if autocast_enabled(device_type) else contextlib.nullcontext()
 
 
 def _in_place_ok(fresh: torch.Tensor, other: torch.Tensor) -> bool:
@@ -352,7 +338,7 @@ def depthwise_gelu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     groups = x.shape[1]
     if (_CONV_POINTWISE is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not torch.is_grad_enabled() and not autocast_enabled("cpu")
-            and not getattr(torch.compiler, "is_compiling", lambda: False)()):
+            and not is_compiling()):
         return _CONV_POINTWISE(x, weight, None, [1, 1], [1, 1], [1, 1], groups, "gelu", [], "none")
     return F.gelu(F.conv2d(x, weight, padding=1, groups=groups))
 

@@ -21,6 +21,8 @@ import warnings
 
 import torch
 
+from ..torch_compat import is_compiling
+
 # Device types the kernel is used on; the benchmarks empty it to time PyTorch's kernel, the tests
 # add "cpu" to run the kernel in Triton's interpreter.
 DEVICES = {"cuda"}
@@ -36,7 +38,7 @@ def available() -> bool:
 def applies(x: torch.Tensor) -> bool:
     return (x.device.type in DEVICES and not torch.is_grad_enabled() and x.numel() <= _MAX_ELEMENTS
             and x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous()
-            and not getattr(torch.compiler, "is_compiling", lambda: False)() and available())
+            and not is_compiling() and available())
 
 
 @functools.cache
