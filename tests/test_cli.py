@@ -50,6 +50,16 @@ def test_derain_single_file_default_output_beside_input(tmp_path, tiny_weights):
         assert img.size == (31, 17)
 
 
+@pytest.mark.parametrize("device, problem", [("gpu", "unknown device 'gpu'"),
+                                             ("cuda:99", "device 'cuda:99' requested but")])
+def test_derain_bad_device_is_one_line_error_before_any_output(tmp_path, tiny_weights, capsys, device, problem):
+    write_image(tmp_path / "rainy.png", 5)
+    code = main(["derain", str(tmp_path / "rainy.png"), "--weights", str(tiny_weights), "--device", device, "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and problem in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rainy.png"]
+
+
 def test_derain_half_stores_weights_in_bf16_and_stays_close_to_fp32(tmp_path, tiny_weights):
     from argparse import Namespace
 

@@ -113,22 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nerdrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def device_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", metavar="DEVICE",
+                       help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps (default: auto)")
+
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--weights", help="checkpoint: the authors' .pth or a .safetensors (default: shipped weights)")
-        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-        p.add_argument("--tile", type=int, default=None, help="tile size in pixels; 0 = whole image at once")
+        device_option(p)
+        p.add_argument("--tile", type=int, default=None, help="tile size in pixels; 0 = whole image at once "
+                       "(default: 512 on CPU/MPS; on CUDA by free memory)")
         p.add_argument("--overlap", type=int, default=32, help="tile overlap, blended smoothly")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("derain", help="derain photos (files, folders, globs)")
-    p.add_argument("inputs", nargs="+")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     p.add_argument("-o", "--output", help="output file or folder (default: beside each input, *_derained.png)")
     model_options(p)
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
     p.add_argument("--half", action="store_true",
                    help="bfloat16 (fp16 where bf16 is unsupported): faster on recent GPUs and AVX512-BF16 CPUs, "
                         "within 1/255 mean of fp32")
-    p.add_argument("--format", default="png", choices=["png", "jpg", "webp", "tif"])
+    p.add_argument("--format", default="png", choices=["png", "jpg", "webp", "tif"],
+                   help="format of outputs written beside the inputs or into a folder (default: png)")
     p.set_defaults(func=cmd_derain)
 
     p = sub.add_parser("evaluate", help="PSNR/SSIM as the paper's MATLAB scripts compute them")
@@ -155,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="render rain onto clean photos: a paired dataset on disk")
     p.add_argument("clean", help="folder of clean photos")
     p.add_argument("out", help="output folder (input/ and target/ are created)")
-    p.add_argument("--preset", default="light", help="light or heavy")
+    p.add_argument("--preset", default="light", help="light, medium or heavy (default: light)")
     p.add_argument("--count", type=int, default=1, help="rainy versions per clean photo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--streaks", help="Garg & Nayar streak database folder (optional)")
@@ -165,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="rain on a sample photo, derained, side by side, with scores")
     p.add_argument("-o", "--output", default="nerdrain-demo")
     p.add_argument("--weights")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    device_option(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("convert", help="convert checkpoints: authors' .pth <-> our .safetensors")
