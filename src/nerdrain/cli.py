@@ -25,6 +25,12 @@ def _model(args: argparse.Namespace):
         from .inference import half_dtype
 
         dtype = half_dtype(device) if getattr(args, "half", False) else None
+        if device.type == "cuda":
+            import torch
+
+            # Tiles of a photo share one shape (and a folder of camera photos, a few): cuDNN's
+            # autotuning runs once per shape, as in the GPU figures of the README.
+            torch.backends.cudnn.benchmark = True
         model = optimize_for_inference(model, device, channels_last=True, dtype=dtype)
     return model
 
