@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,7 @@ from nerdrain import create_model, load_model, save_model
 from nerdrain.checkpoint import CheckpointError, load_default_model
 from nerdrain.cli import main
 from nerdrain.config import ConfigError, TrainConfig, from_dict
-from nerdrain.training import LAST, Trainer, atomic_save, build_optimizer, lr_at, train
+from nerdrain.training import LAST, Trainer, TrainingInterrupted, atomic_save, build_optimizer, lr_at, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -210,6 +213,82 @@ def test_resume_after_a_crash_is_exact(tmp_path, data_root, straight_run, monkey
     monkeypatch.setattr(training, "atomic_save", real_save)
     train(make_config(data_root), out, resume=str(out / LAST), progress=False)
     assert_same_runs(straight_run, out)
+
+
+def test_stop_signal_checkpoints_the_iteration_and_resume_finishes_exactly(tmp_path, data_root, straight_run):
+    """SIGINT mid-run: the iteration in progress finishes and is checkpointed (none was due), the run
+    stops, the signal handlers are restored; ``--resume`` then ends where the straight run does."""
+    out = tmp_path / "run"
+    cfg = make_config(data_root, checkpoint_every=100)
+    trainer = Trainer(cfg, out, progress=False)
+    handler_before = signal.getsignal(signal.SIGINT)
+
+    def interrupt(optimizer, args, kwargs):
+        if trainer.iteration == 1:  # within the second iteration
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trainer.optimizer.register_step_post_hook(interrupt)
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.train()
+    assert (stop.value.signum, stop.value.iteration) == (signal.SIGINT, 2)
+    assert str(stop.value).startswith("interrupted by SIGINT at iteration 2 of 4: checkpoint ")
+    assert load_ckpt(out / LAST)["iteration"] == 2
+    assert not (out / "final.safetensors").exists() and no_tmp_files(out)
+    assert signal.getsignal(signal.SIGINT) is handler_before
+    train(cfg, out, resume=True, progress=False)
+    assert_same_runs(straight_run, out)
+
+
+def interrupt_cli_run(tmp_path: Path, data_root: Path, signum: int, launcher: list[str]) -> tuple[int, str, Path]:
+    """Start an endless training run in a session of its own, wait for its first checkpoints, send
+    ``signum`` to the whole process group (as a terminal's Ctrl-C or a batch system does: data
+    workers and, under torchrun, the agent get it too); return (exit code, output, run folder)."""
+    cfg_path, out = tmp_path / "cfg.yaml", tmp_path / "run"
+    cfg_path.write_text(yaml.safe_dump(config_dict(data_root, iterations=10**6, checkpoint_every=3,
+                                                   data={"num_workers": 1})))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([*launcher, "-m", "nerdrain.cli", "train", str(cfg_path), "--out", str(out), "-q"],
+                            env=env, cwd=tmp_path, start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / LAST).is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it was interrupted"
+        os.killpg(proc.pid, signum)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, output, out
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs POSIX process groups")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_cli_stops_with_a_checkpoint_on_a_signal_to_the_process_group(tmp_path, data_root, signum):
+    code, output, out = interrupt_cli_run(tmp_path, data_root, signum, [sys.executable])
+    name = signal.Signals(signum).name
+    assert code == 128 + signum, output[-3000:]
+    stopped = re.search(rf"interrupted by {name} at iteration (\d+) of 1000000: checkpoint (.+); continue with "
+                        "--resume", output)
+    assert stopped, output[-3000:]
+    assert "Traceback" not in output and "DataLoader worker" not in output, output[-3000:]
+    assert load_ckpt(out / LAST)["iteration"] == int(stopped[1]) >= 3
+    assert Path(stopped[2]) == out / LAST and no_tmp_files(out)
+
+
+@pytest.mark.skipif(not (hasattr(os, "killpg") and torch.distributed.is_available()),
+                    reason="needs POSIX process groups and torch.distributed")
+def test_torchrun_processes_stop_after_the_same_iteration(tmp_path, data_root):
+    """Ctrl-C under torchrun reaches both workers (from the terminal and again from the agent), at
+    different moments of their step: they agree on one iteration, and rank 0 checkpoints it."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master_port", str(free_port()), "--max-restarts", "0"]
+    code, output, out = interrupt_cli_run(tmp_path, data_root, signal.SIGINT, launcher)
+    stopped = re.findall(r"interrupted by SIGINT at iteration (\d+) of 1000000", output)
+    assert len(stopped) == 1, output[-3000:]  # one line for the job, from rank 0
+    assert load_ckpt(out / LAST)["iteration"] == int(stopped[0]) >= 3
+    assert code != 0 and no_tmp_files(out)
 
 
 def test_resume_switching_ema_on(tmp_path, data_root):

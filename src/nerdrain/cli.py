@@ -70,11 +70,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .training import train
+    from .training import TrainingInterrupted, train
 
-    final = train(load_config(args.config, args.set), args.out, resume=args.resume or False,
-                  progress=not args.quiet)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the whole job
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one line for the whole job
+    try:
+        final = train(load_config(args.config, args.set), args.out, resume=args.resume or False,
+                      progress=not args.quiet)
+    except TrainingInterrupted as stop:
+        if main_rank:
+            print(stop, file=sys.stderr)
+        return 128 + stop.signum  # the shell's convention for "ended by signal N"
+    if main_rank:
         print(f"final weights: {final}")
     return 0
 

@@ -2,13 +2,16 @@
 
 Resumable exactly: a checkpoint holds model, optimiser, scheduler, EMA, RNG states and the
 iteration, and the data stream is a pure function of (seed, sample number), so training 2 + 2
-iterations gives the same weights as 4.
+iterations gives the same weights as 4. Ctrl-C or SIGTERM (a cluster's preemption) stops a run
+after the current iteration with a checkpoint of it (:class:`TrainingInterrupted`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -134,6 +137,65 @@ def atomic_save(obj: dict, path: Path) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by a signal after finishing an iteration and checkpointing it.
+
+    A ``KeyboardInterrupt``, so that ``except Exception`` does not swallow it; ``--resume``
+    continues exactly where it stopped.
+    """
+
+    def __init__(self, signum: int, iteration: int, iterations: int, checkpoint: Path):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at iteration {iteration} of {iterations}: "
+                         f"checkpoint {checkpoint}; continue with --resume")
+        self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
+
+
+class StopSignals:
+    """While active (main thread only): SIGINT and SIGTERM ask the loop to stop after the iteration.
+
+    A second SIGINT a second or more after the first aborts at once (``KeyboardInterrupt``, no
+    checkpoint); sooner, it is the same request again (``torchrun`` forwards the terminal's Ctrl-C
+    to its workers, which already had it).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool = True):
+        self.received: int | None = None
+        self.announce = announce
+        self._at = 0.0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if self.received is not None:
+            if signum == signal.SIGINT and now - self._at >= 1.0:
+                raise KeyboardInterrupt
+            return
+        self.received, self._at = signum, now
+        if self.announce:
+            tqdm.write(f"{signal.Signals(signum).name}: stopping after this iteration, with a checkpoint "
+                       "(Ctrl-C again to abort without one)")
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data workers leave Ctrl-C and SIGTERM to the training process, which stops them itself;
+    on their own they would exit and the loader would fail the run mid-iteration."""
+    for signum in StopSignals.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class AllOutputs(nn.Module):
@@ -337,6 +399,7 @@ class Trainer:
             build_stream(cfg), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
             sampler=StreamSampler(cfg.data.batch_size, self.dist.rank, self.dist.world_size, self.iteration),
             pin_memory=self.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
+            worker_init_fn=_ignore_stop_signals,
             # its own generator: starting the iterator must not draw from the global RNG, whose
             # state is checkpointed (samples themselves are a pure function of the sample number)
             generator=torch.Generator().manual_seed(cfg.seed))
@@ -344,6 +407,21 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not self.progress, desc="train",
                    dynamic_ncols=True)
+        try:
+            with StopSignals(announce=self.dist.is_main) as signals:
+                self._loop(loader, writer, bar, signals)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        final = self.out / FINAL
+        if self.dist.is_main:
+            save_model(self.eval_model, final, extra_metadata={"iteration": str(self.iteration)})
+        self._barrier()
+        return final
+
+    def _loop(self, loader: DataLoader, writer, bar, signals: StopSignals) -> None:
+        cfg = self.cfg
         started, samples = time.perf_counter(), 0
         batches = iter(loader)
         while self.iteration < cfg.iterations:
@@ -375,17 +453,15 @@ class Trainer:
             if self.dist.is_main and cfg.val.root and (self.iteration % cfg.val.every == 0
                                                        or self.iteration == cfg.iterations):
                 self.validate(writer)
-            if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
+            saved = self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations
+            if saved:
                 self.save()
-            self._barrier()
-        bar.close()
-        final = self.out / FINAL
-        if self.dist.is_main:
-            save_model(self.eval_model, final, extra_metadata={"iteration": str(self.iteration)})
-        if writer is not None:
-            writer.close()
-        self._barrier()
-        return final
+            stop = self._stop_signal(signals)
+            if stop and self.iteration < cfg.iterations:
+                if not saved:
+                    self.save()
+                self._barrier()  # the checkpoint is complete before any process exits
+                raise TrainingInterrupted(stop, self.iteration, cfg.iterations, self.out / LAST)
 
     def _forward_backward(self, rainy: torch.Tensor, clean: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms of one batch, gradients accumulated into ``.grad`` and clipped."""
@@ -421,6 +497,16 @@ class Trainer:
             dist.all_reduce(values)
             values /= self.dist.world_size
         return dict(zip(parts, values.tolist()))
+
+    def _stop_signal(self, signals: StopSignals) -> int:
+        """The stop signal that reached this process or, under DDP, any process (0: none), so that
+        all stop after the same iteration. Also the per-iteration barrier (main may have validated)."""
+        stop = signals.received or 0
+        if self.dist.world_size > 1:
+            flag = torch.tensor([stop], dtype=torch.int32, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = int(flag.item())
+        return stop
 
     def _barrier(self) -> None:
         if self.dist.world_size > 1:
