@@ -272,6 +272,17 @@ def test_read_palette_with_and_without_transparency(tmp_path):
         np.testing.assert_array_equal(_u8(ph.rgb), ref)
 
 
+def test_multi_frame_files_read_their_first_frame_and_say_how_many(tmp_path):
+    frames = [RNG.integers(0, 256, (10, 12, 3), dtype=np.uint8) for _ in range(3)]
+    first, *rest = (Image.fromarray(f) for f in frames)
+    first.save(tmp_path / "pages.tif", save_all=True, append_images=rest)  # lossless, unlike GIF
+    ph = read_photo(tmp_path / "pages.tif")
+    assert ph.frames == 3
+    np.testing.assert_array_equal(_u8(ph.rgb), frames[0])
+    first.save(tmp_path / "one.tif")
+    assert read_photo(tmp_path / "one.tif").frames == 1
+
+
 def test_read_cmyk_jpeg(tmp_path):
     a = RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)
     cmyk = Image.fromarray(a).convert("CMYK")

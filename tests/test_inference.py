@@ -254,6 +254,17 @@ def test_folder_with_good_and_bad_files(photo_folder, tmp_path, capsys):
     assert np.abs(np.asarray(Image.open(out / "good1.png")).astype(np.int64) - ref).max() <= 1
 
 
+def test_multi_frame_file_is_derained_with_a_note(tmp_path):
+    frames = [Image.fromarray(np.full((8, 10, 3), v, dtype=np.uint8)) for v in (40, 200)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    lines = []
+    s = derain_files([str(tmp_path / "anim.gif")], str(tmp_path / "out"), identity, tile=0, progress=False,
+                     log=lines.append)
+    assert s.ok == 1 and not s.failed
+    assert lines == [f"note: {tmp_path / 'anim.gif'}: 2 frames or pages; only the first was derained"]
+    assert np.asarray(Image.open(tmp_path / "out" / "anim.png")).max() == 40  # the first frame
+
+
 def test_outputs_beside_inputs_with_suffix(photo_folder):
     s = derain_files([str(photo_folder / "good1.png"), str(photo_folder / "good2.jpg")], None, identity, tile=0, progress=True)
     assert s.ok == 2 and not s.failed

@@ -31,7 +31,8 @@ What is kept, and how
   16-bit RGB TIFF).
 * **Grayscale** inputs (1, L, LA, I;16, I, F) are expanded to three equal channels for
   the network and converted back with the ITU-R 601 weights (as Pillow's ``L`` mode).
-* Multi-frame files (GIF, APNG, multi-page TIFF): the first frame only.  XMP, text
+* Multi-frame files (GIF, APNG, multi-page TIFF): the first frame only (``Photo.frames``
+  says how many there were; ``derain_files`` notes it).  XMP, text
   chunks, DPI and other metadata are not carried over.
 
 Huge images
@@ -141,6 +142,7 @@ class Photo:
     icc_profile: bytes | None = None
     exif: bytes | None = None
     format: str | None = None
+    frames: int = 1  # frames (or pages) in the file; only the first is read
 
     @property
     def size(self) -> tuple[int, int]:
@@ -531,7 +533,8 @@ def _read_locked(p: Path, path: PathLike, limit: int) -> Photo:
         try:
             pixels16 = _decode_16bit(p, img)
             img.load()
-            return photo_from_pil(img, apply_exif_orientation=True, _pixels16=pixels16)
+            photo = photo_from_pil(img, apply_exif_orientation=True, _pixels16=pixels16)
+            return dataclasses.replace(photo, frames=max(1, int(getattr(img, "n_frames", 1))))
         except ImageReadError:
             raise
         except MemoryError:

@@ -515,7 +515,8 @@ def derain_files(
     alpha, grayscale-ness and 16-bit depth (PNG).  Inputs are never overwritten; outputs
     are written atomically.  A file that fails is reported as one line
     ``error: <path>: <reason>`` on stderr (or to ``log``, a callable taking the line)
-    and the batch goes on.  ``progress``: a tqdm bar over files, plus one over tiles for
+    and the batch goes on; a multi-frame file (GIF, multi-page TIFF) gets a line
+    ``note: <path>: ...`` (only its first frame is derained).  ``progress``: a tqdm bar over files, plus one over tiles for
     large images.  Returns a :class:`Summary`.
     """
     in_strs = [os.fspath(i) for i in inputs]
@@ -524,9 +525,10 @@ def derain_files(
     files, problems = expand_inputs(in_strs, skip_suffix=suffix if out_str is None else None)
     summary = Summary()
 
-    def report(path: str, reason: str) -> None:
-        summary.failed.append((path, reason))
-        line = f"error: {path}: {reason}"
+    def report(path: str, reason: str, kind: str = "error") -> None:
+        if kind == "error":
+            summary.failed.append((path, reason))
+        line = f"{kind}: {path}: {reason}"
         if log is not None:
             log(line)
         elif progress:
@@ -571,6 +573,8 @@ def derain_files(
                 write_photo(dst, result, overwrite_guard_path=all_inputs)
                 summary.ok += 1
                 summary.outputs.append(dst)
+                if photo.frames > 1:
+                    report(str(src), f"{photo.frames} frames or pages; only the first was derained", "note")
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch
