@@ -27,7 +27,8 @@ from nerdrain import create_model, load_model, save_model
 from nerdrain.checkpoint import CheckpointError, load_default_model
 from nerdrain.cli import main
 from nerdrain.config import ConfigError, TrainConfig, from_dict
-from nerdrain.training import LAST, Trainer, TrainingInterrupted, atomic_save, build_optimizer, lr_at, train
+from nerdrain.training import (LAST, StopSignals, Trainer, TrainingInterrupted, atomic_save, build_optimizer, lr_at,
+                               train)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -237,6 +238,20 @@ def test_stop_signal_checkpoints_the_iteration_and_resume_finishes_exactly(tmp_p
     assert signal.getsignal(signal.SIGINT) is handler_before
     train(cfg, out, resume=True, progress=False)
     assert_same_runs(straight_run, out)
+
+
+def test_a_second_ctrl_c_a_second_later_aborts_at_once():
+    """The first SIGINT asks for a stop; a repeat within a second (torchrun forwarding the terminal's
+    Ctrl-C) is the same request; one a second or more later aborts; SIGTERM never aborts."""
+    clock = iter([100.0, 100.5, 100.9, 101.2])
+    with StopSignals(announce=False, clock=lambda: next(clock)) as signals:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGINT)  # 0.5 s later
+        os.kill(os.getpid(), signal.SIGTERM)  # 0.9 s later
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # 1.2 s later
+    assert signals.received == signal.SIGINT
 
 
 def interrupt_cli_run(tmp_path: Path, data_root: Path, signum: int, launcher: list[str]) -> tuple[int, str, Path]:

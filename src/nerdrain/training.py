@@ -162,9 +162,10 @@ class StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, announce: bool = True):
+    def __init__(self, announce: bool = True, clock: Callable[[], float] = time.monotonic):
         self.received: int | None = None
         self.announce = announce
+        self.clock = clock
         self._at = 0.0
         self._previous: dict[int, object] = {}
 
@@ -180,7 +181,7 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if self.received is not None:
             if signum == signal.SIGINT and now - self._at >= 1.0:
                 raise KeyboardInterrupt
