@@ -516,8 +516,8 @@ def derain_files(
     are written atomically.  A file that fails is reported as one line
     ``error: <path>: <reason>`` on stderr (or to ``log``, a callable taking the line)
     and the batch goes on; a multi-frame file (GIF, multi-page TIFF) gets a line
-    ``note: <path>: ...`` (only its first frame is derained).  ``progress``: a tqdm bar over files, plus one over tiles for
-    large images.  Returns a :class:`Summary`.
+    ``note: <path>: ...`` (only its first frame is derained).  ``progress``: a tqdm bar
+    over files, plus one over tiles for large images.  Returns a :class:`Summary`.
     """
     in_strs = [os.fspath(i) for i in inputs]
     out_str = os.fspath(output) if output is not None else None
