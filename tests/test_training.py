@@ -27,8 +27,8 @@ from nerdrain import create_model, load_model, save_model
 from nerdrain.checkpoint import CheckpointError, load_default_model
 from nerdrain.cli import main
 from nerdrain.config import ConfigError, TrainConfig, from_dict
-from nerdrain.training import (LAST, StopSignals, Trainer, TrainingInterrupted, atomic_save, build_optimizer, lr_at,
-                               train)
+from nerdrain.training import (LAST, StopSignals, Trainer, TrainingInterrupted, WeightEMA, atomic_save,
+                               build_optimizer, lr_at, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -304,6 +304,26 @@ def test_torchrun_processes_stop_after_the_same_iteration(tmp_path, data_root):
     assert len(stopped) == 1, output[-3000:]  # one line for the job, from rank 0
     assert load_ckpt(out / LAST)["iteration"] == int(stopped[0]) >= 3
     assert code != 0 and no_tmp_files(out)
+
+
+def test_weight_ema_matches_pytorchs_averaged_model():
+    """The host-counted EMA gives PyTorch's AveragedModel EMA exactly, update by update, and the same
+    state dict (so checkpoints written by either load into the other)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = create_model(TINY["name"], **TINY["overrides"])
+    ours = WeightEMA(model, 0.9)
+    reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update_parameters(model)
+        reference.update_parameters(model)
+        assert_same(ours.state_dict(), reference.state_dict(), "EMA")
+    assert int(ours.n_averaged) == 3
+    assert not torch.equal(next(ours.module.parameters()), next(model.parameters()))  # it averages
 
 
 def test_resume_switching_ema_on(tmp_path, data_root):

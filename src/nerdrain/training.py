@@ -210,6 +210,30 @@ class AllOutputs(nn.Module):
         return self.model.forward_all(x)
 
 
+class WeightEMA(AveragedModel):
+    """Exponential moving average of the weights and buffers, exactly as ``AveragedModel`` with
+    ``get_ema_multi_avg_fn`` computes it (same state dict, so checkpoints load either way).
+
+    The library's update copies its step counter from the CPU to the device at every step, and a
+    blocking copy to a GPU waits for all queued work: the GPU would idle while the host launches the
+    next step. Here the counter stays on the host and the update only queues kernels.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [*model.parameters(), *model.buffers()]
+        if self.n_averaged.item() == 0:  # a CPU tensor: no device sync
+            for mean, value in zip(averaged, current, strict=True):
+                mean.copy_(value)
+        else:
+            self.multi_avg_fn(averaged, current, self.n_averaged)  # the EMA's lerp ignores the count
+        self.n_averaged += 1
+
+
 class CudaGraphStep:
     """A step's forward, loss, backward and clipping, captured once as a CUDA graph and replayed.
 
@@ -272,8 +296,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-                    if cfg.ema_decay else None)
+        self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.loss = NeRDRainLoss(**vars(cfg.loss))
         self.iteration = 0
         self.best_psnr = -math.inf
@@ -286,6 +309,10 @@ class Trainer:
             wrapped = DistributedDataParallel(
                 wrapped, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step_model = torch.compile(wrapped) if cfg.compile else wrapped
+        # The per-iteration stop-signal vote runs on the host (gloo): under NCCL it would read a
+        # GPU tensor back, a sync that keeps the host from queuing the next step ahead.
+        self.control_group = (dist.new_group(backend="gloo")
+                              if self.dist.world_size > 1 and dist.get_backend() != "gloo" else None)
         self.graph_step: CudaGraphStep | None = None
         self.use_graphs = cfg.cuda_graphs and self._graphs_possible()
         if self.device.type == "cuda":
@@ -358,8 +385,7 @@ class Trainer:
             if "ema" in state:
                 self.ema.load_state_dict(state["ema"])
             else:  # EMA switched on at resume: start averaging from the loaded weights
-                self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay),
-                                         use_buffers=True)
+                self.ema = WeightEMA(self.model, self.cfg.ema_decay)
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
@@ -504,8 +530,8 @@ class Trainer:
         all stop after the same iteration. Also the per-iteration barrier (main may have validated)."""
         stop = signals.received or 0
         if self.dist.world_size > 1:
-            flag = torch.tensor([stop], dtype=torch.int32, device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            flag = torch.tensor([stop], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
             stop = int(flag.item())
         return stop
 
