@@ -88,7 +88,7 @@ def test_fp16_saved_weights_load_as_fp32(tmp_path):
 def test_not_a_checkpoint(tmp_path):
     path = tmp_path / "notes.pth"
     path.write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint") as err:
+    with pytest.raises(CheckpointError, match="not a readable checkpoint: neither a PyTorch file nor safetensors") as err:
         load_model(path)
     assert_one_line_naming(err, path)
 
@@ -137,6 +137,24 @@ def test_arbitrary_pickles_are_refused(tmp_path, capsys):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": Payload()}, f)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="pickled Python objects besides tensors; refused") as err:
         load_model(path)
     assert "unpickled!" not in capsys.readouterr().out
+    assert_one_line_naming(err, path)
+    assert "weights_only" not in str(err.value)  # no advice to switch the protection off
+
+
+def test_format_is_read_from_the_contents_not_the_name(tmp_path, official_state):
+    """A renamed file still loads: safetensors named .pth, a torch pickle named .safetensors."""
+    ours = save_model(create_model("nerd_rain", dim=16), tmp_path / "ours.safetensors")
+    renamed = ours.rename(tmp_path / "ours.pth")
+    assert load_model(renamed).cfg.dim == 16
+    pickled = tmp_path / "official.safetensors"
+    torch.save({"state_dict": dict(official_state)}, pickled)
+    assert load_model(pickled).cfg.dim == 16
+
+
+def test_save_model_refuses_a_pickle_name(tmp_path):
+    with pytest.raises(ValueError, match="name it .safetensors"):
+        save_model(create_model("nerd_rain", dim=16), tmp_path / "mine.pth")
+    assert not list(tmp_path.iterdir())

@@ -134,6 +134,26 @@ def test_convert_round_trip_through_official_format(tmp_path, tiny_weights):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_convert_to_official_safetensors_is_a_bare_state_dict_under_official_names(tmp_path, tiny_weights):
+    from safetensors.torch import load_file
+
+    from nerdrain import load_model
+    from nerdrain.checkpoint import to_official_state_dict
+
+    out = tmp_path / "official.safetensors"
+    assert main(["convert", str(tiny_weights), str(out), "--to-official"]) == 0
+    expected = to_official_state_dict(load_model(tiny_weights))
+    written = load_file(str(out))
+    assert set(written) == set(expected) and all(torch.equal(written[k], expected[k]) for k in expected)
+
+
+def test_convert_refuses_a_pth_name_for_our_format(tmp_path, tiny_weights, capsys):
+    assert main(["convert", str(tiny_weights), str(tmp_path / "ours.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ours.pth" in err and "--to-official" in err
+    assert not (tmp_path / "ours.pth").exists()
+
+
 def test_demo_writes_comparison(tmp_path, tiny_weights, capsys):
     assert main(["demo", "-o", str(tmp_path / "demo"), "--weights", str(tiny_weights), "--device", "cpu"]) == 0
     assert (tmp_path / "demo" / "comparison.png").is_file()

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
+from .files import atomic_write
 from .models import NeRDRain, NeRDRainConfig
 
 SCALE_NAMES = ("small", "mid", "max")
@@ -143,20 +145,33 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> NeRDRainConfig:
 # Files
 
 
+# Formats are told apart by their first bytes, not the file name: a renamed file still loads.
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; the legacy pickle format
+_PICKLE_SUFFIXES = frozenset({".pth", ".pt", ".bin", ".ckpt", ".pkl"})
+
+
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and (safetensors) metadata; never unpickles anything but tensors and containers."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head.startswith(_TORCH_MAGIC):
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
             return load_file(str(path)), metadata
         except Exception as err:  # safetensors' own error type is not exported by every version
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+            kind = ("safetensors file" if path.suffix.lower() == ".safetensors"
+                    else "checkpoint: neither a PyTorch file nor safetensors")
+            raise CheckpointError(f"{path}: not a readable {kind} ({_first_line(err)})") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with path.open("rb") as f:  # a file object: newer torch.load reads a *.safetensors name as safetensors
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated/foreign/pickled-object files
+        if "Weights only load failed" in str(err):  # torch's advice to unpickle anyway is not ours to give
+            raise CheckpointError(f"{path}: holds pickled Python objects besides tensors; refused, since "
+                                  "unpickling them could run code (save a state dict of tensors)") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(err)})") from None
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "params_ema", "params", "model"):
@@ -227,27 +242,37 @@ def _load_strict(model: NeRDRain, state: Mapping[str, torch.Tensor], path: Path)
 
 def save_model(model: NeRDRain, path: str | Path, dtype: torch.dtype | None = None,
                extra_metadata: Mapping[str, str] | None = None) -> Path:
-    """Write safetensors with the config needed to rebuild the model (atomically)."""
+    """Write safetensors with the config needed to rebuild the model (atomically).
+
+    A name ending in ``.pth``/``.pt`` (PyTorch's pickles) is refused: the file would not be what
+    its name says, for other tools; :func:`export_official` writes the authors' ``.pth`` format.
+    """
     path = Path(path)
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: our weights are safetensors files; name it .safetensors "
+                         "(the authors' .pth format: export_official, or nerd-rain convert --to-official)")
     path.parent.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DDP / compiled wrappers
     model = getattr(model, "_orig_mod", model)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT_TAG, "config": json.dumps(asdict(model.cfg)), **(extra_metadata or {})}
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        f.write(safetensors_bytes(tensors, metadata=metadata))
     return path
 
 
 def export_official(model: NeRDRain, path: str | Path) -> Path:
-    """Write a ``.pth`` the authors' test script can load (``{'state_dict': ...}`` under their names)."""
+    """The weights under the authors' key names, atomically: a ``.safetensors`` name gives a bare
+    state dict in safetensors, any other a ``.pth`` their test script loads (``{'state_dict': ...}``)."""
     path = Path(path)
-    torch.save({"state_dict": to_official_state_dict(model)}, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in to_official_state_dict(model).items()}
+    with atomic_write(path) as f:
+        if path.suffix.lower() == ".safetensors":
+            f.write(safetensors_bytes(state))
+        else:
+            torch.save({"state_dict": state}, f)
     return path
 
 

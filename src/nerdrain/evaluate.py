@@ -22,8 +22,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data.pairs import Pair, _by_key, _images, _listing, _natural_key, _read_rgb, find_pairs, load_pair
+from .files import atomic_write
 from .metrics import PROTOCOLS, score, to_uint8
 
 __all__ = [
@@ -118,17 +117,11 @@ def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "ra
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write a uint8 HxWx3 image as an 8-bit PNG atomically (temporary file, then ``os.replace``),
-    so an interrupted run never leaves a truncated file under the final name."""
+    """Write a uint8 HxWx3 image as an 8-bit PNG atomically: an interrupted run never leaves a
+    truncated file under the final name."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # "x": usual permissions
-    try:
-        with tmp.open("xb") as f:
-            Image.fromarray(image, "RGB").save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        Image.fromarray(image, "RGB").save(f, format="PNG")
     return path
 
 

@@ -55,7 +55,6 @@ import io
 import os
 import struct
 import sys
-import tempfile
 import threading
 import warnings
 import zlib
@@ -66,6 +65,8 @@ from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .files import atomic_write
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -705,11 +706,7 @@ def write_photo(
     exif = photo.exif or None
 
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise ImageWriteError(path, f"cannot create a file in {parent} ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "wb") as fp:
+        with atomic_write(out) as fp:
             if mode == "PNG16":
                 _write_png16(fp, data, icc, exif)
             else:
@@ -728,28 +725,13 @@ def write_photo(
                 elif fmt == "TIFF":
                     params.update(compression="tiff_lzw")
                 img.save(fp, format=fmt, **params)
-            fp.flush()
-            os.fsync(fp.fileno())
-        _set_default_permissions(tmp)
-        os.replace(tmp, out)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, (OSError, ValueError, TypeError, struct.error, zlib.error)) and not isinstance(e, ImageWriteError):
-            raise ImageWriteError(path, f"cannot write image ({type(e).__name__}: {e})") from e
+    except ImageWriteError:
         raise
+    except (PermissionError, FileExistsError) as e:  # raised by creating the temporary file
+        raise ImageWriteError(path, f"cannot create a file in {parent} ({e.strerror or e})") from None
+    except (OSError, ValueError, TypeError, struct.error, zlib.error) as e:
+        raise ImageWriteError(path, f"cannot write image ({type(e).__name__}: {e})") from e
     return out
-
-
-def _set_default_permissions(tmp: str) -> None:
-    """mkstemp creates 0600 files; give the output the usual 0666 & ~umask instead."""
-    if os.name != "posix":
-        return
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
 
 
 def photo_to_pil(photo: Photo) -> Image.Image:

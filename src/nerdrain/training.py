@@ -34,6 +34,7 @@ from .data.augment import AugmentConfig
 from .data.datasets import PairedSource, StreamSampler, SyntheticSource, TrainingStream
 from .data.pairs import find_pairs
 from .evaluate import evaluate_pairs
+from .files import atomic_write
 from .losses import NeRDRainLoss
 from .models import NeRDRain, create_model
 
@@ -127,16 +128,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
 
 
 def atomic_save(obj: dict, path: Path) -> None:
-    """``torch.save`` to a temporary file, fsync, then rename: a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``torch.save`` that never leaves half a checkpoint (:func:`nerdrain.files.atomic_write`)."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 class TrainingInterrupted(KeyboardInterrupt):

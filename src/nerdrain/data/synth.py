@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import tempfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -32,6 +30,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 from scipy import ndimage
+
+from ..files import atomic_write
 
 __all__ = [
     "RainConfig",
@@ -613,18 +613,8 @@ def render_mixed(clean: np.ndarray, rng: np.random.Generator,
 
 
 def _save_png_atomic(arr_u8: np.ndarray, dest: Path) -> None:
-    """Write via a temp file in the same folder then rename, so no partial PNG is ever seen."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(arr_u8).save(fh, format="PNG")
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(dest) as fh:
+        Image.fromarray(arr_u8).save(fh, format="PNG")
 
 
 def _to_u8(img: np.ndarray) -> np.ndarray:

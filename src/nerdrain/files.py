@@ -1,0 +1,32 @@
+"""Writing files so that a crash, a kill or a full disk never leaves half of one under its name."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file whose contents appear under ``path`` only when the block ends without error.
+
+    It is written as a hidden temporary file beside ``path``, flushed to disk, then renamed over
+    it: until then readers see the previous file (or none), and on any exception, Ctrl-C included,
+    the temporary file is removed. Created with ``open(..., "xb")``, so it gets the usual
+    permissions (0666 less the umask), unlike ``mkstemp``'s 0600.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
