@@ -60,6 +60,76 @@ def test_derain_bad_device_is_one_line_error_before_any_output(tmp_path, tiny_we
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rainy.png"]
 
 
+@pytest.mark.parametrize("device", ["xpu", "meta"])
+def test_derain_device_torch_knows_but_we_do_not_run_on(tmp_path, tiny_weights, capsys, device):
+    write_image(tmp_path / "rainy.png", 5)
+    code = main(["derain", str(tmp_path / "rainy.png"), "--weights", str(tiny_weights), "--device", device, "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"unsupported device '{device}'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, problem", [(["--tile", "-5"], "tile must be 0"), (["--tile", "7"], "at least 16"),
+                                            (["--overlap", "-1"], "overlap"), (["--batch-size", "0"], "batch_size")])
+def test_derain_bad_tiling_is_one_usage_error_not_one_per_file(tmp_path, tiny_weights, capsys, flags, problem):
+    for i in range(2):
+        write_image(tmp_path / f"{i}.png", i)
+    code = main(["derain", str(tmp_path / "0.png"), str(tmp_path / "1.png"), "-o", str(tmp_path / "o"),
+                 "--weights", str(tiny_weights), "-q", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and problem in err[0] and "0.png" not in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("output, problem", [("notes.txt", "exists and is not a folder"),
+                                             ("res.png", "a file name, but the inputs are several images")])
+def test_derain_unusable_output_fails_before_any_work(tmp_path, tiny_weights, capsys, output, problem):
+    for i in range(2):
+        write_image(tmp_path / f"{i}.png", i)
+    (tmp_path / "notes.txt").write_text("mine")
+    code = main(["derain", str(tmp_path / "0.png"), str(tmp_path / "1.png"), "-o", str(tmp_path / output),
+                 "--weights", str(tiny_weights), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and problem in err[0]
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "res.png").exists()
+
+
+def test_derain_write_error_names_the_output(tmp_path, tiny_weights, capsys):
+    write_image(tmp_path / "s.png", 0)
+    (tmp_path / "o" / "s.png").mkdir(parents=True)  # where the output would go: a folder
+    assert main(["derain", str(tmp_path / "s.png"), "-o", str(tmp_path / "o"), "--weights", str(tiny_weights),
+                 "--tile", "0", "-q"]) == 1
+    assert f"error: {tmp_path / 's.png'}: output {tmp_path / 'o' / 's.png'}: is a directory" in capsys.readouterr().err
+
+
+def test_sigterm_unwinds_like_ctrl_c_with_exit_143(tmp_path, monkeypatch, capsys):
+    """A batch system's SIGTERM raises an interrupt in the command (so temporary files are
+    removed on the way out, see test_atomic_write_removes_the_temporary_file_on_interrupt)."""
+    import os
+    import signal
+    import time
+
+    from nerdrain import inference
+
+    def terminated_midway(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not interrupt the command")
+
+    monkeypatch.setattr(inference, "derain_files", terminated_midway)
+    previous = signal.getsignal(signal.SIGTERM)
+    write_image(tmp_path / "s.png", 0)
+    assert main(["derain", str(tmp_path / "s.png"), "-q"]) == 143
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == previous  # restored
+
+
+def test_weights_folder_is_named_as_a_folder(tmp_path, capsys):
+    write_image(tmp_path / "x.png", 3)
+    (tmp_path / "w.pth").mkdir()
+    assert main(["derain", str(tmp_path / "x.png"), "--weights", str(tmp_path / "w.pth")]) == 2
+    assert "w.pth: is a folder, not a checkpoint file" in capsys.readouterr().err
+
+
 def test_derain_half_stores_weights_in_bf16_and_stays_close_to_fp32(tmp_path, tiny_weights):
     from argparse import Namespace
 

@@ -151,6 +151,39 @@ def test_bad_types_name_the_key(yaml_path, override, key):
         load_config(yaml_path, [override])
 
 
+@pytest.mark.parametrize("override, where", [
+    ("val.protocol=rain100", "config.val.protocol: expected one of rain200, did_ddn"),
+    ("data.sources.0.kind=synth", "config.data.sources[0].kind: expected one of paired, synthetic"),
+    ("data.sources.0.presets=[drizzle]", "config.data.sources[0].presets: expected one of light"),
+    ("data.sources.1.layout=folders", "config.data.sources[1].layout"),
+    ("data.sources.1.root=''", "config.data.sources[1].root"),
+    ("data.sources.0.weight=0", "config.data.sources[0].weight"),
+    ("data.patch_size=100", "config.data.patch_size: expected a positive multiple of 16"),
+    ("data.batch_size=0", "config.data.batch_size"),
+    ("val.every=0", "config.val.every"),
+    ("optim.lr=0", "config.optim.lr"),
+    ("optim.min_lr=1", "config.optim.min_lr"),
+    ("optim.betas=[0.9, 1.0]", "config.optim.betas"),
+    ("iterations=0", "config.iterations"),
+    ("ema_decay=1", "config.ema_decay"),
+    ("checkpoint_every=0", "config.checkpoint_every"),
+    ("device=gpu", "config.device"),
+    ("model.name=nerd_rain_xl", "config.model.name: expected one of nerd_rain, nerd_rain_s"),
+])
+def test_bad_values_fail_at_load_naming_the_key(yaml_path, override, where):
+    """Values a run would only trip over later (at the first validation, or on a worker) fail
+    at load, where the message can name the key."""
+    with pytest.raises(ConfigError) as err:
+        load_config(yaml_path, [override])
+    assert str(err.value).startswith(where) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["device=cuda:1", "device=mps", "ema_decay=null", "optim.min_lr=0",
+                                      "data.sources.1.layout=prenet", "val.max_images=2"])
+def test_good_values_pass(yaml_path, override):
+    load_config(yaml_path, [override])
+
+
 @pytest.mark.parametrize("override", ["iterations", "=3", "data.sources.5.weight=1", "iterations.x=1",
                                       "data.sources.first.weight=1"])
 def test_malformed_overrides(yaml_path, override):

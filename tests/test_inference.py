@@ -309,11 +309,16 @@ def test_output_never_equals_an_input(photo_folder, tmp_path):
     src = photo_folder / "good1.png"
     s = derain_files([str(src)], str(src), identity, tile=0, progress=False)
     assert s.ok == 0 and "overwrite the input" in s.failed[0][1]
-    # Output folder == input folder: good1.png would be overwritten; good2.jpg -> good2.png is fine.
-    s = derain_files([str(photo_folder)], str(photo_folder), identity, tile=0, progress=False)
-    assert [p.name for p in s.outputs] == ["good2.png"]
-    assert any(Path(p).name == "good1.png" and "overwrite the input" in r for p, r in s.failed)
-    assert (photo_folder / "good1.png").read_bytes() == before["good1.png"]
+    # Output folder == input folder: outputs there take the suffix, as beside the inputs, so
+    # good2.jpg's output cannot replace a good2.png that is not part of the batch.
+    (photo_folder / "good2.png").write_bytes(b"someone else's photo")
+    s = derain_files([str(photo_folder / "good1.png"), str(photo_folder / "good2.jpg")], str(photo_folder),
+                     identity, tile=0, progress=False)
+    assert [p.name for p in s.outputs] == ["good1_derained.png", "good2_derained.png"] and not s.failed
+    assert (photo_folder / "good2.png").read_bytes() == b"someone else's photo"
+    (photo_folder / "good2.png").unlink()
+    for p in s.outputs:
+        p.unlink()
     # An empty suffix beside the input is the input itself.
     s = derain_files([str(src)], None, identity, tile=0, suffix="", progress=False)
     assert s.ok == 0 and "overwrite the input" in s.failed[0][1]
@@ -412,6 +417,26 @@ def test_large_image_shows_tile_progress(tmp_path, capsys):
     s = derain_files([str(tmp_path / "big.png")], str(tmp_path / "o"), identity, tile=16, overlap=4, progress=True)
     assert s.ok == 1
     assert inference._TILE_BAR_MIN_TILES <= 36
+
+
+def test_colliding_stems_beside_the_inputs_are_disambiguated(tmp_path):
+    """photo.jpg and photo.png in one folder, no -o: both derained, neither output the other's."""
+    for ext in ("jpg", "png"):
+        Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"photo.{ext}")
+    Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "other.png")
+    s = derain_files([str(tmp_path)], None, identity, tile=0, progress=False)
+    assert s.ok == 3 and not s.failed
+    assert sorted(p.name for p in s.outputs) == ["other_derained.png", "photo_jpg_derained.png",
+                                                 "photo_png_derained.png"]
+
+
+@pytest.mark.parametrize("as_path", [str, Path])
+def test_one_path_is_one_input_not_a_sequence_of_characters(tmp_path, as_path, monkeypatch):
+    Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "b.png")
+    monkeypatch.chdir(tmp_path)  # "." among the characters would be this folder
+    s = derain_files(as_path("a.png"), tmp_path / "out", identity, tile=0, progress=False)
+    assert s.ok == 1 and not s.failed and [p.name for p in s.outputs] == ["a.png"]
 
 
 def test_same_names_from_different_folders_get_distinct_outputs(tmp_path):

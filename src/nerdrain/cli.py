@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 from . import __version__
 
 
 def _model(args: argparse.Namespace):
+    """The model, ready for ``args.device``; with ``--half`` on CPU/CUDA already in half precision
+    (``_half_left`` says whether autocast must still provide it)."""
     from .checkpoint import load_default_model, load_model
     from .inference import resolve_device
 
@@ -34,11 +38,19 @@ def _model(args: argparse.Namespace):
     return model
 
 
+def _half_left(args: argparse.Namespace) -> bool:
+    """``--half`` on a device where ``_model`` did not already store the weights in half precision."""
+    from .inference import resolve_device
+
+    return args.half and resolve_device(args.device).type not in ("cpu", "cuda")
+
+
 def cmd_derain(args: argparse.Namespace) -> int:
     from .inference import derain_files
 
-    summary = derain_files(args.inputs, args.output, _model(args), tile=args.tile, overlap=args.overlap,
-                           batch_size=args.batch_size, device=args.device, half=args.half, fmt=args.format,
+    model = _model(args)
+    summary = derain_files(args.inputs, args.output, model, tile=args.tile, overlap=args.overlap,
+                           batch_size=args.batch_size, device=args.device, half=_half_left(args), fmt=args.format,
                            progress=not args.quiet)
     print(f"{summary.ok} derained, {len(summary.failed)} failed", file=sys.stderr)
     return 1 if summary.failed or not summary.ok else 0
@@ -88,7 +100,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from .data.synth import synthesize_folder
 
     count = synthesize_folder(args.clean, args.out, preset=args.preset, count_per_image=args.count,
-                              seed=args.seed, streak_dir=args.streaks, size=args.size)
+                              seed=args.seed, streak_dir=args.streaks, size=args.size, overwrite=args.overwrite)
     print(f"wrote {count} pairs to {args.out} (input/ + target/)")
     return 0
 
@@ -96,7 +108,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, model=_model(args) if args.weights else None, device=args.device)
+    run_demo(args.output, model=_model(args), device=args.device)
     return 0
 
 
@@ -128,19 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", metavar="DEVICE",
                        help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps (default: auto)")
 
-    def model_options(p: argparse.ArgumentParser) -> None:
+    def weights_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--weights", help="checkpoint: the authors' .pth or a .safetensors (default: shipped weights)")
+
+    def model_options(p: argparse.ArgumentParser, tile_default: int | None, tile_help: str) -> None:
+        weights_option(p)
         device_option(p)
-        p.add_argument("--tile", type=int, default=None, help="tile size in pixels; 0 = whole image at once "
-                       "(default: 512 on CPU/MPS; on CUDA by free memory)")
-        p.add_argument("--overlap", type=int, default=32, help="tile overlap, blended smoothly")
+        p.add_argument("--tile", type=int, default=tile_default,
+                       help=f"tile size in pixels, 0 or at least 16; 0 = whole image at once (default: {tile_help})")
+        p.add_argument("--overlap", type=int, default=32, help="tile overlap, blended smoothly (default: 32)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("derain", help="derain photos (files, folders, globs)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     p.add_argument("-o", "--output", help="output file or folder (default: beside each input, *_derained.png)")
-    model_options(p)
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    model_options(p, None, "512 on CPU/MPS; on CUDA by free memory")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default: 4)")
     p.add_argument("--half", action="store_true",
                    help="bfloat16 (fp16 where bf16 is unsupported): faster on recent GPUs and AVX512-BF16 CPUs, "
                         "within 1/255 mean of fp32")
@@ -158,37 +173,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the scores as JSON")
     p.add_argument("--csv", help="write per-image scores as CSV")
     p.add_argument("--per-image", action="store_true", help="print a row per image")
-    model_options(p)
-    p.set_defaults(func=cmd_evaluate, tile=0)
+    model_options(p, 0, "0, as the paper's scripts run")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train with a YAML config (works under torchrun)")
-    p.add_argument("config")
+    p.add_argument("config", help="YAML experiment file (configs/ has examples)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, logs, final weights")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--resume", nargs="?", const=True, help="resume from OUT/last.pt or the given checkpoint")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("synth", help="render rain onto clean photos: a paired dataset on disk")
     p.add_argument("clean", help="folder of clean photos")
     p.add_argument("out", help="output folder (input/ and target/ are created)")
     p.add_argument("--preset", default="light", help="light, medium or heavy (default: light)")
-    p.add_argument("--count", type=int, default=1, help="rainy versions per clean photo")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count", type=int, default=1, help="rainy versions per clean photo (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed renders the same rain (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist (default: refuse)")
     p.add_argument("--streaks", help="Garg & Nayar streak database folder (optional)")
     p.add_argument("--size", type=int, help="random square crops of this size")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("demo", help="rain on a sample photo, derained, side by side, with scores")
-    p.add_argument("-o", "--output", default="nerdrain-demo")
-    p.add_argument("--weights")
+    p.add_argument("-o", "--output", default="nerdrain-demo", help="output folder (default: nerdrain-demo)")
+    weights_option(p)
     device_option(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("convert", help="convert checkpoints: authors' .pth <-> our .safetensors")
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--to-official", action="store_true", help="write the authors' .pth format instead")
+    p.add_argument("input", help="checkpoint: the authors' .pth, a bare state dict, or ours")
+    p.add_argument("output", help="our .safetensors (weights + config), or with --to-official the authors' format")
+    p.add_argument("--to-official", action="store_true",
+                   help="write the authors' key names: a .pth their scripts load, or a bare .safetensors")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("models", help="list the model variants")
@@ -196,16 +213,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM as an interrupt, so that it unwinds like Ctrl-C: temporary files removed, no
+    partial outputs (training stops at an iteration boundary instead: ``training.StopSignals``)."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    on_term = args.func is not cmd_train and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_term else None
     try:
         return args.func(args)
     except (ValueError, OSError) as err:  # CheckpointError, ImageReadError and bad configs are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(err, "signum", signal.SIGINT)  # the shell's convention: 130, or 143 for SIGTERM
+    finally:
+        if on_term:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

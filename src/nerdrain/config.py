@@ -1,13 +1,15 @@
 """Typed experiment configuration: frozen dataclasses filled from YAML, with ``key=value`` overrides.
 
-YAML is read with ``yaml.safe_load`` and every key is checked against the dataclass fields, so a
-typo fails at start-up with the key's name instead of hours into a run.
+YAML is read with ``yaml.safe_load``; every key is checked against the dataclass fields, every value
+against its type, and names and numbers against what they may be (a protocol, a preset, a positive
+size) in ``__post_init__``, so a typo fails at start-up with the key's name instead of hours into a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +17,25 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .data.pairs import LAYOUTS
+from .data.synth import PRESETS
+from .metrics import PROTOCOLS
+from .models import list_models
+
+
+class ConfigError(ValueError):
+    """A bad configuration: unknown key, wrong type or malformed override; the message names the key."""
+
+
+def _require(ok: bool, key: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {what}, got {value!r}")
+
+
+def _one_of(value: Any, options: typing.Iterable[str], key: str) -> None:
+    options = tuple(options)
+    _require(value in options, key, f"expected one of {', '.join(options)}", value)
 
 
 @dataclass(frozen=True)
@@ -24,6 +45,9 @@ class ModelConfig:
     # Start from these weights (fine-tuning): a checkpoint load_model reads (the authors' .pth,
     # ours), or "default" for the package's default weights. --resume takes precedence.
     weights: str | None = None
+
+    def __post_init__(self):
+        _one_of(self.name, list_models(), "name")
 
 
 @dataclass(frozen=True)
@@ -37,6 +61,16 @@ class SourceConfig:
     presets: tuple[str, ...] = ("light", "heavy")  # synthetic: rain presets mixed uniformly
     streak_dir: str | None = None  # synthetic: Garg & Nayar streak database, optional
 
+    def __post_init__(self):
+        _one_of(self.kind, ("paired", "synthetic"), "kind")
+        _require(bool(self.root), "root", "expected a folder", self.root)
+        _require(self.weight > 0, "weight", "expected a positive share", self.weight)
+        if self.layout is not None:
+            _one_of(self.layout, LAYOUTS, "layout")
+        _require(bool(self.presets), "presets", "expected at least one preset", self.presets)
+        for preset in self.presets:
+            _one_of(preset, PRESETS, "presets")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -47,6 +81,13 @@ class DataConfig:
     flips: bool = True
     saturation_prob: float = 1 / 3
 
+    def __post_init__(self):
+        _require(self.patch_size > 0 and self.patch_size % 16 == 0, "patch_size",
+                 "expected a positive multiple of 16 (the network's size step)", self.patch_size)
+        _require(self.batch_size >= 1, "batch_size", "expected at least 1", self.batch_size)
+        _require(self.num_workers >= 0, "num_workers", "expected 0 or more", self.num_workers)
+        _require(0 <= self.saturation_prob <= 1, "saturation_prob", "expected a probability", self.saturation_prob)
+
 
 @dataclass(frozen=True)
 class ValidationConfig:
@@ -54,6 +95,12 @@ class ValidationConfig:
     protocol: str = "rain200"
     every: int = 1000
     max_images: int | None = None
+
+    def __post_init__(self):
+        _one_of(self.protocol, PROTOCOLS, "protocol")
+        _require(self.every >= 1, "every", "expected at least 1", self.every)
+        _require(self.max_images is None or self.max_images >= 1, "max_images", "expected at least 1",
+                 self.max_images)
 
 
 @dataclass(frozen=True)
@@ -65,6 +112,14 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_iters: int = 0
     grad_clip: float | None = None
+
+    def __post_init__(self):
+        _require(self.lr > 0, "lr", "expected a positive learning rate", self.lr)
+        _require(0 <= self.min_lr <= self.lr, "min_lr", f"expected 0 to lr ({self.lr})", self.min_lr)
+        _require(all(0 <= b < 1 for b in self.betas), "betas", "expected two values in [0, 1)", self.betas)
+        _require(self.warmup_iters >= 0, "warmup_iters", "expected 0 or more", self.warmup_iters)
+        _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "expected a positive norm or null",
+                 self.grad_clip)
 
 
 @dataclass(frozen=True)
@@ -94,9 +149,14 @@ class TrainConfig:
     checkpoint_every: int = 1000
     device: str = "auto"
 
-
-class ConfigError(ValueError):
-    """A bad configuration: unknown key, wrong type or malformed override; the message names the key."""
+    def __post_init__(self):
+        _require(self.iterations >= 1, "iterations", "expected at least 1", self.iterations)
+        _require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "expected a value in (0, 1) or null",
+                 self.ema_decay)
+        _require(self.log_every >= 1, "log_every", "expected at least 1", self.log_every)
+        _require(self.checkpoint_every >= 1, "checkpoint_every", "expected at least 1", self.checkpoint_every)
+        _require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "device",
+                 "expected auto, cpu, cuda, cuda:N or mps", self.device)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -152,7 +212,11 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
         hints_ = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, names, 1)) else k
                   for k in unknown]
         raise ConfigError(f"{where}: unknown key(s) {', '.join(hints_)}; known: {', '.join(sorted(names))}")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+    values = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**values)
+    except ConfigError as err:  # a __post_init__ check names the field; add where it sits
+        raise ConfigError(f"{where}.{err}") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import skimage.data
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.synth import RainSynthesizer
@@ -47,11 +46,12 @@ def run_demo(out_dir: str | Path = "nerdrain-demo", model=None, device: str = "a
     clean = getattr(skimage.data, DEMO_PHOTO)()
     rainy_f = RainSynthesizer(preset).render(clean.astype(np.float32) / 255, np.random.default_rng(seed))
     rainy = np.floor(rainy_f * 255 + 0.5).astype(np.uint8)
+    dev = resolve_device(device)
     if model is None:
         from .checkpoint import load_default_model
 
-        model = load_default_model(resolve_device(device))
-    derained = derain(rainy, model, device=resolve_device(device), tile=0 if torch.cuda.is_available() else None)
+        model = load_default_model(dev)
+    derained = derain(rainy, model, device=dev, tile=0 if dev.type == "cuda" else None)
 
     scores = {}
     for name, image in (("rainy", rainy), ("derained", derained)):

@@ -88,6 +88,8 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
             dev = torch.device(s)
         except (RuntimeError, ValueError):
             raise ValueError(f"unknown device {spec!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+        if dev.type not in ("cpu", "cuda", "mps"):  # torch knows more (xpu, meta, ...); we run on these
+            raise ValueError(f"unsupported device {spec!r} (use auto, cpu, cuda, cuda:N or mps)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {spec!r} requested but CUDA is not available (use --device cpu)")
@@ -187,7 +189,10 @@ def _prepare(
             dev = model_device(model) or fallback_device or torch.device("cpu")
     if tile is None:
         tile = default_tile_for_device(dev, batch_size=batch_size)
-    return _Runner(model=model, device=dev, tile=int(tile), overlap=int(overlap), batch_size=int(batch_size), half=bool(half))
+    runner = _Runner(model=model, device=dev, tile=int(tile), overlap=int(overlap), batch_size=int(batch_size),
+                     half=bool(half))
+    runner.config()  # bad tiling values fail here, once, not for every file
+    return runner
 
 
 # --------------------------------------------------------------------------- derain
@@ -218,7 +223,7 @@ def derain(
       dtype on the same device.
 
     ``model``: any module/callable mapping Bx3xHxW [0, 1] float tensors to the same
-    shape (None: the bundled pretrained NeRD-Rain, loaded on ``device``).  A module is
+    shape (None: the project's default NeRD-Rain-S weights, loaded on ``device``).  A module is
     run in eval mode (its training flag is restored afterwards); with an explicit
     ``device`` it is moved there (in place).  ``device=None`` with a model: the model's
     device.  ``tile``: tile side (None: chosen for the device, 0: whole image at once);
@@ -405,6 +410,22 @@ def _output_is_folder(output: str, inputs: Sequence[str]) -> bool:
     return out.suffix.lower() not in WRITE_FORMATS
 
 
+def _check_output(output: str, inputs: Sequence[str]) -> None:
+    """Fail before any work, in one line, for an output no file of the batch could be written to."""
+    out = Path(output)
+    if not _output_is_folder(output, inputs):
+        return
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {output}: exists and is not a folder")
+    if out.suffix.lower() in WRITE_FORMATS and not out.exists():
+        raise ValueError(f"output {output}: a file name, but the inputs are several images; give a folder")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"output {output}: {existing} is not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output {output}: cannot write in {existing} (permission denied)")
+
+
 def plan_outputs(
     files: Sequence[Path],
     inputs: Sequence[str],
@@ -430,9 +451,12 @@ def plan_outputs(
     ext = _ext_for(fmt)
     plan: list[tuple[Path, Path | None, str | None]] = []
     if output is None:
-        targets = [f.with_name(f"{f.stem}{suffix}{ext}") for f in files]
+        targets = [f.with_name(f"{name}{suffix}{ext}") for f, name in zip(files, _names_beside(files))]
     elif _output_is_folder(output, inputs):
-        targets = [Path(output) / f"{name}{ext}" for name in _unique_names(files)]
+        folder = os.path.normcase(os.path.realpath(output))
+        # in an input's own folder an output named like an input could replace another photo there
+        targets = [Path(output) / (f"{name}{suffix}{ext}" if _same_dir(f.parent, folder) else f"{name}{ext}")
+                   for f, name in zip(files, _unique_names(files))]
     else:
         targets = [Path(output)]
     input_keys = {os.path.normcase(os.path.realpath(f)): f for f in files}
@@ -450,6 +474,23 @@ def plan_outputs(
             claimed[key] = f
             plan.append((f, t, None))
     return plan
+
+
+def _same_dir(folder: Path, real_folder: str) -> bool:
+    return os.path.normcase(os.path.realpath(folder)) == real_folder
+
+
+def _names_beside(files: Sequence[Path]) -> list[str]:
+    """Output stems beside the inputs: unique within each folder (photo.jpg and photo.png
+    in one folder -> photo_jpg, photo_png)."""
+    by_folder: dict[str, list[int]] = {}
+    for i, f in enumerate(files):
+        by_folder.setdefault(os.path.normcase(os.path.realpath(f.parent)), []).append(i)
+    names = [""] * len(files)
+    for indices in by_folder.values():
+        for i, name in zip(indices, _unique_names([files[i] for i in indices])):
+            names[i] = name
+    return names
 
 
 def _unique_names(files: Sequence[Path]) -> list[str]:
@@ -486,7 +527,9 @@ def _samefile(a: Path, b: Path) -> bool:
 
 
 def _reason(err: BaseException) -> str:
-    if isinstance(err, (ImageReadError, ImageWriteError)):
+    if isinstance(err, ImageWriteError):  # the file that failed is the output, not the input named first
+        return f"output {err.path}: {err.reason}"
+    if isinstance(err, ImageReadError):
         return err.reason
     msg = " ".join(str(err).split())
     return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
@@ -519,9 +562,13 @@ def derain_files(
     ``note: <path>: ...`` (only its first frame is derained).  ``progress``: a tqdm bar
     over files, plus one over tiles for large images.  Returns a :class:`Summary`.
     """
+    if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of its characters
+        inputs = [inputs]
     in_strs = [os.fspath(i) for i in inputs]
     out_str = os.fspath(output) if output is not None else None
     _ext_for(fmt)  # validate before any work
+    if out_str is not None:
+        _check_output(out_str, in_strs)
     files, problems = expand_inputs(in_strs, skip_suffix=suffix if out_str is None else None)
     summary = Summary()
 

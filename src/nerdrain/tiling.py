@@ -56,8 +56,8 @@ DEFAULT_BYTES_PER_PIXEL = 16 * 1024
 class TileConfig:
     """Tiling parameters.
 
-    ``tile``: tile side in pixels (0 = whole image at once); rounded down to a multiple
-    of ``multiple`` and clamped to the image size.  ``overlap``: minimum overlap between
+    ``tile``: tile side in pixels (0 = whole image at once, else at least ``multiple``);
+    rounded down to a multiple of ``multiple`` and clamped to the image size.  ``overlap``: minimum overlap between
     neighbouring tiles (clamped to half a tile).  ``batch_size``: tiles per model call.
     """
 
@@ -67,8 +67,9 @@ class TileConfig:
     multiple: int = 16
 
     def __post_init__(self) -> None:
-        if self.tile < 0:
-            raise ValueError(f"tile must be >= 0 (0 = whole image), got {self.tile}")
+        if self.tile < 0 or 0 < self.tile < self.multiple:
+            # below the network's size step a tile would be padded up to it: many times the work
+            raise ValueError(f"tile must be 0 (whole image) or at least {self.multiple}, got {self.tile}")
         if self.overlap < 0:
             raise ValueError(f"overlap must be >= 0, got {self.overlap}")
         if self.batch_size < 1:

@@ -77,10 +77,8 @@ def build_stream(cfg: TrainConfig) -> TrainingStream:
     for source in cfg.data.sources:
         if source.kind == "paired":
             sources.append(PairedSource(source.root, source.layout))
-        elif source.kind == "synthetic":
+        else:  # "synthetic" (the config allows no other kind)
             sources.append(SyntheticSource(source.root, source.presets, source.streak_dir))
-        else:
-            raise ValueError(f"data.sources: unknown kind {source.kind!r} (use 'paired' or 'synthetic')")
     augment = AugmentConfig(patch_size=cfg.data.patch_size, flips=cfg.data.flips,
                             saturation_prob=cfg.data.saturation_prob)
     return TrainingStream(sources, [s.weight for s in cfg.data.sources], augment, cfg.seed)

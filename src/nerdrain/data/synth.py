@@ -677,7 +677,7 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
             if dest.resolve() in src_set:
                 raise ValueError(f"refusing to overwrite source image {dest}")
             if dest.exists() and not overwrite:
-                raise FileExistsError(f"{dest} exists; pass overwrite=True to replace outputs")
+                raise FileExistsError(f"{dest} exists (replace outputs: nerd-rain synth --overwrite, overwrite=True)")
     in_dir.mkdir(parents=True, exist_ok=True)
     tg_dir.mkdir(parents=True, exist_ok=True)
 
