@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU figures of benchmarks/RESULTS_CPU.md: before (commit c3b87ad, unpacked with
+# The CPU figures of the README (records: benchmarks/results_cpu.jsonl): before (commit c3b87ad, unpacked with
 # `git archive c3b87ad src | tar -x -C $BEFORE`) and after, forward and train step, 2 threads.
 # Usage: benchmarks/run_cpu_suite.sh OUT.jsonl [BEFORE_DIR]
 set -euo pipefail

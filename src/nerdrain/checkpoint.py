@@ -198,7 +198,9 @@ def _summarise(keys: list[str], limit: int = 3) -> str:
 def load_model(path: str | Path, device: str | torch.device | None = None) -> NeRDRain:
     """Load the authors' ``.pth`` files, bare state dicts (.pth/.safetensors) or our own files.
 
-    The variant and width come from the tensor shapes; the model is returned in eval mode, fp32.
+    Our files carry their config; for the others variant and width are read off the tensor
+    shapes. The format is told from the file's first bytes, so a renamed file loads too. The model
+    is returned in eval mode, fp32.
     """
     path = Path(path)
     state, metadata = _read_tensors(path)

@@ -13,6 +13,7 @@ import skimage.data
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.synth import RainSynthesizer
+from .imageio import quantize
 from .inference import derain, resolve_device
 from .metrics import score
 
@@ -45,7 +46,7 @@ def run_demo(out_dir: str | Path = "nerdrain-demo", model=None, device: str = "a
     out.mkdir(parents=True, exist_ok=True)
     clean = getattr(skimage.data, DEMO_PHOTO)()
     rainy_f = RainSynthesizer(preset).render(clean.astype(np.float32) / 255, np.random.default_rng(seed))
-    rainy = np.floor(rainy_f * 255 + 0.5).astype(np.uint8)
+    rainy = quantize(rainy_f, 8)
     dev = resolve_device(device)
     if model is None:
         from .checkpoint import load_default_model

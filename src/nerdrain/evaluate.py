@@ -6,8 +6,8 @@
 * :func:`evaluate_pairs` -- the loop behind :func:`evaluate_model`, also used by training.
 * :func:`format_table`, :func:`write_json`, :func:`write_csv` -- report output.
 
-Every prediction is scored as the 8-bit image it would be saved as (:func:`nerdrain.metrics.to_uint8`),
-so scoring a model directly and scoring its saved PNGs with :func:`evaluate_folders` give the same
+Every prediction is scored as the 8-bit image ``save_dir`` receives (:func:`nerdrain.metrics.to_uint8`),
+so scoring a model directly and scoring those PNGs with :func:`evaluate_folders` give the same
 numbers. Images are read as 8-bit RGB: grey, palette and alpha files are converted to RGB, and
 16-bit or float files are refused rather than quantised, since the MATLAB scripts' peak of 255
 assumes 8-bit files and a silent conversion would score something else than what was submitted.

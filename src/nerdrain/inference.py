@@ -32,6 +32,7 @@ from nerdrain.imageio import (
     Photo,
     photo_from_pil,
     photo_to_pil,
+    quantize,
     read_photo,
     rgb_to_gray,
     write_photo,
@@ -307,7 +308,7 @@ def _derain_numpy(a: np.ndarray, runner: _Runner, progress: bool) -> np.ndarray:
     else:
         res = out
     if scale is not None:
-        q = np.floor(np.clip(res, 0.0, 1.0) * np.float32(scale) + np.float32(0.5)).astype(a.dtype)
+        q = quantize(res, 8 if a.dtype == np.uint8 else 16)
     else:
         q = np.clip(res, 0.0, 1.0).astype(a.dtype)
     if chans == 4:

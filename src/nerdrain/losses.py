@@ -1,4 +1,4 @@
-"""The training loss of NeRD-Rain, as ``../shared/SPEC.md`` states it.
+"""The training loss of NeRD-Rain, as the project's specification (``SPEC.md`` in ``../shared``) states it.
 
 Per output scale s in (full, 1/2, 1/4), against the target at that scale::
 

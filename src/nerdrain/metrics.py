@@ -3,7 +3,7 @@
 Deraining papers report numbers from MATLAB scripts whose details (rounding of Y, peak value,
 'valid' filtering, the 2009 ssim.m subsampling) move PSNR by tenths of a dB, so a Python
 re-implementation is only comparable to the paper's table if it reproduces them literally.
-Two protocols (see SPEC.md, "Evaluation protocols of the paper"):
+Two protocols (the project's specification, ``SPEC.md`` in ``../shared``, "Evaluation protocols of the paper"):
 
 ``"rain200"`` (Rain200L/H, SPA-Data; Restormer-style ``evaluate_PSNR_SSIM.m``)
     Y of ``rgb2ycbcr`` on uint8 images, i.e. rounded to uint8; PSNR with peak 255;

@@ -32,6 +32,7 @@ from PIL import Image, ImageOps
 from scipy import ndimage
 
 from ..files import atomic_write
+from ..imageio import quantize
 
 __all__ = [
     "RainConfig",
@@ -617,10 +618,6 @@ def _save_png_atomic(arr_u8: np.ndarray, dest: Path) -> None:
         Image.fromarray(arr_u8).save(fh, format="PNG")
 
 
-def _to_u8(img: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
-
-
 def _crop(img: np.ndarray, size: int | tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """Random crop to ``size``; smaller images are first upscaled to cover it."""
     th, tw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -630,7 +627,7 @@ def _crop(img: np.ndarray, size: int | tuple[int, int], rng: np.random.Generator
     if h < th or w < tw:
         f = max(th / h, tw / w)
         nh, nw = max(th, math.ceil(h * f)), max(tw, math.ceil(w * f))
-        im = Image.fromarray(_to_u8(img)).resize((nw, nh), Image.Resampling.BICUBIC)
+        im = Image.fromarray(quantize(img, 8)).resize((nw, nh), Image.Resampling.BICUBIC)
         img = np.asarray(im, dtype=np.float32) / 255.0
         h, w = nh, nw
     r = int(rng.integers(0, h - th + 1))
@@ -687,11 +684,11 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
         clean = _load_rgb(src)
         if size is not None:
             clean = _crop(clean, size, rng)
-        clean_u8 = _to_u8(clean)
+        clean_u8 = quantize(clean, 8)
         rainy = synth.render(clean_u8.astype(np.float32) / 255.0, rng)
         _save_png_atomic(clean_u8, tg_dir / name)
         try:
-            _save_png_atomic(_to_u8(rainy), in_dir / name)
+            _save_png_atomic(quantize(rainy, 8), in_dir / name)
         except BaseException:
             (tg_dir / name).unlink(missing_ok=True)  # never leave half a pair
             raise
