@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data.pairs import Pair, _by_key, _images, _listing, _natural_key, _read_rgb, find_pairs, load_pair
+from .data.pairs import Pair, find_pairs, load_pair, match_folders, read_rgb
 from .files import atomic_write
 from .metrics import PROTOCOLS, score, to_uint8
 
@@ -173,28 +173,6 @@ def evaluate_model(model_or_restore: Restorer, data_dir: str | Path, protocol: s
             module.train(True)
 
 
-def _match_folders(pred_dir: Path, gt_dir: Path) -> list[tuple[str, Path, Path]]:
-    """(name, prediction, ground truth) for every file stem, naturally sorted; unmatched
-    files on either side are an error naming them."""
-    for folder, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
-        if not folder.is_dir():
-            raise ValueError(f"{what} folder {folder} is not a folder")
-        if not _images(folder):
-            raise ValueError(f"no images in {what} folder {folder}")
-    preds = _by_key(_images(pred_dir), str, pred_dir)
-    gts = _by_key(_images(gt_dir), str, gt_dir)
-    problems = []
-    if missing_gt := [p for stem, p in preds.items() if stem not in gts]:
-        problems.append(f"{len(missing_gt)} prediction(s) in {pred_dir} without ground truth in "
-                        f"{gt_dir}: {_listing(missing_gt, pred_dir)}")
-    if missing_pred := [p for stem, p in gts.items() if stem not in preds]:
-        problems.append(f"{len(missing_pred)} ground-truth image(s) in {gt_dir} without a prediction "
-                        f"in {pred_dir}: {_listing(missing_pred, gt_dir)}")
-    if problems:
-        raise ValueError("; ".join(problems) + " (files are matched by name without extension)")
-    return [(stem, preds[stem], gts[stem]) for stem in sorted(preds, key=_natural_key)]
-
-
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, protocol: str = "rain200",
                      progress: bool = False) -> EvalReport:
     """Score saved predictions in ``pred_dir`` against ``gt_dir``, as the MATLAB scripts do.
@@ -206,9 +184,9 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, protocol: str = "
     _check_protocol(protocol)
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     report = EvalReport(protocol)
-    for name, pred_path, gt_path in tqdm(_match_folders(pred_dir, gt_dir), desc="evaluate",
-                                         disable=not progress, leave=False):
-        pred, gt = _read_rgb(pred_path), _read_rgb(gt_path)
+    for pair in tqdm(match_folders(pred_dir, gt_dir), desc="evaluate", disable=not progress, leave=False):
+        name, pred_path, gt_path = pair.name, pair.input, pair.target
+        pred, gt = read_rgb(pred_path), read_rgb(gt_path)
         if pred.shape != gt.shape:
             raise ValueError(f"size mismatch: prediction {pred_path} is {_size(pred)} "
                              f"but ground truth {gt_path} is {_size(gt)}")

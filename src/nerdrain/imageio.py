@@ -70,6 +70,7 @@ from .files import atomic_write
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
     "ImageReadError",
     "ImageWriteError",
     "Photo",
@@ -85,6 +86,11 @@ __all__ = [
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+#: Extensions of the files taken as images when a folder is listed (case-insensitive).
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pnm", ".tga"}
+)
 
 #: Largest image (in pixels) ``read_photo`` accepts unless told otherwise.
 DEFAULT_MAX_PIXELS = 300_000_000
@@ -758,8 +764,3 @@ def photo_to_pil(photo: Photo) -> Image.Image:
     if photo.exif:
         img.info["exif"] = photo.exif
     return img
-
-
-def replace_rgb(photo: Photo, rgb: np.ndarray) -> Photo:
-    """A copy of ``photo`` with new pixels (HxWx3 float in [0, 1])."""
-    return dataclasses.replace(photo, rgb=np.asarray(rgb, dtype=np.float32))

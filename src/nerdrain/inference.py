@@ -16,7 +16,7 @@ import dataclasses
 import glob
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from nerdrain.imageio import (
+    IMAGE_EXTENSIONS,
     WRITE_FORMATS,
     ImageReadError,
     ImageWriteError,
@@ -38,6 +39,7 @@ from nerdrain.imageio import (
     write_photo,
 )
 from nerdrain.tiling import (
+    ModelLike,
     TileConfig,
     count_tiles,
     default_tile_for_device,
@@ -55,15 +57,8 @@ __all__ = [
     "resolve_device",
 ]
 
-#: Extensions picked up when a folder is given as input (case-insensitive).
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pnm", ".tga"}
-)
-
 #: Show a per-image tile progress bar (in derain_files) from this many tiles on.
 _TILE_BAR_MIN_TILES = 9
-
-ModelLike = Callable[[torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------- devices

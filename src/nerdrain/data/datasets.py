@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from ..imageio import IMAGE_EXTENSIONS
 from .augment import AugmentConfig, augment_pair, reflect_pad_to
 from .pairs import find_pairs, load_pair
 from .synth import RainMixer
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def _to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -51,7 +51,7 @@ class SyntheticSource:
     def __init__(self, root: str | Path, presets: Sequence[str] = ("light", "heavy"),
                  streak_dir: str | Path | None = None):
         root = Path(root)
-        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.paths:
             raise ValueError(f"{root}: no clean images found for rain synthesis")
         self.mixer = RainMixer(tuple(presets), streak_dir=streak_dir)

@@ -28,10 +28,11 @@ from typing import Final
 import numpy as np
 from PIL import Image
 
-__all__ = ["LAYOUTS", "IMAGE_EXTENSIONS", "Pair", "detect_layout", "find_pairs", "load_pair"]
+from ..imageio import IMAGE_EXTENSIONS
+
+__all__ = ["LAYOUTS", "IMAGE_EXTENSIONS", "Pair", "detect_layout", "find_pairs", "load_pair", "match_folders", "read_rgb"]
 
 LAYOUTS: Final = ("input_target", "prenet", "ddn", "did")
-IMAGE_EXTENSIONS: Final = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 _LAYOUT_HELP: Final = (
     "input_target (input/ + target/), "
@@ -220,7 +221,29 @@ def find_pairs(
     return sorted(pairs, key=lambda pair: _natural_key(pair.name))
 
 
-def _read_rgb(path: Path) -> np.ndarray:
+def match_folders(pred_dir: Path, gt_dir: Path) -> list[Pair]:
+    """Saved predictions (``input``) and their ground truth (``target``), matched by file stem and
+    naturally sorted; unmatched files on either side are an error naming them."""
+    for folder, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
+        if not folder.is_dir():
+            raise ValueError(f"{what} folder {folder} is not a folder")
+        if not _images(folder):
+            raise ValueError(f"no images in {what} folder {folder}")
+    preds = _by_key(_images(pred_dir), str, pred_dir)
+    gts = _by_key(_images(gt_dir), str, gt_dir)
+    problems = []
+    if missing_gt := [p for stem, p in preds.items() if stem not in gts]:
+        problems.append(f"{len(missing_gt)} prediction(s) in {pred_dir} without ground truth in "
+                        f"{gt_dir}: {_listing(missing_gt, pred_dir)}")
+    if missing_pred := [p for stem, p in gts.items() if stem not in preds]:
+        problems.append(f"{len(missing_pred)} ground-truth image(s) in {gt_dir} without a prediction "
+                        f"in {pred_dir}: {_listing(missing_pred, gt_dir)}")
+    if problems:
+        raise ValueError("; ".join(problems) + " (files are matched by name without extension)")
+    return [Pair(stem, preds[stem], gts[stem]) for stem in sorted(preds, key=_natural_key)]
+
+
+def read_rgb(path: Path) -> np.ndarray:
     """uint8 RGB as MATLAB's imread sees 8-bit files: grey, palette and alpha images become RGB."""
     with Image.open(path) as img:
         if img.mode in ("I", "F") or img.mode.startswith("I;16"):
@@ -238,9 +261,9 @@ def _half(img: np.ndarray, side: str, path: Path) -> np.ndarray:
 def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
     """(rainy, clean) as uint8 RGB HxWx3 arrays of equal size."""
     if pair.crop is not None:
-        both = _read_rgb(pair.input)
+        both = read_rgb(pair.input)
         return _half(both, pair.crop[0], pair.input), _half(both, pair.crop[1], pair.input)
-    rainy, clean = _read_rgb(pair.input), _read_rgb(pair.target)
+    rainy, clean = read_rgb(pair.input), read_rgb(pair.target)
     if rainy.shape != clean.shape:
         raise ValueError(
             f"size mismatch: input {pair.input} is {rainy.shape[1]}x{rainy.shape[0]} "

@@ -32,7 +32,7 @@ from PIL import Image, ImageOps
 from scipy import ndimage
 
 from ..files import atomic_write
-from ..imageio import quantize
+from ..imageio import IMAGE_EXTENSIONS, quantize
 
 __all__ = [
     "RainConfig",
@@ -49,7 +49,6 @@ __all__ = [
 ]
 
 Range = tuple[float, float]
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 # How a layer's parameters change from the nearest (depth 0) to the farthest (depth 1) layer,
 # relative to the mid-depth values drawn from the config ranges.  Near drops cross the exposure
@@ -656,7 +655,7 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
                      if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                      and not p.name.startswith("."))
     if not sources:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {clean_dir}")
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {clean_dir}")
     synth = RainSynthesizer(preset, streak_dir)
     in_dir, tg_dir = out_dir / "input", out_dir / "target"
 
