@@ -66,9 +66,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     elif args.data:
         from .inference import resolve_device
 
-        report = evaluate.evaluate_model(_model(args), args.data, args.protocol, layout=args.layout,
-                                         save_dir=args.save, device=resolve_device(args.device), tile=args.tile,
-                                         overlap=args.overlap, progress=not args.quiet)
+        import torch
+
+        device = resolve_device(args.device)
+        try:
+            report = evaluate.evaluate_model(_model(args), args.data, args.protocol, layout=args.layout,
+                                             save_dir=args.save, device=device, tile=args.tile,
+                                             overlap=args.overlap, progress=not args.quiet)
+        except torch.OutOfMemoryError:
+            raise ValueError(f"out of memory on {device} with tile {args.tile or 'whole image'}: pass a smaller "
+                             "--tile (scores change slightly with tiling)") from None
     else:
         raise ValueError("nothing to evaluate: give --pred DIR --gt DIR, or --data DIR")
     print(evaluate.format_table(report, per_image=args.per_image))

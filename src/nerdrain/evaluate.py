@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .data.pairs import Pair, find_pairs, load_pair, match_folders, read_rgb
 from .files import atomic_write
 from .metrics import PROTOCOLS, score, to_uint8
+from .tiling import TileConfig, run_tiled
 
 __all__ = [
     "ImageScore",
@@ -125,10 +126,8 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def _tiled(model: Restorer, tile: int, overlap: int) -> Restorer:
-    from .tiling import TileConfig, run_tiled  # deferred: only tiled runs need it
-
-    cfg = TileConfig(tile=tile, overlap=overlap)
+def _tiled(model: Restorer, cfg: TileConfig) -> Restorer:
+    # No out-of-memory fallback to smaller tiles, unlike derain: scores must not depend on memory.
     return lambda x: run_tiled(model, x, cfg)
 
 
@@ -149,10 +148,9 @@ def evaluate_model(model_or_restore: Restorer, data_dir: str | Path, protocol: s
     (:func:`to_uint8`) before scoring and, with ``save_dir``, saved as ``save_dir/<name>.png``.
     """
     _check_protocol(protocol)
-    if tile < 0:
-        raise ValueError(f"tile must be >= 0 (0 = whole image), got {tile}")
+    tiling = TileConfig(tile=tile, overlap=overlap)  # checks the values before any work
     pairs = find_pairs(data_dir, layout)
-    restore = _tiled(model_or_restore, tile, overlap) if tile > 0 else model_or_restore
+    restore = _tiled(model_or_restore, tiling) if tile > 0 else model_or_restore
     on_prediction = None
     if save_dir is not None:
         out = Path(save_dir)
