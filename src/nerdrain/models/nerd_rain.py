@@ -158,12 +158,12 @@ class NeRDRain(nn.Module):
             raise ValueError(f"forward_all needs H and W divisible by {SIZE_MULTIPLE}, got {h}x{w}; "
                              "call the model itself to pad arbitrary sizes")
         (small_pass,), (mid_pass1, mid_pass2), (_, max_pass2, max_pass3) = self.passes
-        x_small, x_mid, x_full = x[..., ::4, ::4], x[..., ::2, ::2], x
-        scale_inputs = (x_small, x_mid, x_full)
+        x_mid = downsample2(x)
+        scale_inputs = (downsample2(x_mid), x_mid, x)
 
         # Coarse to fine: each coarse scale's first encoder feeds an INR whose refined image,
         # upsampled, corrects the next scale's input.
-        guide = x_small
+        guide = scale_inputs[0]
         first_encodings, inr_images, guides = [], [], [guide]
         for scale in (0, 1):
             encoded = self.passes[scale][0].encode(self.embed[scale](guide))
@@ -194,17 +194,28 @@ class NeRDRain(nn.Module):
         enc_mid2 = mid_pass2.encode(self.context[1][0](decoded))
         feedback_small = downsample2(self.fusion[2](enc_mid1.latent, enc_mid2.latent))
 
-        dec_small = small_pass.decode(enc_small.latent + feedback_small, enc_small.skips)
-        dec_mid = mid_pass2.decode(enc_mid2.latent + feedback_mid2, enc_mid2.skips) + upsample2(dec_small)
-        shared_reduces = (max_pass3.reduces[0], max_pass2.reduces[1])
-        dec_full = max_pass3.decode(max_latents[2], max_skips, shared_reduces) + upsample2(dec_mid)
+        # The last decoder of each scale, coarse to fine, adds the coarser one's upsampled features;
+        # the full scale's last pass borrows a channel reducer of the second (as the released code).
+        last_decoders = (
+            (small_pass, enc_small.latent + feedback_small, enc_small.skips, None),
+            (mid_pass2, enc_mid2.latent + feedback_mid2, enc_mid2.skips, None),
+            (max_pass3, max_latents[2], max_skips, (max_pass3.reduces[0], max_pass2.reduces[1])),
+        )
+        restored, coarser = [], None
+        for scale, (unet, latent, skips, reduces) in enumerate(last_decoders):
+            decoded = unet.decode(latent, skips, reduces)
+            if coarser is not None:
+                decoded = decoded + upsample2(coarser)
+            restored.append(self.output[scale](decoded) + scale_inputs[scale])
+            coarser = decoded
+        small, mid, full = restored
 
         return NeRDRainOutputs(
-            full=self.output[2](dec_full) + x_full,
-            mid=self.output[1](dec_mid) + x_mid,
-            small=self.output[0](dec_small) + x_small,
+            full=full,
+            mid=mid,
+            small=small,
             inr_mid=inr_images[1],
             guide_mid=guides[1],
             inr_small=inr_images[0],
-            input_small=x_small,
+            input_small=scale_inputs[0],
         )
