@@ -265,6 +265,36 @@ def test_multi_frame_file_is_derained_with_a_note(tmp_path):
     assert np.asarray(Image.open(tmp_path / "out" / "anim.png")).max() == 40  # the first frame
 
 
+def test_float_pixels_outside_the_unit_range_are_clipped_with_a_note(tmp_path):
+    """A float TIFF holding 0..255 instead of 0..1 would come out nearly white: say so."""
+    values = np.linspace(0, 255, 8 * 10, dtype=np.float32).reshape(8, 10)
+    Image.fromarray(values, "F").save(tmp_path / "f.tif")
+    lines = []
+    s = derain_files([str(tmp_path / "f.tif")], str(tmp_path / "out"), identity, tile=0, progress=False,
+                     log=lines.append)
+    assert s.ok == 1
+    outside = np.mean(values > 1)
+    assert lines == [f"note: {tmp_path / 'f.tif'}: {outside:.1%} of its float pixels lie outside [0, 1] "
+                     "and were clipped"]
+
+
+def test_cmyk_with_an_unusable_profile_is_converted_with_a_note(tmp_path):
+    Image.new("CMYK", (6, 4), (0, 128, 255, 10)).save(tmp_path / "c.jpg", icc_profile=b"not a profile")
+    lines = []
+    s = derain_files([str(tmp_path / "c.jpg")], str(tmp_path / "out"), identity, tile=0, progress=False,
+                     log=lines.append)
+    assert s.ok == 1 and len(lines) == 1 and "CMYK colour profile could not be applied" in lines[0]
+    assert Image.open(tmp_path / "out" / "c.png").info.get("icc_profile") is None  # not the CMYK one
+
+
+def test_bad_pixel_limit_in_the_environment_is_one_error_before_any_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("NERDRAIN_MAX_PIXELS", "lots")
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="NERDRAIN_MAX_PIXELS='lots' is not a number"):
+        derain_files([str(tmp_path / "a.png")], str(tmp_path / "out"), identity, tile=0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_outputs_beside_inputs_with_suffix(photo_folder):
     s = derain_files([str(photo_folder / "good1.png"), str(photo_folder / "good2.jpg")], None, identity, tile=0, progress=True)
     assert s.ok == 2 and not s.failed

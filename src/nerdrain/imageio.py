@@ -81,6 +81,7 @@ __all__ = [
     "photo_to_pil",
     "quantize",
     "read_photo",
+    "resolve_max_pixels",
     "rgb_to_gray",
     "write_photo",
 ]
@@ -150,6 +151,7 @@ class Photo:
     exif: bytes | None = None
     format: str | None = None
     frames: int = 1  # frames (or pages) in the file; only the first is read
+    notes: tuple[str, ...] = ()  # what could not be kept as it was (for the user, one line each)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -203,15 +205,17 @@ def format_for_path(path: PathLike) -> str:
         raise ImageWriteError(path, f"unsupported output format {suffix or '(no suffix)'!r} (use one of {known})") from None
 
 
-def _max_pixels(max_pixels: int | None) -> int:
+def resolve_max_pixels(max_pixels: int | None) -> int:
+    """The pixel limit ``read_photo`` applies: ``max_pixels``, else ``NERDRAIN_MAX_PIXELS``,
+    else :data:`DEFAULT_MAX_PIXELS` (0: no limit)."""
     if max_pixels is None:
         env = os.environ.get("NERDRAIN_MAX_PIXELS", "").strip()
-        if env:
-            try:
-                return int(float(env))
-            except ValueError:
-                pass
-        return DEFAULT_MAX_PIXELS
+        if not env:
+            return DEFAULT_MAX_PIXELS
+        try:
+            return int(float(env))
+        except ValueError:
+            raise ValueError(f"NERDRAIN_MAX_PIXELS={env!r} is not a number of pixels") from None
     return int(max_pixels)
 
 
@@ -259,22 +263,25 @@ _TIFF_DESCRIPTIVE_TAGS = (
 )
 
 
-def _extract_exif(img: Image.Image) -> tuple[int, bytes | None]:
-    """(orientation, EXIF bytes to keep with Orientation reset to 1)."""
+def _extract_exif(img: Image.Image) -> tuple[int, bytes | None, str | None]:
+    """(orientation, EXIF bytes to keep with Orientation reset to 1, what went wrong or None)."""
+    unreadable = None
     try:
         exif = img.getexif()
         orientation = int(exif.get(_ORIENTATION_TAG, 1) or 1)
-    except Exception:
-        exif, orientation = None, 1
+    except Exception:  # noqa: BLE001 - Pillow raises many types for malformed EXIF
+        exif, orientation, unreadable = None, 1, "its EXIF could not be read: orientation not applied"
     if orientation not in range(1, 9):
         orientation = 1
     raw = img.info.get("exif")
     if isinstance(raw, (bytes, bytearray)) and raw:
         patched = _exif_reset_orientation(bytes(raw))
         if patched is not None:
-            return orientation, patched
-    if exif is None or len(exif) == 0:
-        return orientation, None
+            return orientation, patched, unreadable
+    if exif is None:
+        return orientation, None, unreadable and unreadable + ", EXIF not kept"
+    if len(exif) == 0:
+        return orientation, None, None
     try:
         if (img.format or "").upper() == "TIFF":
             # The TIFF directory is not EXIF: keep only descriptive tags + Exif IFD.
@@ -288,13 +295,13 @@ def _extract_exif(img: Image.Image) -> tuple[int, bytes | None]:
             if _ORIENTATION_TAG in exif:
                 new[_ORIENTATION_TAG] = 1
             if len(new) == 0:
-                return orientation, None
-            return orientation, new.tobytes()
+                return orientation, None, None
+            return orientation, new.tobytes(), None
         if _ORIENTATION_TAG in exif:
             exif[_ORIENTATION_TAG] = 1
-        return orientation, exif.tobytes()
-    except Exception:
-        return orientation, None
+        return orientation, exif.tobytes(), None
+    except Exception:  # noqa: BLE001 - as above, when writing the EXIF back
+        return orientation, None, "its EXIF could not be re-encoded: not kept"
 
 
 # --------------------------------------------------------------------------- reading
@@ -380,7 +387,9 @@ def _transparency_mask(values: np.ndarray, key) -> np.ndarray | None:
     return np.where(hit, np.float32(0.0), np.float32(1.0))
 
 
-def _cmyk_to_rgb(img: Image.Image, icc: bytes | None) -> tuple[Image.Image, bytes | None]:
+def _cmyk_to_rgb(img: Image.Image, icc: bytes | None) -> tuple[Image.Image, bytes | None, str | None]:
+    """RGB through the file's CMYK profile where it can be used (sRGB profile attached), else a
+    naive conversion (and a note saying so): a CMYK profile must not be attached to RGB."""
     if icc:
         try:
             from PIL import ImageCms
@@ -389,11 +398,10 @@ def _cmyk_to_rgb(img: Image.Image, icc: bytes | None) -> tuple[Image.Image, byte
             srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
             out = ImageCms.profileToProfile(img, src, srgb, outputMode="RGB")
             if out is not None:
-                return out, srgb.tobytes()
-        except Exception:
-            pass
-    # No usable profile: naive conversion; a CMYK profile must not be attached to RGB.
-    return img.convert("RGB"), None
+                return out, srgb.tobytes(), None
+        except Exception:  # noqa: BLE001 - littleCMS raises PyCMSError, OSError, ...
+            return img.convert("RGB"), None, "its CMYK colour profile could not be applied: colours converted naively"
+    return img.convert("RGB"), None, None
 
 
 def photo_from_pil(
@@ -409,7 +417,8 @@ def photo_from_pil(
     """
     mode = img.mode
     icc = img.info.get("icc_profile") or None
-    orientation, exif = _extract_exif(img)
+    orientation, exif, exif_note = _extract_exif(img)
+    notes = [exif_note] if exif_note else []
     if not apply_exif_orientation:
         orientation = 1
     alpha = None
@@ -440,7 +449,11 @@ def photo_from_pil(
         alpha = _transparency_mask(raw, transparency)
     elif mode == "F":
         bit_depth = 16
-        g = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float32)), 0.0, 1.0)
+        raw = np.nan_to_num(np.asarray(img, dtype=np.float32))
+        outside = float(np.mean((raw < 0) | (raw > 1)))
+        if outside:
+            notes.append(f"{outside:.1%} of its float pixels lie outside [0, 1] and were clipped")
+        g = np.clip(raw, 0.0, 1.0)
         rgb = np.repeat(g[..., None], 3, axis=-1)
     elif mode in ("1", "L"):
         raw = np.asarray(img.convert("L"))
@@ -453,7 +466,8 @@ def photo_from_pil(
         rgb = np.repeat(la[..., :1], 3, axis=-1)
         alpha = la[..., 1]
     elif mode == "CMYK":
-        rgb_img, icc = _cmyk_to_rgb(img, icc)
+        rgb_img, icc, cmyk_note = _cmyk_to_rgb(img, icc)
+        notes += [cmyk_note] if cmyk_note else []
         rgb = np.asarray(rgb_img).astype(np.float32) / 255.0
     else:
         has_alpha = mode in ("RGBA", "RGBa", "PA") or (mode in ("P", "RGB") and transparency is not None)
@@ -474,6 +488,7 @@ def photo_from_pil(
         icc_profile=bytes(icc) if icc else None,
         exif=exif,
         format=img.format,
+        notes=tuple(notes),
     )
 
 
@@ -496,7 +511,7 @@ def read_photo(path: PathLike, *, max_pixels: int | None = None) -> Photo:
     too-large files; the pixels are fully decoded here so truncation is caught here.
     """
     p = Path(path)
-    limit = _max_pixels(max_pixels)
+    limit = resolve_max_pixels(max_pixels)
     if not p.exists():
         raise ImageReadError(path, "no such file")
     if p.is_dir():

@@ -35,6 +35,7 @@ from nerdrain.imageio import (
     photo_to_pil,
     quantize,
     read_photo,
+    resolve_max_pixels,
     rgb_to_gray,
     write_photo,
 )
@@ -563,6 +564,7 @@ def derain_files(
     in_strs = [os.fspath(i) for i in inputs]
     out_str = os.fspath(output) if output is not None else None
     _ext_for(fmt)  # validate before any work
+    max_pixels = resolve_max_pixels(max_pixels)
     if out_str is not None:
         _check_output(out_str, in_strs)
     files, problems = expand_inputs(in_strs, skip_suffix=suffix if out_str is None else None)
@@ -618,6 +620,8 @@ def derain_files(
                 summary.outputs.append(dst)
                 if photo.frames > 1:
                     report(str(src), f"{photo.frames} frames or pages; only the first was derained", "note")
+                for note in photo.notes:
+                    report(str(src), note, "note")
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch
