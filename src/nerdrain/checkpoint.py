@@ -145,28 +145,37 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> NeRDRainConfig:
 # Files
 
 
-# Formats are told apart by their first bytes, not the file name: a renamed file still loads.
-_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; the legacy pickle format
 _PICKLE_SUFFIXES = frozenset({".pth", ".pt", ".bin", ".ckpt", ".pkl"})
 
 
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a plain pickle
+
+
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and (safetensors) metadata; never unpickles anything but tensors and containers."""
+    """Tensors and (safetensors) metadata; never unpickles anything but tensors and containers.
+
+    The format is told from the contents, not the name, so a renamed file still loads: safetensors
+    starts with the length of its JSON header (8 bytes, little-endian) and then its ``{``, which
+    a zip archive or a pickle never do.
+    """
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     with path.open("rb") as f:
-        head = f.read(4)
-    if not head.startswith(_TORCH_MAGIC):
+        head = f.read(9)
+    torch_file = head.startswith(_TORCH_MAGIC)
+    safetensors_file = (len(head) == 9 and head[8:9] == b"{"
+                        and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size)
+    if safetensors_file or (not torch_file and path.suffix.lower() == ".safetensors"):
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
             return load_file(str(path)), metadata
         except Exception as err:  # safetensors' own error type is not exported by every version
-            kind = ("safetensors file" if path.suffix.lower() == ".safetensors"
-                    else "checkpoint: neither a PyTorch file nor safetensors")
-            raise CheckpointError(f"{path}: not a readable {kind} ({_first_line(err)})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+    if not torch_file:
+        raise CheckpointError(f"{path}: not a readable checkpoint: neither a PyTorch file nor safetensors")
     try:
         with path.open("rb") as f:  # a file object: newer torch.load reads a *.safetensors name as safetensors
             obj = torch.load(f, map_location="cpu", weights_only=True)
@@ -217,7 +226,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ne
         model = NeRDRain(cfg)
         state = from_official_state_dict(state, model)
     elif "embed.2.weight" in state:
-        raise CheckpointError(f"{path}: our key names but no config metadata; save it with nerdrain.save_model")
+        raise CheckpointError(f"{path}: our key names but no config metadata (a training checkpoint? its run "
+                              "folder has final.safetensors and best.safetensors; else save with nerdrain.save_model)")
     else:
         raise CheckpointError(f"{path}: not a NeRD-Rain checkpoint (no 'patch_embed_max.proj.weight'; "
                               f"{len(state)} tensors such as {_summarise(list(state))})")
