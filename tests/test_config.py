@@ -221,3 +221,13 @@ def test_every_shipped_config_loads(path):
     """Each experiment file names only known keys with values of the right types."""
     cfg = load_config(path)
     assert cfg.iterations > 0 and cfg.data.sources
+
+
+@pytest.mark.parametrize("content, problem", [(b"a: [1, 2\n", "not valid YAML at line 2, column 1"),
+                                              (b"\xff\xfe\x00", "not a UTF-8 text file")])
+def test_unreadable_config_file_is_one_line_naming_it(tmp_path, content, problem):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=problem) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)

@@ -155,3 +155,20 @@ def test_dataloader_batches_follow_the_sampler():
     loader = DataLoader(Numbers(), batch_size=2, sampler=StreamSampler(2, rank=1, world_size=3, start_iteration=1))
     batches = [b.tolist() for b in itertools.islice(iter(loader), 2)]
     assert batches == [[8, 9], [14, 15]]
+
+
+def test_synthetic_source_skips_hidden_files_and_reads_16_bit_photos(tmp_path):
+    """macOS' ._x.png beside x.png is not a photo; a 16-bit grey photo is not white."""
+    root = tmp_path / "clean"
+    root.mkdir()
+    grey = np.linspace(0, 1, 24 * 32).reshape(24, 32)
+    Image.fromarray((grey * 65535).astype(np.uint16)).save(root / "g16.png")
+    (root / "._g16.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (root / ".cache").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / ".cache" / "thumb.png")
+    source = SyntheticSource(root, ["light"])
+    assert [p.name for p in source.paths] == ["g16.png"]
+    _, clean = source.sample(0, np.random.default_rng(0), 16)
+    assert clean.shape == (3, 16, 16) and 0 < float(clean.mean()) < 1
+    full = source._cache[0]
+    np.testing.assert_allclose(full[0].numpy(), grey, atol=1 / 65535)  # all 16 bits, not clipped to 255

@@ -204,3 +204,14 @@ def test_rain12() -> None:
     assert len(pairs) == 12 and pairs[0].name == "rain-001"
     rainy, clean = load_pair(pairs[0])
     assert rainy.shape == clean.shape == (320, 480, 3)
+
+
+def test_truncated_image_error_names_the_file(tmp_path: Path) -> None:
+    for sub in ("input", "target"):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(np.full((32, 32, 3), 100, np.uint8)).save(tmp_path / sub / "1.png")
+    cut = tmp_path / "input" / "1.png"
+    cut.write_bytes(cut.read_bytes()[:60])
+    with pytest.raises(ValueError, match="cannot read the image") as err:
+        load_pair(find_pairs(tmp_path)[0])
+    assert str(cut) in str(err.value)

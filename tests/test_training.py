@@ -588,3 +588,59 @@ def test_activation_checkpointing_trains_like_storing_activations(tmp_path, data
     assert got["iteration"] == expected["iteration"] == 4
     for name, value in expected["model"].items():
         torch.testing.assert_close(got["model"][name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# -- bad input: one line, nothing hanging ---------------------------------------------------------
+
+
+def test_a_data_worker_error_is_one_line_and_the_run_exits(tmp_path):
+    """An unreadable training image in a worker process: one line naming it, exit 2, no hang (the
+    workers, which ignore SIGTERM, are shut down by the trainer, not left to interpreter exit)."""
+    root = make_pairs(tmp_path / "pairs", count=1)
+    image = root / "input" / "0.png"
+    image.write_bytes(image.read_bytes()[:120])  # truncated
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(config_dict(root, data={"num_workers": 1})))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, "-m", "nerdrain.cli", "train", str(config), "--out", str(tmp_path / "run"),
+                             "-q"], env=env, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: training data: ") and str(image) in lines[0]
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"PK\x03\x04 and then nothing", "not a readable training checkpoint"),
+    (b"garbage", "not a training checkpoint of nerd-rain train"),
+    (b"", "not a training checkpoint of nerd-rain train"),
+])
+def test_resume_from_a_broken_checkpoint_is_one_line(tmp_path, data_root, content, problem):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LAST).write_bytes(content)
+    with pytest.raises(CheckpointError, match=problem) as err:
+        Trainer(make_config(data_root), out, progress=False, resume=True)
+    assert str(out / LAST) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_resume_from_weights_or_another_model_is_refused(tmp_path, data_root, straight_run):
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        Trainer(make_config(data_root), tmp_path / "a", progress=False, resume=straight_run / "final.safetensors")
+    other = make_config(data_root, model={"overrides": {**TINY["overrides"], "dim": 16}})
+    with pytest.raises(CheckpointError, match="resume with the config it was trained with"):
+        Trainer(other, tmp_path / "b", progress=False, resume=straight_run / LAST)
+
+
+def test_resume_with_changed_settings_says_so(tmp_path, data_root, straight_run, capsys):
+    Trainer(make_config(data_root, seed=99, iterations=8), tmp_path / "a", progress=False,
+            resume=straight_run / LAST)
+    out = capsys.readouterr().out
+    assert "note: resuming with changed settings (seed: 1234 -> 99)" in out and "iterations" not in out
+
+
+@pytest.mark.parametrize("overrides", [{"bogus": 3}, {"dim": 7}, {"dim": -1}, {"depths": [1]}])
+def test_model_overrides_that_cannot_build_fail_at_start(tmp_path, data_root, overrides):
+    cfg = make_config(data_root, model={"overrides": {**TINY["overrides"], **overrides}})
+    with pytest.raises(ConfigError, match="config.model: nerd_rain_s with overrides .* does not build"):
+        Trainer(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

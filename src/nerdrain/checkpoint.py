@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -176,14 +177,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
     if not torch_file:
         raise CheckpointError(f"{path}: not a readable checkpoint: neither a PyTorch file nor safetensors")
-    try:
-        with path.open("rb") as f:  # a file object: newer torch.load reads a *.safetensors name as safetensors
-            obj = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for truncated/foreign/pickled-object files
-        if "Weights only load failed" in str(err):  # torch's advice to unpickle anyway is not ours to give
-            raise CheckpointError(f"{path}: holds pickled Python objects besides tensors; refused, since "
-                                  "unpickling them could run code (save a state dict of tensors)") from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(err)})") from None
+    obj = torch_load(path, "cpu")
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "params_ema", "params", "model"):
             if isinstance(obj.get(wrapper), Mapping):
@@ -192,6 +186,20 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: no state dict of tensors found (got {type(obj).__name__})")
     return dict(obj), {}
+
+
+def torch_load(path: Path, device: str | torch.device, what: str = "PyTorch checkpoint") -> Any:
+    """``torch.load`` with ``weights_only=True`` (tensors and plain containers only), every failure
+    one line naming the file."""
+    try:
+        with path.open("rb") as f:  # a file object: newer torch.load reads a *.safetensors name as safetensors
+            return torch.load(f, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises many types for truncated/foreign/pickled-object files
+        if "Weights only load failed" in str(err):  # torch's advice to unpickle anyway is not ours to give
+            raise CheckpointError(f"{path}: holds pickled Python objects besides tensors; refused, since "
+                                  "unpickling them could run code (save a state dict of tensors)") from None
+        reason = _first_line(err).split(". ")[0]  # torch's first sentence; the rest is advice
+        raise CheckpointError(f"{path}: not a readable {what} ({reason})") from None
 
 
 def _first_line(err: BaseException) -> str:

@@ -57,7 +57,12 @@ def cmd_derain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from . import evaluate
+
+    for report_file in filter(None, (args.json, args.csv)):  # a bad folder fails now, not after the scoring
+        Path(report_file).parent.mkdir(parents=True, exist_ok=True)
 
     if args.pred or args.gt:
         if not (args.pred and args.gt) or args.data:

@@ -229,7 +229,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+            raise ConfigError(f"override {item!r}: value is not valid YAML "
+                              f"({getattr(err, 'problem', None) or ' '.join(str(err).split())})") from None
         node: Any = data
         *parents, leaf = key.split(".")
         try:
@@ -254,7 +255,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{at} ({getattr(err, 'problem', None) or err})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
     return from_dict(TrainConfig, apply_overrides(data or {}, list(overrides)))

@@ -13,7 +13,7 @@ import skimage.data
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.synth import RainSynthesizer
-from .imageio import quantize
+from .imageio import quantize, save_png
 from .inference import derain, resolve_device
 from .metrics import score
 
@@ -59,11 +59,11 @@ def run_demo(out_dir: str | Path = "nerdrain-demo", model=None, device: str = "a
         psnr, ssim = score(image, clean, "rain200")
         scores[name] = {"psnr": psnr, "ssim": ssim}
     for name, image in (("rainy", rainy), ("derained", derained), ("clean", clean)):
-        Image.fromarray(image).save(out / f"{name}.png")
+        save_png(image, out / f"{name}.png")
     labels = [f"rainy  {scores['rainy']['psnr']:.2f} dB / {scores['rainy']['ssim']:.4f}",
               f"derained  {scores['derained']['psnr']:.2f} dB / {scores['derained']['ssim']:.4f}",
               "clean"]
-    side_by_side([rainy, derained, clean], labels).save(out / "comparison.png")
+    save_png(np.asarray(side_by_side([rainy, derained, clean], labels)), out / "comparison.png")
     if verbose:
         print(f"photo: scikit-image '{DEMO_PHOTO}', synthetic {preset} rain (seed {seed})")
         for name, s in scores.items():

@@ -20,6 +20,7 @@ non-finite value a score can take); :func:`write_csv` writes ``inf``, which ``fl
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -29,11 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .data.pairs import Pair, find_pairs, load_pair, match_folders, read_rgb
 from .files import atomic_write
+from .imageio import save_png
 from .metrics import PROTOCOLS, score, to_uint8
 from .tiling import TileConfig, run_tiled
 
@@ -115,15 +116,6 @@ def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "ra
                 on_prediction(pair, prediction)
             report.images.append(ImageScore(pair.name, *score(prediction, clean, protocol)))
     return report
-
-
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write a uint8 HxWx3 image as an 8-bit PNG atomically: an interrupted run never leaves a
-    truncated file under the final name."""
-    path = Path(path)
-    with atomic_write(path) as f:
-        Image.fromarray(image, "RGB").save(f, format="PNG")
-    return path
 
 
 def _tiled(model: Restorer, cfg: TileConfig) -> Restorer:
@@ -228,7 +220,9 @@ def write_json(report: EvalReport, path: str | Path) -> Path:
     for image in data["images"]:
         image["psnr"], image["ssim"] = _json_float(image["psnr"]), _json_float(image["ssim"])
     path = Path(path)
-    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        f.write((json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     return path
 
 
@@ -236,8 +230,11 @@ def write_csv(report: EvalReport, path: str | Path) -> Path:
     """One ``name,psnr,ssim`` row per image under that header, full precision (``inf`` for
     identical images)."""
     path = Path(path)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["name", "psnr", "ssim"])
-        writer.writerows([s.name, repr(float(s.psnr)), repr(float(s.ssim))] for s in report.images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["name", "psnr", "ssim"])
+    writer.writerows([s.name, repr(float(s.psnr)), repr(float(s.ssim))] for s in report.images)
+    with atomic_write(path) as f:
+        f.write(text.getvalue().encode("utf-8"))
     return path

@@ -83,6 +83,7 @@ __all__ = [
     "read_photo",
     "resolve_max_pixels",
     "rgb_to_gray",
+    "save_png",
     "write_photo",
 ]
 
@@ -753,6 +754,15 @@ def write_photo(
     except (OSError, ValueError, TypeError, struct.error, zlib.error) as e:
         raise ImageWriteError(path, f"cannot write image ({type(e).__name__}: {e})") from e
     return out
+
+
+def save_png(image: np.ndarray, path: PathLike) -> Path:
+    """An 8-bit array (HxWx3, or HxW grey) as a PNG, atomically: an interrupted run never leaves a
+    truncated file under the final name. For photos with metadata: :func:`write_photo`."""
+    path = Path(path)
+    with atomic_write(path) as f:
+        Image.fromarray(image).save(f, format="PNG")
+    return path
 
 
 def photo_to_pil(photo: Photo) -> Image.Image:

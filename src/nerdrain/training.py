@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +28,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import load_default_model, load_model, save_model
+from .checkpoint import CheckpointError, load_default_model, load_model, save_model, torch_load
 from .config import ConfigError, TrainConfig, to_dict
 from .data.augment import AugmentConfig
 from .data.datasets import PairedSource, StreamSampler, SyntheticSource, TrainingStream
 from .data.pairs import find_pairs
 from .evaluate import evaluate_pairs
 from .files import atomic_write
+from .inference import resolve_device
 from .losses import NeRDRainLoss
 from .models import NeRDRain, create_model
 
@@ -54,8 +55,24 @@ class DistInfo:
         return self.rank == 0
 
 
+def _changed_keys(old: dict, new: dict, ignore: set[str], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts (``ignore``: dotted keys)."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if f"{prefix}{key}" in ignore:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, ignore, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changed
+
+
 def setup_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
     """Join the process group ``torchrun`` describes in the environment (``LOCAL_RANK`` etc.)."""
+    if device_pref not in ("auto", "cpu"):
+        resolve_device(device_pref)  # one line for a device this machine lacks
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
@@ -70,6 +87,30 @@ def setup_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
     else:
         device = torch.device(device_pref)
     return info, device
+
+
+def build_model(cfg: TrainConfig) -> NeRDRain:
+    """The config's network, checked by a forward pass on the meta device (no memory, no
+    arithmetic), so that overrides that cannot work fail now, in one line naming them."""
+    try:
+        with torch.device("meta"):
+            create_model(cfg.model.name, **cfg.model.overrides).forward_all(torch.zeros(1, 3, 16, 16))
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
+        raise ConfigError(f"config.model: {cfg.model.name} with overrides {cfg.model.overrides} does not build "
+                          f"({' '.join(str(err).split())[:200]})") from None
+    return create_model(cfg.model.name, **cfg.model.overrides)
+
+
+def load_training_checkpoint(path: Path, device: torch.device) -> dict:
+    """A ``last.pt`` of ``nerd-rain train`` (tensors and plain containers only), or one line saying
+    why not."""
+    with path.open("rb") as f:
+        zip_archive = f.read(4) == b"PK\x03\x04"  # what torch.save writes
+    state = torch_load(path, device, "training checkpoint") if zip_archive else None
+    if not isinstance(state, dict) or not {"iteration", "model", "optimizer"} <= set(state):
+        raise CheckpointError(f"{path}: not a training checkpoint of nerd-rain train (weights to start from "
+                              "go in model.weights; --resume takes RUN/last.pt)")
+    return state
 
 
 def build_stream(cfg: TrainConfig) -> TrainingStream:
@@ -184,6 +225,16 @@ class StopSignals:
                        "(Ctrl-C again to abort without one)")
 
 
+def _next_batch(batches: Iterator):
+    try:
+        return next(batches)
+    except Exception as err:  # noqa: BLE001 - only a data worker's error is rewritten
+        lines = str(err).strip().splitlines()
+        if len(lines) > 1 and lines[0].startswith("Caught "):  # a worker's traceback, re-raised by DataLoader
+            raise ValueError(f"training data: {lines[-1]}") from None
+        raise
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Data workers leave Ctrl-C and SIGTERM to the training process, which stops them itself;
     on their own they would exit and the loader would fail the run mid-iteration."""
@@ -277,8 +328,10 @@ class Trainer:
         self.dist, self.device = setup_distributed(cfg.device)
         self.progress = progress and self.dist.is_main
 
+        # Listed on every process, so that a bad folder stops all of them here, not rank 0 alone.
+        self.val_pairs = find_pairs(cfg.val.root)[: cfg.val.max_images] if cfg.val.root else []
         torch.manual_seed(cfg.seed)  # identical initial weights in every process
-        self.model: NeRDRain = create_model(cfg.model.name, **cfg.model.overrides)
+        self.model: NeRDRain = build_model(cfg)
         if cfg.model.weights and self.resumed_from is None:
             self.model.load_state_dict(self._initial_weights(cfg.model.weights))
         self.model = self.model.to(self.device)
@@ -310,11 +363,10 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolutions once
 
-        self.val_pairs = []
-        if cfg.val.root and self.dist.is_main:
-            self.val_pairs = find_pairs(cfg.val.root)[: cfg.val.max_images]
+        if not self.dist.is_main:
+            self.val_pairs = []  # only the main process validates
         if self.resumed_from is not None:
-            self.load_state_dict(torch.load(self.resumed_from, map_location=self.device, weights_only=True))
+            self.load_state_dict(load_training_checkpoint(self.resumed_from, self.device))
 
     def _graphs_possible(self) -> bool:
         why = ("they need a CUDA device" if self.device.type != "cuda" else
@@ -360,6 +412,21 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        saved = yaml.safe_load(state["config"]) if isinstance(state.get("config"), str) else None
+        current = to_dict(self.cfg)
+        network = ("name", "overrides")
+        if saved is not None and any(saved["model"].get(k) != current["model"][k] for k in network):
+            raise CheckpointError(f"{self.resumed_from}: trained as {saved['model'].get('name')} with overrides "
+                                  f"{saved['model'].get('overrides')}, but the config builds {current['model']['name']} "
+                                  f"with {current['model']['overrides']}; resume with the config it was trained with")
+        if saved is not None and self.dist.is_main:
+            # Length, validation, logging and the device may change freely; anything else makes
+            # the resumed run differ from an uninterrupted one, which deserves a word.
+            changed = _changed_keys(saved, current, ignore={"iterations", "val", "log_every", "checkpoint_every",
+                                                            "device", "model.weights"})
+            if changed:
+                tqdm.write(f"note: resuming with changed settings ({', '.join(changed)}): the run goes on "
+                           "differently from one that was never interrupted")
         self.iteration = int(state["iteration"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -413,7 +480,8 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
-            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+            with atomic_write(self.out / "config.yaml") as f:
+                f.write(yaml.safe_dump(to_dict(cfg)).encode())
         loader = DataLoader(
             build_stream(cfg), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
             sampler=StreamSampler(cfg.data.batch_size, self.dist.rank, self.dist.world_size, self.iteration),
@@ -426,10 +494,16 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not self.progress, desc="train",
                    dynamic_ncols=True)
+        batches = iter(loader)
         try:
             with StopSignals(announce=self.dist.is_main) as signals:
-                self._loop(loader, writer, bar, signals)
+                self._loop(batches, writer, bar, signals)
         finally:
+            # Stop the data workers now: left to the garbage collector after an error, they outlive
+            # it to interpreter exit, where a SIGTERM they ignore is all they would get.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
             bar.close()
             if writer is not None:
                 writer.close()
@@ -439,12 +513,11 @@ class Trainer:
         self._barrier()
         return final
 
-    def _loop(self, loader: DataLoader, writer, bar, signals: StopSignals) -> None:
+    def _loop(self, batches: Iterator, writer, bar, signals: StopSignals) -> None:
         cfg = self.cfg
         started, samples = time.perf_counter(), 0
-        batches = iter(loader)
         while self.iteration < cfg.iterations:
-            rainy, clean = (t.to(self.device, non_blocking=True) for t in next(batches))
+            rainy, clean = (t.to(self.device, non_blocking=True) for t in _next_batch(batches))
             if cfg.channels_last:
                 rainy = rainy.contiguous(memory_format=torch.channels_last)
             parts = self._forward_backward_graphed(rainy, clean) if self.use_graphs else None

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ..imageio import IMAGE_EXTENSIONS
+from ..imageio import IMAGE_EXTENSIONS, read_photo
 from .augment import AugmentConfig, augment_pair, reflect_pad_to
 from .pairs import find_pairs, load_pair
 from .synth import RainMixer
@@ -51,7 +50,8 @@ class SyntheticSource:
     def __init__(self, root: str | Path, presets: Sequence[str] = ("light", "heavy"),
                  streak_dir: str | Path | None = None):
         root = Path(root)
-        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                            and not any(part.startswith(".") for part in p.relative_to(root).parts))
         if not self.paths:
             raise ValueError(f"{root}: no clean images found for rain synthesis")
         self.mixer = RainMixer(tuple(presets), streak_dir=streak_dir)
@@ -62,8 +62,7 @@ class SyntheticSource:
 
     def sample(self, index: int, rng: np.random.Generator, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         if index not in self._cache:
-            with Image.open(self.paths[index]) as img:
-                self._cache[index] = _to_tensor(np.asarray(img.convert("RGB")))
+            self._cache[index] = _to_tensor(read_photo(self.paths[index]).rgb)
         clean = reflect_pad_to(self._cache[index], patch_size, patch_size)
         top = int(rng.integers(0, clean.shape[1] - patch_size + 1))
         left = int(rng.integers(0, clean.shape[2] - patch_size + 1))

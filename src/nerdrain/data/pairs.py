@@ -245,10 +245,14 @@ def match_folders(pred_dir: Path, gt_dir: Path) -> list[Pair]:
 
 def read_rgb(path: Path) -> np.ndarray:
     """uint8 RGB as MATLAB's imread sees 8-bit files: grey, palette and alpha images become RGB."""
-    with Image.open(path) as img:
-        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-            raise ValueError(f"{path}: {img.mode} images are not supported; use 8-bit images")
-        return np.asarray(img.convert("RGB"))
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+                raise ValueError(f"{path}: {img.mode} images are not supported; use 8-bit images")
+            return np.asarray(img.convert("RGB"))
+    except (OSError, SyntaxError, EOFError) as err:  # truncated or corrupt: Pillow's message omits the file
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"{path}: cannot read the image ({reason})") from None
 
 
 def _half(img: np.ndarray, side: str, path: Path) -> np.ndarray:

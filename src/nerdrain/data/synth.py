@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from scipy import ndimage
 
-from ..files import atomic_write
-from ..imageio import IMAGE_EXTENSIONS, quantize
+from ..imageio import IMAGE_EXTENSIONS, quantize, read_photo, save_png
 
 __all__ = [
     "RainConfig",
@@ -302,9 +301,9 @@ def _lerp(a: float, b: float, t: float) -> float:
 
 
 def _load_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        return np.asarray(im, dtype=np.float32) / 255.0
+    """HxWx3 float32 in [0, 1]: EXIF orientation applied, 16-bit and grey files read as they are,
+    errors naming the file (:func:`nerdrain.imageio.read_photo`)."""
+    return read_photo(path).rgb
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,11 +611,6 @@ def render_mixed(clean: np.ndarray, rng: np.random.Generator,
 # --------------------------------------------------------------------------------------------
 
 
-def _save_png_atomic(arr_u8: np.ndarray, dest: Path) -> None:
-    with atomic_write(dest) as fh:
-        Image.fromarray(arr_u8).save(fh, format="PNG")
-
-
 def _crop(img: np.ndarray, size: int | tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """Random crop to ``size``; smaller images are first upscaled to cover it."""
     th, tw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -685,9 +679,9 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
             clean = _crop(clean, size, rng)
         clean_u8 = quantize(clean, 8)
         rainy = synth.render(clean_u8.astype(np.float32) / 255.0, rng)
-        _save_png_atomic(clean_u8, tg_dir / name)
+        save_png(clean_u8, tg_dir / name)
         try:
-            _save_png_atomic(quantize(rainy, 8), in_dir / name)
+            save_png(quantize(rainy, 8), in_dir / name)
         except BaseException:
             (tg_dir / name).unlink(missing_ok=True)  # never leave half a pair
             raise
