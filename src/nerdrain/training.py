@@ -190,7 +190,8 @@ class StopSignals:
 
     A second SIGINT a second or more after the first aborts at once (``KeyboardInterrupt``, no
     checkpoint); sooner, it is the same request again (``torchrun`` forwards the terminal's Ctrl-C
-    to its workers, which already had it).
+    to its workers, which already had it). Python runs the handler between operations, so signals
+    that arrive during one long operation are seen when it returns, as one.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
