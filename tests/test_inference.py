@@ -460,6 +460,25 @@ def test_colliding_stems_beside_the_inputs_are_disambiguated(tmp_path):
                                                  "photo_png_derained.png"]
 
 
+def test_output_names_that_read_as_files(tmp_path):
+    """-o d.gif (a format we do not write) is refused, not made a folder; a trailing / makes a
+    folder of any name."""
+    for name in ("a.png", "b.png"):
+        Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / name)
+    with pytest.raises(ValueError, match="cannot write .gif files"):
+        derain_files([str(tmp_path / "a.png")], str(tmp_path / "d.gif"), identity, tile=0, progress=False)
+    assert not (tmp_path / "d.gif").exists()
+    s = derain_files([str(tmp_path / "a.png"), str(tmp_path / "b.png")], str(tmp_path / "res.png") + "/", identity,
+                     tile=0, progress=False)
+    assert s.ok == 2 and sorted(p.name for p in (tmp_path / "res.png").iterdir()) == ["a.png", "b.png"]
+
+
+def test_a_folder_of_earlier_outputs_says_so(tmp_path):
+    Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "a_derained.png")
+    s = derain_files([str(tmp_path)], None, identity, tile=0, progress=False)
+    assert s.failed == [(str(tmp_path), "only earlier outputs (*_derained) in this folder")]
+
+
 @pytest.mark.parametrize("as_path", [str, Path])
 def test_one_path_is_one_input_not_a_sequence_of_characters(tmp_path, as_path, monkeypatch):
     Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.png")

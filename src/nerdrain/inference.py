@@ -369,9 +369,11 @@ def expand_inputs(
                 (c for c in p.iterdir() if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS and not c.name.startswith(".")),
                 key=lambda c: c.name,
             )
-            found = [c for c in found if not ours(c)]
-            if not found:
-                problems.append((s, "no image files in this folder"))
+            inputs_here = [c for c in found if not ours(c)]
+            if not inputs_here:
+                problems.append((s, f"only earlier outputs (*{skip_suffix}) in this folder" if found else
+                                 "no image files in this folder"))
+            found = inputs_here
             for c in found:
                 add(c)
         elif p.exists():
@@ -414,8 +416,14 @@ def _check_output(output: str, inputs: Sequence[str]) -> None:
         return
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {output}: exists and is not a folder")
-    if out.suffix.lower() in WRITE_FORMATS and not out.exists():
-        raise ValueError(f"output {output}: a file name, but the inputs are several images; give a folder")
+    named_like_a_file = not out.exists() and not output.endswith(("/", os.sep)) and not (
+        os.altsep and output.endswith(os.altsep))
+    suffix = out.suffix.lower()
+    if named_like_a_file and suffix in IMAGE_EXTENSIONS.difference(WRITE_FORMATS):
+        raise ValueError(f"output {output}: cannot write {suffix} files; use .png, .jpg, .webp or .tif")
+    if named_like_a_file and suffix in WRITE_FORMATS:
+        raise ValueError(f"output {output}: a file name, but the inputs are several images or a folder; "
+                         "give a folder (a trailing / makes any name one)")
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise ValueError(f"output {output}: {existing} is not a folder")
@@ -434,12 +442,15 @@ def plan_outputs(
     """Decide each input file's output path: [(input, output or None, problem or None)].
 
     * ``output=None``: beside the input, ``<stem><suffix>.<fmt>`` (photo.jpg ->
-      photo_derained.png).
+      photo_derained.png; photo.jpg and photo.png in one folder -> photo_jpg_derained.png,
+      photo_png_derained.png).
     * ``output`` is a folder -- an existing folder, a path ending in a separator, or
       anything but a single plain input file with an image-suffixed output -- then
-      ``<folder>/<stem>.<fmt>`` (created if missing).  Inputs whose stems collide are
-      told apart by their extension (a.jpg, a.png -> a_jpg.png, a_png.png), then by their
-      folder (x/1.jpg, y/1.jpg -> x_1_jpg.png, y_1_jpg.png), then by a counter.
+      ``<folder>/<stem>.<fmt>`` (created if missing), or ``<stem><suffix>.<fmt>`` where the
+      folder is the input's own (so that it cannot replace another photo there).  Inputs
+      whose stems collide are told apart by their extension (a.jpg, a.png -> a_jpg.png,
+      a_png.png), then by their folder (x/1.jpg, y/1.jpg -> x_1_jpg.png, y_1_jpg.png), then
+      by a counter.
     * Otherwise ``output`` is the file to write; its suffix chooses the format.
 
     An output that would be an input file (any of them), or that two inputs would

@@ -417,9 +417,10 @@ class Trainer:
         current = to_dict(self.cfg)
         network = ("name", "overrides")
         if saved is not None and any(saved["model"].get(k) != current["model"][k] for k in network):
-            raise CheckpointError(f"{self.resumed_from}: trained as {saved['model'].get('name')} with overrides "
-                                  f"{saved['model'].get('overrides')}, but the config builds {current['model']['name']} "
-                                  f"with {current['model']['overrides']}; resume with the config it was trained with")
+            trained, builds = saved["model"], current["model"]
+            raise CheckpointError(f"{self.resumed_from}: trained as {trained.get('name')} with overrides "
+                                  f"{trained.get('overrides')}, but the config builds {builds['name']} with "
+                                  f"{builds['overrides']}; resume with the config it was trained with")
         if saved is not None and self.dist.is_main:
             # Length, validation, logging and the device may change freely; anything else makes
             # the resumed run differ from an uninterrupted one, which deserves a word.

@@ -30,7 +30,8 @@ from PIL import Image
 
 from ..imageio import IMAGE_EXTENSIONS
 
-__all__ = ["LAYOUTS", "IMAGE_EXTENSIONS", "Pair", "detect_layout", "find_pairs", "load_pair", "match_folders", "read_rgb"]
+__all__ = ["LAYOUTS", "IMAGE_EXTENSIONS", "Pair", "detect_layout", "find_pairs", "load_pair", "match_folders",
+           "read_rgb"]
 
 LAYOUTS: Final = ("input_target", "prenet", "ddn", "did")
 
