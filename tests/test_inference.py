@@ -473,6 +473,16 @@ def test_output_names_that_read_as_files(tmp_path):
     assert s.ok == 2 and sorted(p.name for p in (tmp_path / "res.png").iterdir()) == ["a.png", "b.png"]
 
 
+def test_too_large_for_the_output_format_fails_before_the_network_runs(tmp_path):
+    Image.fromarray(np.zeros((2, 16400, 3), np.uint8)).save(tmp_path / "wide.png")
+
+    def never(x):
+        raise AssertionError("the network ran")
+
+    s = derain_files([str(tmp_path / "wide.png")], None, never, tile=0, fmt="webp", progress=False)
+    assert s.ok == 0 and "16400x2 is too large for WEBP (at most 16383 pixels a side)" in s.failed[0][1]
+
+
 def test_a_folder_of_earlier_outputs_says_so(tmp_path):
     Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "a_derained.png")
     s = derain_files([str(tmp_path)], None, identity, tile=0, progress=False)

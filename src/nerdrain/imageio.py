@@ -76,6 +76,7 @@ __all__ = [
     "Photo",
     "WRITE_FORMATS",
     "apply_orientation",
+    "check_writable_size",
     "format_for_path",
     "photo_from_pil",
     "photo_to_pil",
@@ -204,6 +205,19 @@ def format_for_path(path: PathLike) -> str:
     except KeyError:
         known = ", ".join(sorted(WRITE_FORMATS))
         raise ImageWriteError(path, f"unsupported output format {suffix or '(no suffix)'!r} (use one of {known})") from None
+
+
+#: Largest side each output format can store (libwebp's limit; JPEG's 16-bit size fields).
+_MAX_SIDE = {"WEBP": 16383, "JPEG": 65535}
+
+
+def check_writable_size(path: PathLike, width: int, height: int) -> None:
+    """Refuse, before any work, an image too large for the format its output path asks for."""
+    fmt = format_for_path(path)
+    limit = _MAX_SIDE.get(fmt)
+    if limit is not None and max(width, height) > limit:
+        raise ImageWriteError(path, f"{width}x{height} is too large for {fmt} (at most {limit} pixels a side); "
+                              "write PNG or TIFF instead")
 
 
 def resolve_max_pixels(max_pixels: int | None) -> int:

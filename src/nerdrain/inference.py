@@ -31,6 +31,7 @@ from nerdrain.imageio import (
     ImageReadError,
     ImageWriteError,
     Photo,
+    check_writable_size,
     photo_from_pil,
     photo_to_pil,
     quantize,
@@ -619,6 +620,7 @@ def derain_files(
                     continue
                 assert dst is not None
                 photo = read_photo(src, max_pixels=max_pixels)
+                check_writable_size(dst, *photo.size)  # before the network runs, not after
                 h, w = photo.rgb.shape[:2]
                 tile_bar = progress and runner.n_tiles(h, w) >= _TILE_BAR_MIN_TILES
                 result = _derain_photo(photo, runner, tile_bar)
