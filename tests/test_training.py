@@ -644,3 +644,38 @@ def test_model_overrides_that_cannot_build_fail_at_start(tmp_path, data_root, ov
     with pytest.raises(ConfigError, match="config.model: nerd_rain_s with overrides .* does not build"):
         Trainer(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "set_wakeup_fd") or os.name != "posix", reason="POSIX signals")
+def test_a_second_ctrl_c_aborts_even_during_one_long_operation(tmp_path):
+    """Inside one long operation Python's handler waits (and merges repeated signals): the watcher
+    thread sees the second Ctrl-C and ends the process, instead of the operation running on."""
+    script = tmp_path / "long.py"
+    script.write_text(
+        "import sys, time, torch\n"
+        "from nerdrain.training import StopSignals\n"
+        "torch.set_num_threads(1)\n"
+        "a = torch.randn(9000, 9000)\n"
+        "with StopSignals(announce=False):\n"
+        "    print('ready', flush=True)\n"
+        "    started = time.monotonic()\n"
+        "    a @ a  # about 10 s on one core, all inside one call\n"
+        "    print('finished after', time.monotonic() - started, flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.3)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "finished" not in out, f"the operation ran to its end ({out.strip()}): no abort"
+    assert proc.returncode == 130 and "SIGINT again: aborting without a checkpoint" in err
+    assert took < 5

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -190,8 +191,13 @@ class StopSignals:
 
     A second SIGINT a second or more after the first aborts at once (``KeyboardInterrupt``, no
     checkpoint); sooner, it is the same request again (``torchrun`` forwards the terminal's Ctrl-C
-    to its workers, which already had it). Python runs the handler between operations, so signals
-    that arrive during one long operation are seen when it returns, as one.
+    to its workers, which already had it).
+
+    Python runs signal handlers between operations, so during one long operation (seconds, for a
+    CPU convolution on a large patch) the handler waits, and repeats of a signal merge into one. A
+    watcher thread therefore sees each signal as it arrives (``signal.set_wakeup_fd``); if a second
+    SIGINT finds the handler still waiting a second later, it ends the process with exit code 130
+    (a checkpoint being written then leaves a hidden temporary file; the previous one is intact).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -202,17 +208,53 @@ class StopSignals:
         self.clock = clock
         self._at = 0.0
         self._previous: dict[int, object] = {}
+        self._watcher: threading.Thread | None = None
+        self._exited = threading.Event()
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
+            read_end, self._wake = os.pipe()
+            os.set_blocking(self._wake, False)
+            self._previous_wakeup = signal.set_wakeup_fd(self._wake, warn_on_full_buffer=False)
+            self._watcher = threading.Thread(target=self._watch, args=(read_end,), name="stop-signals", daemon=True)
+            self._watcher.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._exited.set()
+        if self._watcher is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            try:
+                os.write(self._wake, b"\0")  # no signal is 0: the watcher's cue to end
+            except OSError:  # it has ended already (and closed its end)
+                pass
+            os.close(self._wake)
+            self._watcher.join(timeout=5)
+            self._watcher = None
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+    def _watch(self, read_end: int) -> None:
+        first = None
+        try:
+            while True:
+                for signum in os.read(read_end, 64):
+                    if signum == 0:
+                        return
+                    now = time.monotonic()
+                    if first is None:
+                        first = now
+                    elif signum == signal.SIGINT and now - first >= 1.0:
+                        if not self._exited.wait(1.0):  # the handler is stuck behind a long operation
+                            sys.stderr.write("SIGINT again: aborting without a checkpoint\n")
+                            sys.stderr.flush()
+                            os._exit(128 + signal.SIGINT)
+                        return
+        finally:
+            os.close(read_end)
 
     def _handle(self, signum: int, frame) -> None:
         now = self.clock()
