@@ -216,8 +216,13 @@ class StopSignals:
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
             read_end, self._wake = os.pipe()
-            os.set_blocking(self._wake, False)
-            self._previous_wakeup = signal.set_wakeup_fd(self._wake, warn_on_full_buffer=False)
+            try:
+                os.set_blocking(self._wake, False)
+                self._previous_wakeup = signal.set_wakeup_fd(self._wake, warn_on_full_buffer=False)
+            except (ValueError, OSError):  # Windows wants a socket here: no watcher, handlers only
+                os.close(read_end)
+                os.close(self._wake)
+                return self
             self._watcher = threading.Thread(target=self._watch, args=(read_end,), name="stop-signals", daemon=True)
             self._watcher.start()
         return self
