@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -192,7 +193,10 @@ def torch_load(path: Path, device: str | torch.device, what: str = "PyTorch chec
     """``torch.load`` with ``weights_only=True`` (tensors and plain containers only), every failure
     one line naming the file."""
     try:
-        with path.open("rb") as f:  # a file object: newer torch.load reads a *.safetensors name as safetensors
+        with path.open("rb") as f, warnings.catch_warnings():  # a file object: newer torch.load reads a
+            # *.safetensors name as safetensors; a plain pickle makes it warn about the protocol, before
+            # the error we report anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(f, map_location=device, weights_only=True)
     except Exception as err:  # torch raises many types for truncated/foreign/pickled-object files
         if "Weights only load failed" in str(err):  # torch's advice to unpickle anyway is not ours to give
