@@ -483,6 +483,15 @@ def test_too_large_for_the_output_format_fails_before_the_network_runs(tmp_path)
     assert s.ok == 0 and "16400x2 is too large for WEBP (at most 16383 pixels a side)" in s.failed[0][1]
 
 
+def test_rerun_into_the_inputs_own_folder(tmp_path):
+    """-o at the inputs' folder twice: the second run derains the photo again, not its output."""
+    Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    for _ in range(2):
+        s = derain_files([str(tmp_path)], str(tmp_path), identity, tile=0, progress=False)
+        assert s.ok == 1 and not s.failed and [p.name for p in s.outputs] == ["a_derained.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_derained.png"]
+
+
 def test_a_folder_of_earlier_outputs_says_so(tmp_path):
     Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "a_derained.png")
     s = derain_files([str(tmp_path)], None, identity, tile=0, progress=False)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch import nn
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -326,6 +327,23 @@ def test_weight_ema_matches_pytorchs_averaged_model():
     assert not torch.equal(next(ours.module.parameters()), next(model.parameters()))  # it averages
 
 
+def test_weight_ema_with_an_integer_buffer_matches_too():
+    """BatchNorm's step counter is an integer buffer: the update takes the library's grouping path."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    ours = WeightEMA(model, 0.9)
+    reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for _ in range(3):
+        model(torch.randn(2, 3, 4, 4))  # moves the running statistics and the counter
+        with torch.no_grad():
+            model[0].weight.add_(1)
+        ours.update_parameters(model)
+        reference.update_parameters(model)
+        assert_same(ours.state_dict(), reference.state_dict(), "EMA")
+
+
 def test_resume_switching_ema_on(tmp_path, data_root):
     """A checkpoint without EMA resumed with EMA on: averaging starts from the resumed weights."""
     out = tmp_path / "run"
@@ -593,6 +611,14 @@ def test_activation_checkpointing_trains_like_storing_activations(tmp_path, data
 # -- bad input: one line, nothing hanging ---------------------------------------------------------
 
 
+def test_stale_temporary_checkpoints_are_removed(tmp_path, data_root):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f".{LAST}.1a2b3c4d.tmp").write_bytes(b"half a checkpoint from a killed process")
+    train(make_config(data_root, iterations=1), out, progress=False)
+    assert no_tmp_files(out) and (out / LAST).is_file()
+
+
 def test_a_data_worker_error_is_one_line_and_the_run_exits(tmp_path):
     """An unreadable training image in a worker process: one line naming it, exit 2, no hang (the
     workers, which ignore SIGTERM, are shut down by the trainer, not left to interpreter exit)."""
@@ -679,3 +705,23 @@ def test_a_second_ctrl_c_aborts_even_during_one_long_operation(tmp_path):
     assert "finished" not in out, f"the operation ran to its end ({out.strip()}): no abort"
     assert proc.returncode == 130 and "SIGINT again: aborting without a checkpoint" in err
     assert took < 5
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGCHLD"), reason="POSIX signals")
+def test_other_signals_do_not_turn_one_ctrl_c_into_an_abort(tmp_path):
+    """DataLoader workers make torch handle SIGCHLD in Python: a child exiting before the one
+    Ctrl-C must not count as the first of two (the watcher would abort the graceful stop)."""
+    script = tmp_path / "one.py"
+    script.write_text(
+        "import os, signal, subprocess, time\n"
+        "from nerdrain.training import StopSignals\n"
+        "signal.signal(signal.SIGCHLD, lambda *a: None)  # as torch's DataLoader does\n"
+        "with StopSignals(announce=False) as signals:\n"
+        "    subprocess.run(['true'])\n"
+        "    time.sleep(1.5)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(2.5)  # the graceful stop: finishing the iteration, writing the checkpoint\n"
+        "    print('stopped gracefully', signals.received == signal.SIGINT, flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "stopped gracefully True" in result.stdout, result.stderr

@@ -61,28 +61,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from . import evaluate
 
+    if not (args.pred or args.gt or args.data):
+        raise ValueError("nothing to evaluate: give --pred DIR --gt DIR, or --data DIR")
+    if (args.pred or args.gt) and (not (args.pred and args.gt) or args.data):
+        raise ValueError("score saved predictions with --pred DIR --gt DIR, or run a model with --data DIR")
     for report_file in filter(None, (args.json, args.csv)):  # a bad folder fails now, not after the scoring
         Path(report_file).parent.mkdir(parents=True, exist_ok=True)
 
-    if args.pred or args.gt:
-        if not (args.pred and args.gt) or args.data:
-            raise ValueError("score saved predictions with --pred DIR --gt DIR, or run a model with --data DIR")
+    if args.pred:
         report = evaluate.evaluate_folders(args.pred, args.gt, args.protocol, progress=not args.quiet)
-    elif args.data:
+    else:
         from .inference import resolve_device
-
-        import torch
+        from .tiling import is_oom_error
 
         device = resolve_device(args.device)
         try:
             report = evaluate.evaluate_model(_model(args), args.data, args.protocol, layout=args.layout,
                                              save_dir=args.save, device=device, tile=args.tile,
                                              overlap=args.overlap, progress=not args.quiet)
-        except torch.OutOfMemoryError:
+        except RuntimeError as err:  # torch.OutOfMemoryError is one (and only exists from torch 2.5)
+            if not is_oom_error(err):
+                raise
             raise ValueError(f"out of memory on {device} with tile {args.tile or 'whole image'}: pass a smaller "
                              "--tile (scores change slightly with tiling)") from None
-    else:
-        raise ValueError("nothing to evaluate: give --pred DIR --gt DIR, or --data DIR")
     print(evaluate.format_table(report, per_image=args.per_image))
     if args.json:
         evaluate.write_json(report, args.json)

@@ -69,6 +69,7 @@ from PIL import Image, UnidentifiedImageError
 from .files import atomic_write
 
 __all__ = [
+    "DATASET_EXTENSIONS",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "ImageReadError",
@@ -90,10 +91,13 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: Extensions of the files taken as images when a folder is listed (case-insensitive).
+#: Extensions of the files taken as photos when a folder is given to derain (case-insensitive).
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pnm", ".tga"}
 )
+#: Those of dataset folders (pairs, clean photos, predictions): the formats benchmarks come in.
+#: Narrower on purpose: a stray ``a.gif`` preview beside ``a.png`` must not make pairs ambiguous.
+DATASET_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 #: Largest image (in pixels) ``read_photo`` accepts unless told otherwise.
 DEFAULT_MAX_PIXELS = 300_000_000
@@ -763,9 +767,11 @@ def write_photo(
                 img.save(fp, format=fmt, **params)
     except ImageWriteError:
         raise
-    except (PermissionError, FileExistsError) as e:  # raised by creating the temporary file
-        raise ImageWriteError(path, f"cannot create a file in {parent} ({e.strerror or e})") from None
-    except (OSError, ValueError, TypeError, struct.error, zlib.error) as e:
+    except (PermissionError, FileExistsError) as e:  # creating the temporary file, or renaming it
+        raise ImageWriteError(path, f"cannot write in {parent} ({e.strerror or e})") from None
+    except OSError as e:  # e.filename would be the temporary file's: name the problem only
+        raise ImageWriteError(path, f"cannot write image ({e.strerror or e})") from e
+    except (ValueError, TypeError, struct.error, zlib.error) as e:
         raise ImageWriteError(path, f"cannot write image ({type(e).__name__}: {e})") from e
     return out
 

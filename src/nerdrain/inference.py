@@ -90,7 +90,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
             raise ValueError(f"unsupported device {spec!r} (use auto, cpu, cuda, cuda:N or mps)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} requested but CUDA is not available (use --device cpu)")
+            raise ValueError(f"device {spec!r} requested but CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     elif dev.type == "mps" and not _mps_available():
@@ -579,7 +579,7 @@ def derain_files(
     max_pixels = resolve_max_pixels(max_pixels)
     if out_str is not None:
         _check_output(out_str, in_strs)
-    files, problems = expand_inputs(in_strs, skip_suffix=suffix if out_str is None else None)
+    files, problems = expand_inputs(in_strs, skip_suffix=suffix)  # earlier outputs are not inputs
     summary = Summary()
 
     def report(path: str, reason: str, kind: str = "error") -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -96,7 +97,7 @@ def build_model(cfg: TrainConfig) -> NeRDRain:
     try:
         with torch.device("meta"):
             create_model(cfg.model.name, **cfg.model.overrides).forward_all(torch.zeros(1, 3, 16, 16))
-    except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - a probe on the meta device: whatever fails, the config is why
         raise ConfigError(f"config.model: {cfg.model.name} with overrides {cfg.model.overrides} does not build "
                           f"({' '.join(str(err).split())[:200]})") from None
     return create_model(cfg.model.name, **cfg.model.overrides)
@@ -197,7 +198,8 @@ class StopSignals:
     CPU convolution on a large patch) the handler waits, and repeats of a signal merge into one. A
     watcher thread therefore sees each signal as it arrives (``signal.set_wakeup_fd``); if a second
     SIGINT finds the handler still waiting a second later, it ends the process with exit code 130
-    (a checkpoint being written then leaves a hidden temporary file; the previous one is intact).
+    (a checkpoint being written then leaves a hidden temporary file, removed when the run resumes;
+    the previous checkpoint is intact).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -207,61 +209,73 @@ class StopSignals:
         self.announce = announce
         self.clock = clock
         self._at = 0.0
+        self._handled_at = -math.inf  # time.monotonic() of the handler's latest run, for the watcher
         self._previous: dict[int, object] = {}
         self._watcher: threading.Thread | None = None
         self._exited = threading.Event()
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            read_end, self._wake = os.pipe()
-            try:
-                os.set_blocking(self._wake, False)
-                self._previous_wakeup = signal.set_wakeup_fd(self._wake, warn_on_full_buffer=False)
-            except (ValueError, OSError):  # Windows wants a socket here: no watcher, handlers only
-                os.close(read_end)
-                os.close(self._wake)
-                return self
-            self._watcher = threading.Thread(target=self._watch, args=(read_end,), name="stop-signals", daemon=True)
-            self._watcher.start()
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        read_end, self._wake = os.pipe()
+        try:
+            os.set_blocking(self._wake, False)
+            self._previous_wakeup = signal.set_wakeup_fd(self._wake, warn_on_full_buffer=False)
+        except (ValueError, OSError):  # Windows wants a socket here: no watcher, handlers only
+            os.close(read_end)
+            os.close(self._wake)
+            return self
+        self._watcher = threading.Thread(target=self._watch, args=(read_end,), name="stop-signals", daemon=True)
+        self._watcher.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._exited.set()
-        if self._watcher is not None:
-            signal.set_wakeup_fd(self._previous_wakeup)
-            try:
-                os.write(self._wake, b"\0")  # no signal is 0: the watcher's cue to end
-            except OSError:  # it has ended already (and closed its end)
-                pass
-            os.close(self._wake)
-            self._watcher.join(timeout=5)
-            self._watcher = None
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
+        try:  # the handlers first: a signal from here on is the caller's again
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+            self._previous.clear()
+        finally:
+            if self._watcher is not None:
+                signal.set_wakeup_fd(self._previous_wakeup)
+                try:
+                    os.write(self._wake, b"\0")  # no signal is 0: the watcher's cue to end
+                except OSError:  # it has ended already (and closed its end)
+                    pass
+                os.close(self._wake)
+                self._watcher.join(timeout=5)
+                self._watcher = None
 
     def _watch(self, read_end: int) -> None:
+        # Every signal with a Python handler writes its number here (SIGCHLD too, once a DataLoader
+        # has workers): only ours count.
         first = None
         try:
             while True:
                 for signum in os.read(read_end, 64):
                     if signum == 0:
                         return
-                    now = time.monotonic()
+                    if signum not in self.SIGNALS:
+                        continue
+                    arrived = time.monotonic()
                     if first is None:
-                        first = now
-                    elif signum == signal.SIGINT and now - first >= 1.0:
-                        if not self._exited.wait(1.0):  # the handler is stuck behind a long operation
+                        first = arrived
+                    elif signum == signal.SIGINT and arrived - first >= 1.0:
+                        # Python's handler decides, if it runs within a second; if it is stuck
+                        # behind a long operation, the abort is done here.
+                        if self._exited.wait(1.0):
+                            return
+                        if self._handled_at < arrived:
                             sys.stderr.write("SIGINT again: aborting without a checkpoint\n")
                             sys.stderr.flush()
                             os._exit(128 + signal.SIGINT)
-                        return
         finally:
             os.close(read_end)
 
     def _handle(self, signum: int, frame) -> None:
+        self._handled_at = time.monotonic()
         now = self.clock()
         if self.received is not None:
             if signum == signal.SIGINT and now - self._at >= 1.0:
@@ -273,12 +287,19 @@ class StopSignals:
                        "(Ctrl-C again to abort without one)")
 
 
+# Errors a data worker meets in the data (unreadable, truncated, missing files): one line for the
+# user. Anything else from a worker is a bug, and keeps its traceback.
+_DATA_ERRORS = ("ValueError", "OSError", "ImageReadError", "UnidentifiedImageError", "FileNotFoundError",
+                "PermissionError", "EOFError", "SyntaxError")
+
+
 def _next_batch(batches: Iterator):
     try:
         return next(batches)
-    except Exception as err:  # noqa: BLE001 - only a data worker's error is rewritten
+    except Exception as err:  # noqa: BLE001 - only a data worker's data error is rewritten
         lines = str(err).strip().splitlines()
-        if len(lines) > 1 and lines[0].startswith("Caught "):  # a worker's traceback, re-raised by DataLoader
+        caught = re.match(r"Caught (\w+) in DataLoader worker", lines[0]) if lines else None
+        if caught and caught[1] in _DATA_ERRORS:  # the worker's traceback, re-raised by DataLoader
             raise ValueError(f"training data: {lines[-1]}") from None
         raise
 
@@ -317,6 +338,8 @@ class WeightEMA(AveragedModel):
     def update_parameters(self, model: nn.Module) -> None:
         averaged = [*self.module.parameters(), *self.module.buffers()]
         current = [*model.parameters(), *model.buffers()]
+        if len({(t.device, t.dtype) for t in averaged}) > 1 or not all(t.is_floating_point() for t in averaged):
+            return super().update_parameters(model)  # mixed tensors: the library's grouping (and its sync)
         if self.n_averaged.item() == 0:  # a CPU tensor: no device sync
             for mean, value in zip(averaged, current, strict=True):
                 mean.copy_(value)
@@ -472,7 +495,7 @@ class Trainer:
             # Length, validation, logging and the device may change freely; anything else makes
             # the resumed run differ from an uninterrupted one, which deserves a word.
             changed = _changed_keys(saved, current, ignore={"iterations", "val", "log_every", "checkpoint_every",
-                                                            "device", "model.weights"})
+                                                            "device", "model.weights", "data.num_workers"})
             if changed:
                 tqdm.write(f"note: resuming with changed settings ({', '.join(changed)}): the run goes on "
                            "differently from one that was never interrupted")
@@ -529,6 +552,8 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
+            for stale in self.out.glob(f".{LAST}.*.tmp"):  # left by a process killed while saving
+                stale.unlink(missing_ok=True)
             with atomic_write(self.out / "config.yaml") as f:
                 f.write(yaml.safe_dump(to_dict(cfg)).encode())
         loader = DataLoader(

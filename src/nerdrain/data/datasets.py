@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..imageio import IMAGE_EXTENSIONS, read_photo
+from ..imageio import DATASET_EXTENSIONS, read_photo
 from .augment import AugmentConfig, augment_pair, reflect_pad_to
 from .pairs import find_pairs, load_pair
 from .synth import RainMixer
@@ -50,7 +50,7 @@ class SyntheticSource:
     def __init__(self, root: str | Path, presets: Sequence[str] = ("light", "heavy"),
                  streak_dir: str | Path | None = None):
         root = Path(root)
-        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in DATASET_EXTENSIONS and p.is_file()
                             and not any(part.startswith(".") for part in p.relative_to(root).parts))
         if not self.paths:
             raise ValueError(f"{root}: no clean images found for rain synthesis")

@@ -28,10 +28,9 @@ from typing import Final
 import numpy as np
 from PIL import Image
 
-from ..imageio import IMAGE_EXTENSIONS
+from ..imageio import DATASET_EXTENSIONS
 
-__all__ = ["LAYOUTS", "IMAGE_EXTENSIONS", "Pair", "detect_layout", "find_pairs", "load_pair", "match_folders",
-           "read_rgb"]
+__all__ = ["LAYOUTS", "Pair", "detect_layout", "find_pairs", "load_pair", "match_folders", "read_rgb"]
 
 LAYOUTS: Final = ("input_target", "prenet", "ddn", "did")
 
@@ -64,7 +63,7 @@ def _images(folder: Path) -> list[Path]:
     return [
         p
         for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        if p.is_file() and p.suffix.lower() in DATASET_EXTENSIONS and not p.name.startswith(".")
     ]
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ..imageio import IMAGE_EXTENSIONS, quantize, read_photo, save_png
+from ..imageio import DATASET_EXTENSIONS, quantize, read_photo, save_png
 
 __all__ = [
     "RainConfig",
@@ -44,7 +44,6 @@ __all__ = [
     "render_mixed",
     "synthesize_folder",
     "streak_orientation",
-    "IMAGE_EXTENSIONS",
 ]
 
 Range = tuple[float, float]
@@ -332,7 +331,7 @@ class RainSynthesizer:
             if not d.is_dir():
                 raise FileNotFoundError(f"streak database folder not found: {d}")
             self.streak_files = tuple(sorted(p for p in d.iterdir()
-                                             if p.suffix.lower() in IMAGE_EXTENSIONS))
+                                             if p.suffix.lower() in DATASET_EXTENSIONS))
             if not self.streak_files:
                 raise ValueError(f"no streak images in {d}")
         self._db_cache: OrderedDict[str, tuple[np.ndarray, float, float]] = OrderedDict()
@@ -646,10 +645,10 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
     if count_per_image < 1:
         raise ValueError(f"count_per_image must be >= 1, got {count_per_image}")
     sources = sorted(p for p in clean_dir.iterdir()
-                     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                     if p.is_file() and p.suffix.lower() in DATASET_EXTENSIONS
                      and not p.name.startswith("."))
     if not sources:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {clean_dir}")
+        raise ValueError(f"no images ({', '.join(sorted(DATASET_EXTENSIONS))}) in {clean_dir}")
     synth = RainSynthesizer(preset, streak_dir)
     in_dir, tg_dir = out_dir / "input", out_dir / "target"
 
