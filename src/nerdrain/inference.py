@@ -398,9 +398,13 @@ def _ext_for(fmt: str) -> str:
     return ext
 
 
+def _ends_with_separator(output: str) -> bool:
+    return output.endswith(tuple(filter(None, ("/", os.sep, os.altsep))))
+
+
 def _output_is_folder(output: str, inputs: Sequence[str]) -> bool:
     out = Path(output)
-    if out.is_dir() or output.endswith(("/", os.sep)) or (os.altsep and output.endswith(os.altsep)):
+    if out.is_dir() or _ends_with_separator(output):
         return True
     if len(inputs) != 1:
         return True
@@ -417,8 +421,7 @@ def _check_output(output: str, inputs: Sequence[str]) -> None:
         return
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {output}: exists and is not a folder")
-    named_like_a_file = not out.exists() and not output.endswith(("/", os.sep)) and not (
-        os.altsep and output.endswith(os.altsep))
+    named_like_a_file = not out.exists() and not _ends_with_separator(output)
     suffix = out.suffix.lower()
     if named_like_a_file and suffix in IMAGE_EXTENSIONS.difference(WRITE_FORMATS):
         raise ValueError(f"output {output}: cannot write {suffix} files; use .png, .jpg, .webp or .tif")
