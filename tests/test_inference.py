@@ -492,6 +492,19 @@ def test_rerun_into_the_inputs_own_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_derained.png"]
 
 
+def test_exif_too_large_for_a_jpeg_is_dropped_with_a_note(tmp_path):
+    """A PNG may carry more EXIF than a JPEG's 64 KB segment: the photo is written, without it."""
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 70_000  # ImageDescription
+    Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "big.png", exif=exif)
+    lines = []
+    s = derain_files([str(tmp_path / "big.png")], str(tmp_path / "out"), identity, tile=0, fmt="jpg",
+                     progress=False, log=lines.append)
+    assert s.ok == 1 and not s.failed
+    assert len(lines) == 1 and "is more than a JPEG holds (64 KB): not kept" in lines[0]
+    assert "exif" not in Image.open(tmp_path / "out" / "big.jpg").info
+
+
 def test_a_folder_of_earlier_outputs_says_so(tmp_path):
     Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "a_derained.png")
     s = derain_files([str(tmp_path)], None, identity, tile=0, progress=False)

@@ -78,6 +78,7 @@ __all__ = [
     "WRITE_FORMATS",
     "apply_orientation",
     "check_writable_size",
+    "fit_metadata",
     "format_for_path",
     "photo_from_pil",
     "photo_to_pil",
@@ -222,6 +223,20 @@ def check_writable_size(path: PathLike, width: int, height: int) -> None:
     if limit is not None and max(width, height) > limit:
         raise ImageWriteError(path, f"{width}x{height} is too large for {fmt} (at most {limit} pixels a side); "
                               "write PNG or TIFF instead")
+
+
+#: Largest EXIF block (with its "Exif\0\0" header) a JPEG can carry: one APP1 segment of 65535
+#: bytes, less its 2-byte length.
+_JPEG_MAX_EXIF = 65533
+
+
+def fit_metadata(photo: Photo, path: PathLike) -> Photo:
+    """``photo`` without what the output format cannot store, with a note saying so (rather than
+    failing the file): EXIF over a JPEG's 64 KB."""
+    if format_for_path(path) == "JPEG" and photo.exif and len(photo.exif) > _JPEG_MAX_EXIF:
+        note = f"its EXIF ({len(photo.exif):,} bytes) is more than a JPEG holds (64 KB): not kept"
+        return dataclasses.replace(photo, exif=None, notes=(*photo.notes, note))
+    return photo
 
 
 def resolve_max_pixels(max_pixels: int | None) -> int:

@@ -32,6 +32,7 @@ from nerdrain.imageio import (
     ImageWriteError,
     Photo,
     check_writable_size,
+    fit_metadata,
     photo_from_pil,
     photo_to_pil,
     quantize,
@@ -631,12 +632,13 @@ def derain_files(
                 if parent not in made_dirs and not parent.is_dir():
                     parent.mkdir(parents=True, exist_ok=True)
                     made_dirs.add(parent)
+                result = fit_metadata(result, dst)
                 write_photo(dst, result, overwrite_guard_path=all_inputs)
                 summary.ok += 1
                 summary.outputs.append(dst)
                 if photo.frames > 1:
                     report(str(src), f"{photo.frames} frames or pages; only the first was derained", "note")
-                for note in photo.notes:
+                for note in result.notes:
                     report(str(src), note, "note")
             except (KeyboardInterrupt, SystemExit):
                 raise
