@@ -505,6 +505,14 @@ def test_exif_too_large_for_a_jpeg_is_dropped_with_a_note(tmp_path):
     assert "exif" not in Image.open(tmp_path / "out" / "big.jpg").info
 
 
+def test_a_line_break_in_a_file_name_keeps_the_report_one_line(tmp_path):
+    bad = tmp_path / "bad\nname.jpg"
+    bad.write_bytes(b"not a photo")
+    lines = []
+    s = derain_files([str(bad)], str(tmp_path / "out"), identity, tile=0, progress=False, log=lines.append)
+    assert len(s.failed) == 1 and len(lines) == 1 and "\n" not in lines[0] and "bad\\nname.jpg" in lines[0]
+
+
 def test_a_folder_of_earlier_outputs_says_so(tmp_path):
     Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "a_derained.png")
     s = derain_files([str(tmp_path)], None, identity, tile=0, progress=False)

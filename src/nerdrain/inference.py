@@ -539,6 +539,11 @@ def _samefile(a: Path, b: Path) -> bool:
         return False
 
 
+def _one_line(text: str) -> str:
+    """A file name may hold line breaks; the report stays one line per file (escaped as ``\\n``)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _reason(err: BaseException) -> str:
     if isinstance(err, ImageWriteError):  # the file that failed is the output, not the input named first
         return f"output {err.path}: {err.reason}"
@@ -589,7 +594,7 @@ def derain_files(
     def report(path: str, reason: str, kind: str = "error") -> None:
         if kind == "error":
             summary.failed.append((path, reason))
-        line = f"{kind}: {path}: {reason}"
+        line = f"{kind}: {_one_line(path)}: {_one_line(reason)}"
         if log is not None:
             log(line)
         elif progress:
