@@ -217,6 +217,20 @@ def test_convert_to_official_safetensors_is_a_bare_state_dict_under_official_nam
     assert set(written) == set(expected) and all(torch.equal(written[k], expected[k]) for k in expected)
 
 
+@pytest.mark.parametrize("flags, expected", [([], torch.bfloat16), (["--dtype", "float32"], torch.float32)])
+def test_convert_keeps_the_stored_precision_unless_told(tmp_path, flags, expected):
+    from safetensors.torch import load_file
+
+    from nerdrain.checkpoint import stored_dtype
+
+    half = save_model(create_model("nerd_rain_s", dim=8), tmp_path / "bf16.safetensors", dtype=torch.bfloat16)
+    assert stored_dtype(half) == torch.bfloat16
+    for extra, name in (([], "ours.safetensors"), (["--to-official"], "official.pth")):
+        assert main(["convert", str(half), str(tmp_path / name), *extra, *flags]) == 0
+        assert stored_dtype(tmp_path / name) == expected
+    assert {v.dtype for v in load_file(str(tmp_path / "ours.safetensors")).values()} == {expected}
+
+
 def test_convert_refuses_a_pth_name_for_our_format(tmp_path, tiny_weights, capsys):
     assert main(["convert", str(tiny_weights), str(tmp_path / "ours.pth")]) == 2
     err = capsys.readouterr().err

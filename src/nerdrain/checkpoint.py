@@ -266,6 +266,18 @@ def _load_strict(model: NeRDRain, state: Mapping[str, torch.Tensor], path: Path)
     model.load_state_dict({k: v.float() for k, v in state.items()})
 
 
+def _cpu_tensors(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies to write, floating-point ones in ``dtype`` where given."""
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+            for k, v in state.items()}
+
+
+def stored_dtype(path: str | Path) -> torch.dtype:
+    """The floating-point type a checkpoint's weights are stored in, so that a conversion can keep it."""
+    state, _ = _read_tensors(Path(path))
+    return next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+
+
 def save_model(model: NeRDRain, path: str | Path, dtype: torch.dtype | None = None,
                extra_metadata: Mapping[str, str] | None = None) -> Path:
     """Write safetensors with the config needed to rebuild the model (atomically).
@@ -280,20 +292,19 @@ def save_model(model: NeRDRain, path: str | Path, dtype: torch.dtype | None = No
     path.parent.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DDP / compiled wrappers
     model = getattr(model, "_orig_mod", model)
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in model.state_dict().items()}
+    tensors = _cpu_tensors(model.state_dict(), dtype)
     metadata = {"format": FORMAT_TAG, "config": json.dumps(asdict(model.cfg)), **(extra_metadata or {})}
     with atomic_write(path) as f:
         f.write(safetensors_bytes(tensors, metadata=metadata))
     return path
 
 
-def export_official(model: NeRDRain, path: str | Path) -> Path:
+def export_official(model: NeRDRain, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """The weights under the authors' key names, atomically: a ``.safetensors`` name gives a bare
     state dict in safetensors, any other a ``.pth`` their test script loads (``{'state_dict': ...}``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in to_official_state_dict(model).items()}
+    state = _cpu_tensors(to_official_state_dict(model), dtype)
     with atomic_write(path) as f:
         if path.suffix.lower() == ".safetensors":
             f.write(safetensors_bytes(state))

@@ -126,11 +126,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import export_official, load_model, save_model
+    import torch
+
+    from .checkpoint import export_official, load_model, save_model, stored_dtype
 
     model = load_model(args.input)
-    out = export_official(model, args.output) if args.to_official else save_model(model, args.output)
-    print(f"{args.input} -> {out} (dim={model.cfg.dim})")
+    dtype = stored_dtype(args.input) if args.dtype == "same" else getattr(torch, args.dtype)
+    out = (export_official(model, args.output, dtype) if args.to_official
+           else save_model(model, args.output, dtype=dtype))
+    print(f"{args.input} -> {out} (dim={model.cfg.dim}, {str(dtype).removeprefix('torch.')})")
     return 0
 
 
@@ -219,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="our .safetensors (weights + config), or with --to-official the authors' format")
     p.add_argument("--to-official", action="store_true",
                    help="write the authors' key names: a .pth their scripts load, or a bare .safetensors")
+    p.add_argument("--dtype", default="same", choices=["same", "float32", "float16", "bfloat16"],
+                   help="precision of the written weights (default: same as the input's)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("models", help="list the model variants")
