@@ -150,7 +150,7 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> NeRDRainConfig:
 _PICKLE_SUFFIXES = frozenset({".pth", ".pt", ".bin", ".ckpt", ".pkl"})
 
 
-_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a plain pickle
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # how torch.save's files start: a zip archive; a plain pickle
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -166,7 +166,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise CheckpointError(f"{path}: no such file")
     with path.open("rb") as f:
         head = f.read(9)
-    torch_file = head.startswith(_TORCH_MAGIC)
+    torch_file = head.startswith(TORCH_MAGIC)
     safetensors_file = (len(head) == 9 and head[8:9] == b"{"
                         and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size)
     if safetensors_file or (not torch_file and path.suffix.lower() == ".safetensors"):

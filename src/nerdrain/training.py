@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, load_default_model, load_model, save_model, torch_load
+from .checkpoint import TORCH_MAGIC, CheckpointError, load_default_model, load_model, save_model, torch_load
 from .config import ConfigError, TrainConfig, to_dict
 from .data.augment import AugmentConfig
 from .data.datasets import PairedSource, StreamSampler, SyntheticSource, TrainingStream
@@ -108,8 +108,8 @@ def load_training_checkpoint(path: Path, device: torch.device) -> dict:
     """A ``last.pt`` of ``nerd-rain train`` (tensors and plain containers only), or one line saying
     why not."""
     with path.open("rb") as f:
-        zip_archive = f.read(4) == b"PK\x03\x04"  # what torch.save writes
-    state = torch_load(path, device, "training checkpoint") if zip_archive else None
+        torch_file = f.read(4).startswith(TORCH_MAGIC)
+    state = torch_load(path, device, "training checkpoint") if torch_file else None
     if not isinstance(state, dict) or not {"iteration", "model", "optimizer"} <= set(state):
         raise CheckpointError(f"{path}: not a training checkpoint of nerd-rain train (weights to start from "
                               "go in model.weights; --resume takes RUN/last.pt)")
