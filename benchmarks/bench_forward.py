@@ -13,7 +13,9 @@ Records: ``forward_latency`` (batch 1, per size), ``tile_throughput`` (``--tile-
 one forward; CPU, in a fresh subprocess: the growth of peak RSS over one forward, and of the heap
 in use, ``common.PeakHeap``, which unlike RSS does not count freed memory malloc keeps).
 ``--plain`` times the bare model (``torch.no_grad``, autocast for bf16) instead of
-:func:`nerdrain.accel.optimize_for_inference`; ``--fp32-weights`` keeps its bf16 path on autocast
+:func:`nerdrain.accel.optimize_for_inference`; ``--released-form`` times the baseline, the bare
+model in the released code's forms (``released_form.py``), so that speed-ups are measured side by
+side; ``--fp32-weights`` keeps its bf16 path on autocast
 over fp32 weights (no bf16 copy of the weights), the form before ``half_weights``.
 """
 
@@ -50,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_runner(model: torch.nn.Module, device: torch.device, dtype: str, args: argparse.Namespace):
-    if args.plain:
+    if args.plain or args.released_form:
         model.eval()
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -59,7 +61,7 @@ def make_runner(model: torch.nn.Module, device: torch.device, dtype: str, args: 
             with torch.no_grad(), common.precision(dtype, device):
                 return model(x)
         return run, {"compile": False, "cuda_graphs": False, "channels_last": args.channels_last,
-                     "precision": dtype, "plain": True}
+                     "precision": dtype, "plain": True, "released_form": args.released_form}
     from nerdrain.accel import optimize_for_inference
 
     fast = optimize_for_inference(model, device, compile=args.compile, cuda_graphs=args.cuda_graphs,
@@ -76,7 +78,7 @@ def allocator_tuned() -> bool:
 
 
 def run_settings(args: argparse.Namespace) -> dict:
-    return common.settings(args, plain=args.plain, tile_size=args.tile_size, tile_batch=args.tile_batch,
+    return common.settings(args, plain=args.plain or args.released_form, tile_size=args.tile_size, tile_batch=args.tile_batch,
                            cpu_allocator_tuned=allocator_tuned(), fp32_weights=args.fp32_weights)
 
 
@@ -89,7 +91,7 @@ def memory_record(args, variant, dtype, size, device, info) -> dict:
     """Peak memory of one batch-1 forward at ``size``."""
     base = {"kind": "forward_peak_memory", "variant": variant, "dtype": dtype, "size": size, "batch": 1}
     if device.type == "cuda":
-        model = common.build_model(variant, device, args.seed)
+        model = common.build_model(variant, device, args.seed, args.released_form)
         run, paths = make_runner(model, device, dtype, args)
         x = inputs(1, size, device, args.channels_last)
         run(x)  # compile / capture / cudnn autotune first
@@ -105,7 +107,7 @@ def memory_record(args, variant, dtype, size, device, info) -> dict:
     argv = ["--memory-worker", "--device", "cpu", "--variant", variant, "--dtype", dtype,
             "--sizes", str(size), "--seed", str(args.seed)]
     for flag in ("compile", "channels_last", "plain", "no_alloc_tune", "no_split_gram", "no_bands", "fp32_weights",
-                 "no_triton_ln"):
+                 "no_triton_ln", "released_form"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     if args.threads:
@@ -118,7 +120,7 @@ def memory_record(args, variant, dtype, size, device, info) -> dict:
 def memory_worker(args: argparse.Namespace, device: torch.device) -> None:
     """In a fresh process: growth of peak RSS over the first forward at this size (CPU)."""
     variant, dtype, size = args.variant[0], args.dtype[0], args.sizes[0]
-    model = common.build_model(variant, device, args.seed)
+    model = common.build_model(variant, device, args.seed, args.released_form)
     run, paths = make_runner(model, device, dtype, args)
     run(inputs(1, 16, device, args.channels_last))  # load kernels / libraries at a negligible size
     x = inputs(1, size, device, args.channels_last)
@@ -148,7 +150,7 @@ def main(argv=None) -> None:
     info = common.machine_info(device)
     for variant in args.variant:
         for dtype in args.dtype:
-            model = common.build_model(variant, device, args.seed)
+            model = common.build_model(variant, device, args.seed, args.released_form)
             run, paths = make_runner(model, device, dtype, args)
             for size in args.sizes:
                 x = inputs(1, size, device, args.channels_last)

@@ -11,6 +11,8 @@ Prints one JSON object per line (machine info, exact settings, measurement). Exa
 One record (``train_step``) per variant, dtype, patch size and batch: median seconds per step,
 samples/s and peak memory (CUDA ``max_memory_allocated``; CPU peak RSS of the process during the
 measurement, and its growth over the RSS before the model was built).
+``--released-form`` times the baseline: the model in the released code's forms
+(``released_form.py``) with PyTorch's default Adam and glibc malloc left alone.
 ``--cuda-graphs`` captures the whole step (forward, loss, backward, clipping, Adam with
 ``capturable=True``) in one CUDA graph per shape, falling back to eager steps if capture fails.
 """
@@ -51,6 +53,8 @@ class Step:
         params = [p for p in model.parameters() if p.requires_grad]
         if args.cuda_graphs and device.type == "cuda":
             self.optimizer = torch.optim.Adam(params, lr=args.lr, capturable=True)
+        elif args.released_form:  # the released code's optimiser: PyTorch's default Adam
+            self.optimizer = torch.optim.Adam(params, lr=args.lr)
         else:  # the Trainer's optimizer: fused where this PyTorch has the kernel
             from nerdrain.config import OptimConfig, TrainConfig
             from nerdrain.training import build_optimizer
@@ -108,7 +112,7 @@ def main(argv=None) -> None:
     if args.batch is None:
         args.batch = [1, 8] if device.type == "cuda" else [1]
     tuned = False
-    if device.type == "cpu" and not args.no_alloc_tune:
+    if device.type == "cpu" and not (args.no_alloc_tune or args.released_form):
         from nerdrain.accel import tune_cpu_allocator
 
         tuned = tune_cpu_allocator()
@@ -119,7 +123,7 @@ def main(argv=None) -> None:
         for dtype in args.dtype:
             for size in args.sizes:
                 for batch in args.batch:
-                    model = common.build_model(variant, device, args.seed).train()
+                    model = common.build_model(variant, device, args.seed, args.released_form).train()
                     model.set_activation_checkpointing(args.activation_checkpointing)
                     if args.channels_last:
                         model.to(memory_format=torch.channels_last)

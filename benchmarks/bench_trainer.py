@@ -32,7 +32,7 @@ from PIL import Image  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(p)
+    common.add_common_args(p, released_form=False)
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="patch sizes (default: 128 CPU, 256 CUDA)")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default: 1 CPU, 8 CUDA)")
     p.add_argument("--workers", type=int, default=None, help="data-loader workers (default: 1 CPU, 8 CUDA)")

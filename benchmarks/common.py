@@ -107,7 +107,8 @@ def _version_of(package: str) -> str | None:
         return None
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
+def add_common_args(parser: argparse.ArgumentParser, released_form: bool = True) -> None:
+    """The flags every benchmark shares; ``released_form``: whether it can time the baseline twin."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--dtype", nargs="+", default=None, choices=DTYPES,
@@ -128,6 +129,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="run inference on large maps whole, not in bands of rows")
     parser.add_argument("--no-triton-ln", action="store_true",
                         help="LayerNorm by PyTorch's kernel on CUDA too, not the Triton one")
+    if released_form:
+        parser.add_argument("--released-form", action="store_true",
+                            help="time the baseline: the network in the released code's forms (released_form.py), "
+                                 "bare, NCHW, no allocator tuning, plain Adam")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -140,6 +145,10 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def setup(args: argparse.Namespace) -> torch.device:
+    if getattr(args, "released_form", False):
+        ours = [flag for flag in ("compile", "cuda_graphs", "channels_last") if getattr(args, flag)]
+        if ours:
+            raise SystemExit(f"--released-form times the released code as it runs; drop --{ours[0].replace('_', '-')}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -300,15 +309,21 @@ def emit(record: dict, output: str | None = None) -> None:
 
 def settings(args: argparse.Namespace, **extra) -> dict:
     keys = ("compile", "cuda_graphs", "channels_last", "repeats", "warmup", "threads", "seed", "label",
-            "no_split_gram", "no_bands", "no_triton_ln")
+            "no_split_gram", "no_bands", "no_triton_ln", "released_form")
     env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")
            if k in os.environ}
-    return {**{k: getattr(args, k) for k in keys}, **extra, "env": env, "code": code_info()}
+    return {**{k: getattr(args, k, None) for k in keys}, **extra, "env": env, "code": code_info()}
 
 
-def build_model(variant: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised variant (speed does not depend on the weights)."""
+def build_model(variant: str, device: torch.device, seed: int = 0, released_form: bool = False) -> torch.nn.Module:
+    """A randomly initialised variant (speed does not depend on the weights), in the released
+    code's forms where asked (the baseline)."""
     from nerdrain import create_model
 
     torch.manual_seed(seed)
-    return create_model(variant).to(device)
+    model = create_model(variant).to(device)
+    if released_form:
+        from released_form import to_released_form
+
+        to_released_form(model)
+    return model

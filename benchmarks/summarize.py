@@ -7,12 +7,14 @@
     python benchmarks/summarize.py results.jsonl
 
 ``trainer_throughput`` records (the whole training loop) give their mean step time and are compared
-with the released code's training step.
+with the released code's training step. ``side_by_side`` records (``side_by_side.py``) get a table
+of their own: the baseline timed beside ours, round by round, next to the issue's figure.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 # The authors' released code as measured for the issue (seconds per call; forward batch 1).
@@ -46,9 +48,11 @@ def paths(rec: dict) -> str:
     on = [k for k in ("channels_last", "compile", "cuda_graphs") if p.get(k)]
     if rec.get("cuda_graphed"):
         on.append("cuda_graphs")
-    if p.get("plain"):
-        on.append("plain")
     settings = rec.get("settings", {})
+    if settings.get("released_form"):
+        on.append("released_form")
+    elif p.get("plain"):
+        on.append("plain")
     if settings.get("no_split_gram"):
         on.append("unsplit_gram")
     if settings.get("no_bands"):
@@ -81,6 +85,7 @@ def main(files: list[str]) -> None:
         print(f"| {label} | {r['machine'].get('cuda_device', r['machine']['cpu_model'])} | {r['kind']} | {r['variant']} | "
               f"{r['dtype']} | {r['size']} | {r['batch']} | {paths(r)} | {seconds:.4f} | {rate:.2f} | "
               f"{released} | {speed} |")
+    side_by_side([r for r in records if r.get("kind") == "side_by_side"])
     mem = [r for r in records if r.get("kind") == "forward_peak_memory"]
     if mem:
         print("\n| label | device | variant | dtype | size | peak (GB) | released (GB) |")
@@ -91,6 +96,30 @@ def main(files: list[str]) -> None:
             ref = RELEASED_PEAK_GB.get((r["variant"], r["size"])) if device_of(r) == "cuda" else None
             print(f"| {r.get('settings', {}).get('label') or ''} | {device_of(r)} | {r['variant']} | {r['dtype']} | {r['size']} | {peak / 1e9:.2f} | "
                   f"{ref if ref else ''} |")
+
+
+def side_by_side(records: list[dict]) -> None:
+    if not records:
+        return
+    print("\n| label | device | measure | variant | size | batch | baseline s | ours | ours s | speed-up, median (min-max) "
+          "| issue's released s | ours vs issue's |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        label = r.get("settings", {}).get("label") or ""
+        if "error" in r:
+            print(f"| {label} | | {r['measure']} | {r['variant']} | {r['size']} | {r['batch']} | error: {r['error']} "
+                  "| | | | | |")
+            continue
+        dev = device_of(r)
+        ours_s = statistics.median(r["ours_s"])
+        ref = RELEASED.get((dev, r["measure"], r["variant"], r["size"], r["batch"]))
+        issue = f"{ref[0]:g}-{ref[1]:g}" if ref and ref[0] != ref[1] else (f"{ref[0]:g}" if ref else "")
+        vs_issue = (f"{ref[0] / ours_s:.2f}-{ref[1] / ours_s:.2f}x" if ref and ref[0] != ref[1]
+                    else (f"{ref[0] / ours_s:.2f}x" if ref else ""))
+        print(f"| {label} | {r['machine'].get('cuda_device', r['machine']['cpu_model'])} | {r['measure']} | "
+              f"{r['variant']} | {r['size']} | {r['batch']} | {statistics.median(r['baseline_s']):.4f} "
+              f"({r['baseline_dtype']}) | {r['dtype']} {r['ours']} | {ours_s:.4f} | {r['speedup_median']:.2f}x "
+              f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {issue} | {vs_issue} |")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,21 @@ first time). Tiny sizes on the CPU; the figures themselves are not checked, only
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nerdrain import load_model
+from nerdrain.models.blocks import ChannelAttention, GatedFeedForward, LayerNorm2d
+from nerdrain.models.inr import ImplicitDecoder
+
+from conftest import assert_all_outputs_match_golden
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -87,3 +98,57 @@ def test_cpu_memory_record_measures_the_heap():
     (memory,) = [r for r in recs if r["kind"] == "forward_peak_memory"]
     # At least the 32-channel feature maps at 64x64 (0.5 MB each) are live at once; under 1 GB.
     assert 2**19 < memory["peak_heap_delta_bytes"] < 2**30, memory
+
+
+def released_form_module():
+    spec = importlib.util.spec_from_file_location("released_form", BENCH / "released_form.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_released_form_twin_computes_the_golden_outputs(golden_dir):
+    """The baseline of the side-by-side figures is the released network, not some other one:
+    its forms of LayerNorm, attention, FFN and INR give the golden outputs from the same weights."""
+    released_form = released_form_module()
+    model = load_model(golden_dir / "official_dim16_seed0.safetensors")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    released_form.to_released_form(model)
+    swapped = {type(m) for m in model.modules()}
+    assert swapped >= set(released_form.RELEASED_CLASSES.values())
+    assert not swapped & {LayerNorm2d, ChannelAttention, GatedFeedForward, ImplicitDecoder}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert_all_outputs_match_golden(model, load_file(str(golden_dir / "official_dim16_seed0_io.safetensors")))
+
+
+def test_released_form_ensemble_queries_the_grid_points():
+    """Its INR queries each feature pixel itself, four times: the library's conv form, to rounding."""
+    released_form = released_form_module()
+    torch.manual_seed(0)
+    inr = ImplicitDecoder(4, hidden=(8, 8))
+    features = torch.randn(2, 4, 5, 7)
+    expected = inr(features)
+    inr.__class__ = released_form.ReleasedImplicitDecoder
+    torch.testing.assert_close(inr(features), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_side_by_side_pairs_the_baseline_with_ours(tmp_path):
+    jsonl = tmp_path / "r.jsonl"
+    (r,) = records(run("side_by_side.py", "--device", "cpu", "--threads", "1", "--variant", "nerd_rain_s",
+                       "--sizes", "32", "--rounds", "2", "--repeats", "1", "--warmup", "0", "--label", "pair",
+                       "--output", str(jsonl)))
+    assert r["kind"] == "side_by_side" and r["measure"] == "forward_latency" and "error" not in r
+    assert len(r["baseline_s"]) == len(r["ours_s"]) == 2
+    for speedup, base, ours in zip(r["speedup"], r["baseline_s"], r["ours_s"]):
+        assert speedup == pytest.approx(base / ours, abs=1e-3)
+    assert r["speedup_min"] <= r["speedup_median"] <= r["speedup_max"]
+    assert r["baseline_paths"]["released_form"] and not r["baseline_paths"]["channels_last"]
+    assert r["ours_paths"]["channels_last"] and "released_form" not in r["ours_paths"]
+    table = run("summarize.py", str(jsonl))
+    assert "| speed-up, median (min-max) |" in table and "| pair |" in table
+
+
+def test_released_form_refuses_our_fast_paths():
+    out = subprocess.run([sys.executable, str(BENCH / "bench_forward.py"), "--device", "cpu", "--released-form",
+                          "--channels-last", "--sizes", "16"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode != 0 and "drop --channels-last" in out.stderr

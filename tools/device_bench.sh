@@ -6,7 +6,8 @@
 # torch.compile (inference and the training step), banded inference's memory, the missing
 # NeRD-Rain-S bf16 figures and activation checkpointing; since stop 12 also bf16 weights stored once
 # against autocast's per-call casts, and the Trainer's own CUDA-graph loop (tested first against
-# eager steps). Records: $OUT/bench_gpu.jsonl (+ .md).
+# eager steps); since stop 15 the released code's forms timed beside ours (side_by_side.py).
+# Records: $OUT/bench_gpu.jsonl (+ .md).
 # Needs the golden files inside the checkout (../shared does not travel):
 #   mkdir -p .device_shared && cp -r ../shared/golden .device_shared/
 #   device run: bash tools/device_bench.sh, carry [".device_shared"], timeout_s 480
@@ -29,6 +30,11 @@ for split in "" "--no-split-gram"; do  # the split q k^T against the unsplit one
   step 30 $B $split --variant nerd_rain --dtype tf32 bf16 --sizes 256 1024 --tile-batch 0 --no-memory \
     --label "channels-last + CUDA graphs $split"
 done
+# The released code's forms (benchmarks/released_form.py) timed beside ours on this card, in
+# alternation: the figures came from another session's card. Baseline with TF32
+# convolutions, PyTorch's default (the faster, so the fairer, form of the released code's fp32).
+SBS="$PY benchmarks/side_by_side.py --device cuda --output $J --baseline-dtype tf32"
+step 90 $SBS --variant nerd_rain --sizes 256 --dtype bf16 --rounds 2 --label "side by side, channels-last + CUDA graphs"
 # bf16 weights stored once (the default since stop 12) against autocast casting fp32 weights at
 # every call (the form the first run measured): about 600 casts and 312 LayerNorm map casts fewer.
 step 30 $B --variant nerd_rain --dtype bf16 --sizes 256 --tile-batch 0 --no-memory --fp32-weights \
@@ -57,6 +63,8 @@ step 20 $PY benchmarks/profile_forward.py --device cuda --variant nerd_rain --si
   --rows 25 > "$OUT/profile.txt"
 step 30 $PY benchmarks/profile_forward.py --device cuda --variant nerd_rain --size 256 --batch 8 --channels-last \
   --dtype bf16 --train --calls 2 --rows 30 > "$OUT/profile_train.txt"
+step 60 $SBS --train --variant nerd_rain --sizes 256 --batch 8 --dtype bf16 --rounds 1 \
+  --label "side by side train, channels-last + CUDA graphs"
 $PY benchmarks/summarize.py "$J" > "$OUT/bench_gpu.md"
 step 120 $T --compile --variant nerd_rain --batch 16 --dtype bf16 --cuda-graphs \
   --label "train, channels-last + compile + CUDA graphs"
