@@ -70,6 +70,15 @@ def timed(args: argparse.Namespace, device: str, variant: str, size: int, baseli
     return found[0] if found else {"error": "no record"}
 
 
+def run_paths(record: dict) -> dict:
+    """Which paths a run took: a forward's own ``paths``, a training step's flags."""
+    if "paths" in record:
+        return record["paths"]
+    settings = record.get("settings", {})
+    flags = ("released_form", "channels_last", "compile", "cuda_graphs", "adam_fused", "cpu_allocator_tuned")
+    return {**{k: settings.get(k) for k in flags}, "cuda_graphed": record.get("cuda_graphed")}
+
+
 def compare(args: argparse.Namespace, device: str, variant: str, size: int) -> dict:
     rounds = []
     for index in range(args.rounds):
@@ -87,8 +96,8 @@ def compare(args: argparse.Namespace, device: str, variant: str, size: int) -> d
     speedups = [b / o for b, o in zip(base, ours)]
     return {**record, "baseline_s": base, "ours_s": ours, "speedup": [round(s, 3) for s in speedups],
             "speedup_median": statistics.median(speedups), "speedup_min": min(speedups),
-            "speedup_max": max(speedups), "baseline_paths": rounds[0][0].get("paths"),
-            "ours_paths": rounds[0][1].get("paths"),
+            "speedup_max": max(speedups), "baseline_paths": run_paths(rounds[0][0]),
+            "ours_paths": run_paths(rounds[0][1]),
             "settings": {"rounds": args.rounds, "repeats": args.repeats, "warmup": args.warmup,
                          "threads": args.threads, "label": args.label, "order": "ABBA",
                          "code": common.code_info()},

@@ -152,3 +152,13 @@ def test_released_form_refuses_our_fast_paths():
     out = subprocess.run([sys.executable, str(BENCH / "bench_forward.py"), "--device", "cpu", "--released-form",
                           "--channels-last", "--sizes", "16"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode != 0 and "drop --channels-last" in out.stderr
+
+
+def test_side_by_side_training_steps():
+    (r,) = records(run("side_by_side.py", "--device", "cpu", "--threads", "1", "--variant", "nerd_rain_s", "--train",
+                       "--sizes", "32", "--batch", "2", "--rounds", "1", "--repeats", "1", "--warmup", "0"))
+    assert r["measure"] == "train_step" and r["batch"] == 2 and "error" not in r
+    assert r["speedup"] == [round(r["baseline_s"][0] / r["ours_s"][0], 3)]
+    base, ours = r["baseline_paths"], r["ours_paths"]
+    assert base["released_form"] and not base["cpu_allocator_tuned"] and not base["channels_last"]
+    assert not ours["released_form"] and ours["channels_last"]
