@@ -148,6 +148,44 @@ def test_derain_half_stores_weights_in_bf16_and_stays_close_to_fp32(tmp_path, ti
     assert 0 < err.mean() < 1 / 255 and err.max() < 0.1  # really bf16; within the stated tolerance
 
 
+def _derained(tmp_path, weights, name, *flags):
+    out = tmp_path / name
+    assert main(["derain", str(tmp_path / "rainy.png"), "-o", str(out), "--weights", str(weights), "--device", "cpu",
+                 "--tile", "32", "--overlap", "8", "-q", *flags]) == 0
+    return np.asarray(Image.open(out / "rainy.png"))
+
+
+def test_derain_cuda_graphs_on_cpu_fall_back_in_one_line(tmp_path, tiny_weights, capsys):
+    write_image(tmp_path / "rainy.png", 5)
+    plain = _derained(tmp_path, tiny_weights, "plain")
+    capsys.readouterr()
+    graphed = _derained(tmp_path, tiny_weights, "graphs", "--cuda-graphs")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "warning: CUDA graphs need a CUDA device, not cpu; running without them"
+    assert lines[1:] == ["1 derained, 0 failed"]
+    np.testing.assert_array_equal(graphed, plain)
+
+
+def test_derain_compile_falls_back_in_one_line_where_it_fails(tmp_path, tiny_weights, capsys, monkeypatch):
+    """``--compile`` reaches torch.compile; where that cannot work (no compiler, an old PyTorch), the
+    network runs eagerly with the same outputs."""
+    write_image(tmp_path / "rainy.png", 6)
+    plain = _derained(tmp_path, tiny_weights, "plain")
+    calls = []
+
+    def no_compiler(model, **options):
+        calls.append(options)
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    capsys.readouterr()
+    compiled = _derained(tmp_path, tiny_weights, "compiled", "--compile")
+    assert calls and calls[0].get("dynamic") is False
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: torch.compile failed (RuntimeError: no C++ compiler); running eagerly", "1 derained, 0 failed"]
+    np.testing.assert_array_equal(compiled, plain)
+
+
 def test_bad_weights_is_one_line_error(tmp_path, capsys):
     write_image(tmp_path / "x.png", 3)
     bogus = tmp_path / "weights.pth"

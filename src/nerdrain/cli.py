@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 from . import __version__
 
@@ -28,13 +29,19 @@ def _model(args: argparse.Namespace):
         from .inference import half_dtype
 
         dtype = half_dtype(device) if getattr(args, "half", False) else None
+        fast = {"compile": getattr(args, "compile", False), "cuda_graphs": getattr(args, "cuda_graphs", False)}
         if device.type == "cuda":
             import torch
 
             # Tiles of a photo share one shape (and a folder of camera photos, a few): cuDNN's
             # autotuning runs once per shape, as in the GPU figures of the README.
             torch.backends.cudnn.benchmark = True
-        model = optimize_for_inference(model, device, channels_last=True, dtype=dtype)
+        model = optimize_for_inference(model, device, channels_last=True, dtype=dtype, **fast)
+    elif getattr(args, "compile", False) or getattr(args, "cuda_graphs", False):
+        from .accel import FastPathWarning
+
+        warnings.warn(f"--compile and --cuda-graphs apply on CPU and CUDA, not {device.type}; running without them",
+                      FastPathWarning, stacklevel=2)
     return model
 
 
@@ -167,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"tile size in pixels, 0 or at least 16; 0 = whole image at once (default: {tile_help})")
         p.add_argument("--overlap", type=int, default=32, help="tile overlap, blended smoothly (default: 32)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--cuda-graphs", action="store_true",
+                       help="CUDA: capture each tile shape once and replay it (same outputs, less launch overhead)")
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the network (same outputs in fp32; minutes for the first tile of a shape)")
 
     p = sub.add_parser("derain", help="derain photos (files, folders, globs)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
@@ -243,12 +254,27 @@ def _raise_terminated(signum, frame) -> None:
     raise _Terminated()
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A fast path that falls back says so in one line, like the other reports."""
+    from .accel import FastPathWarning
+
+    if issubclass(category, FastPathWarning):
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     on_term = args.func is not cmd_train and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_term else None
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            return args.func(args)
     except (ValueError, OSError) as err:  # CheckpointError, ImageReadError and bad configs are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
