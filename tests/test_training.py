@@ -356,6 +356,23 @@ def test_resume_switching_ema_on(tmp_path, data_root):
     assert_same({k: final[k] for k in ckpt["model"]}, dict(ckpt["model"]), "ema")
 
 
+def test_a_training_checkpoint_loads_as_the_weights_the_run_would_save(tmp_path, data_root, straight_run):
+    """``RUN/last.pt`` stands for the weights at its iteration: the EMA, as ``final.safetensors``
+    holds them (so an interrupted run can be used and converted), or the trained weights without one."""
+    from_last, final = load_model(straight_run / LAST), load_model(straight_run / "final.safetensors")
+    assert from_last.cfg == final.cfg
+    assert_same(from_last.state_dict(), final.state_dict(), "last.pt as weights")
+    raw = load_ckpt(straight_run / LAST)["model"]
+    assert any(not torch.equal(v, raw[k]) for k, v in final.state_dict().items())  # the EMA, not the raw weights
+    converted = tmp_path / "w.safetensors"
+    assert main(["convert", str(straight_run / LAST), str(converted)]) == 0
+    assert_same(load_model(converted).state_dict(), final.state_dict(), "converted last.pt")
+
+    out = tmp_path / "run"
+    train(make_config(data_root, iterations=1, ema_decay=None), out, progress=False)
+    assert_same(load_model(out / LAST).state_dict(), dict(load_ckpt(out / LAST)["model"]), "without EMA")
+
+
 def test_atomic_save_keeps_previous_checkpoint_on_failure(tmp_path, monkeypatch):
     path = tmp_path / LAST
     atomic_save({"iteration": 1, "w": torch.arange(4.0)}, path)

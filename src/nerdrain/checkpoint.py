@@ -179,6 +179,8 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not torch_file:
         raise CheckpointError(f"{path}: not a readable checkpoint: neither a PyTorch file nor safetensors")
     obj = torch_load(path, "cpu")
+    if _is_training_checkpoint(obj):
+        return _training_weights(obj, path)
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "params_ema", "params", "model"):
             if isinstance(obj.get(wrapper), Mapping):
@@ -187,6 +189,33 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: no state dict of tensors found (got {type(obj).__name__})")
     return dict(obj), {}
+
+
+def _is_training_checkpoint(obj: Any) -> bool:
+    """A ``RUN/last.pt`` of ``nerd-rain train`` (see ``training.Trainer.state_dict``)."""
+    return (isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and isinstance(obj.get("config"), str)
+            and "iteration" in obj)
+
+
+def _training_weights(state: Mapping[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The weights a training checkpoint stands for, as the run would save them at this iteration:
+    the EMA where it keeps one (as ``final.safetensors`` does), else the trained weights; with the
+    network's config read from the run's settings."""
+    import yaml
+
+    from .models.registry import model_config
+
+    try:
+        network = yaml.safe_load(state["config"])["model"]
+        cfg = model_config(network["name"], **(network.get("overrides") or {}))
+    except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: a training checkpoint whose settings name no usable model ({err})") from None
+    weights = state["model"]
+    ema = state.get("ema")
+    if isinstance(ema, Mapping) and int(ema.get("n_averaged", 0)) > 0:
+        weights = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+    return dict(weights), {"format": FORMAT_TAG, "config": json.dumps(asdict(cfg)),
+                           "iteration": str(state["iteration"])}
 
 
 def torch_load(path: Path, device: str | torch.device, what: str = "PyTorch checkpoint") -> Any:
@@ -217,10 +246,11 @@ def _summarise(keys: list[str], limit: int = 3) -> str:
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None) -> NeRDRain:
-    """Load the authors' ``.pth`` files, bare state dicts (.pth/.safetensors) or our own files.
+    """Load the authors' ``.pth`` files, bare state dicts (.pth/.safetensors), our own files, or
+    a training run's ``last.pt`` (as the weights the run would save at its iteration: the EMA).
 
-    Our files carry their config; for the others variant and width are read off the tensor
-    shapes. The format is told from the file's first bytes, so a renamed file loads too. The model
+    Our files carry their config (``last.pt``: the run's settings); for the others variant and
+    width are read off the tensor shapes. The format is told from the file's first bytes, so a renamed file loads too. The model
     is returned in eval mode, fp32.
     """
     path = Path(path)
@@ -238,8 +268,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ne
         model = NeRDRain(cfg)
         state = from_official_state_dict(state, model)
     elif "embed.2.weight" in state:
-        raise CheckpointError(f"{path}: our key names but no config metadata (a training checkpoint? its run "
-                              "folder has final.safetensors and best.safetensors; else save with nerdrain.save_model)")
+        raise CheckpointError(f"{path}: our key names but no config metadata (save the model with "
+                              "nerdrain.save_model, which stores it)")
     else:
         raise CheckpointError(f"{path}: not a NeRD-Rain checkpoint (no 'patch_embed_max.proj.weight'; "
                               f"{len(state)} tensors such as {_summarise(list(state))})")
