@@ -170,3 +170,48 @@ def test_save_model_refuses_a_pickle_name(tmp_path):
     with pytest.raises(ValueError, match="name it .safetensors"):
         save_model(create_model("nerd_rain", dim=16), tmp_path / "mine.pth")
     assert not list(tmp_path.iterdir())
+
+
+def tiny():
+    torch.manual_seed(0)
+    return create_model("nerd_rain_s", dim=8, depths=(1, 1, 1), inr_hidden=(16,))
+
+
+def test_weights_are_stored_only_in_floating_point_types(tmp_path):
+    model = tiny()
+    for dtype in (torch.int8, "int8", "nope"):
+        with pytest.raises(ValueError, match="floating-point type"):
+            save_model(model, tmp_path / "w.safetensors", dtype=dtype)
+    assert not (tmp_path / "w.safetensors").exists()
+    path = save_model(model, tmp_path / "w.safetensors", dtype="float16")
+    assert {t.dtype for t in load_file(str(path)).values()} == {torch.float16}
+
+
+def test_save_model_wants_a_model_and_a_file_name(tmp_path):
+    with pytest.raises(TypeError, match="not Identity"):
+        save_model(torch.nn.Identity(), tmp_path / "w.safetensors")
+    with pytest.raises(TypeError, match="not OrderedDict"):
+        save_model(tiny().state_dict(), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="is a folder"):
+        save_model(tiny(), tmp_path)
+
+
+@pytest.mark.parametrize("config, problem", [
+    ('{"dim": 8, "foo": 1}', "unexpected keyword"),
+    ("[1, 2]", "object has no attribute"),
+    ("{bad", "Expecting property name"),
+    ('{"dim": 7}', "NeRDRainConfig.dim"),
+])
+def test_a_stored_config_that_cannot_build_is_one_line_naming_the_file(tmp_path, config, problem):
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny().state_dict().items()}, str(path),
+              metadata={"format": "nerdrain", "config": config})
+    with pytest.raises(CheckpointError, match=problem) as err:
+        load_model(path)
+    assert_one_line_naming(err, path)
+
+
+def test_load_model_checks_the_device(tmp_path):
+    path = save_model(tiny(), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="unknown device 'xyz'"):
+        load_model(path, device="xyz")

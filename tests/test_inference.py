@@ -212,6 +212,77 @@ def test_resolve_device():
         resolve_device("tpu-ish")
 
 
+def test_devices_we_do_not_run_on_are_refused_before_the_model_moves():
+    net = TinyNet()
+    for device in (torch.device("meta"), "meta", 2.5):
+        with pytest.raises(ValueError, match="device"):
+            derain(torch.rand(3, 8, 8), net, device=device)
+    assert all(p.device.type == "cpu" for p in net.parameters())  # untouched, still usable
+    torch.testing.assert_close(derain(torch.rand(3, 8, 8), net, tile=0).shape, torch.Size([3, 8, 8]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda:0' requested but CUDA is not available"):
+            resolve_device(0)  # PyTorch reads an integer as a CUDA index
+
+
+def test_model_given_as_a_checkpoint_path(tmp_path):
+    from nerdrain import create_model, save_model
+
+    torch.manual_seed(0)
+    model = create_model("nerd_rain_s", dim=8, depths=(1, 1, 1), inr_hidden=(16,))
+    path = save_model(model, tmp_path / "tiny.safetensors")
+    x = torch.rand(1, 3, 24, 32)
+    torch.testing.assert_close(derain(x, str(path), tile=0), derain(x, model, tile=0), atol=0, rtol=0)
+    with pytest.raises(TypeError, match="checkpoint path, not int"):
+        derain(x, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_in_half_precision_gets_its_input_in_that_type(dtype):
+    """``model.half()`` is a natural thing to try; the input is cast to the weights' type and the
+    result comes back in the input's own type, close to the fp32 model's."""
+    from nerdrain import create_model
+
+    torch.manual_seed(0)
+    model = create_model("nerd_rain_s", dim=8, depths=(1, 1, 1), inr_hidden=(16,))
+    x = torch.rand(1, 3, 24, 32)
+    reference = derain(x, model, tile=0)
+    out = derain(x, model.to(dtype), tile=0)
+    assert out.dtype == torch.float32 and next(model.parameters()).dtype == dtype
+    assert 0 < (out - reference).abs().mean() < 1 / 255
+
+
+def test_non_finite_float_images_are_refused_and_0_255_floats_warned():
+    a = RNG.random((6, 7, 3), dtype=np.float32)
+    a[2, 3, 1] = np.nan
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+        derain(a, identity)
+    t = torch.rand(3, 6, 7)
+    t[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+        derain(t, identity)
+    with pytest.warns(UserWarning, match="divide 8-bit values by 255"):
+        out = derain(RNG.random((6, 7, 3), dtype=np.float32) * 255, identity)
+    assert out.max() <= 1.0
+
+
+def test_big_endian_arrays_read_as_their_values():
+    a = RNG.integers(0, 65536, (6, 7, 3), dtype=np.uint16)
+    np.testing.assert_array_equal(derain(a.astype(">u2"), affine), derain(a, affine))
+
+
+def test_argument_types_and_empty_batches():
+    x = torch.rand(1, 3, 8, 8)
+    for name, value in (("overlap", None), ("batch_size", None), ("tile", 2.5)):  # tile=None: the default
+        with pytest.raises(TypeError, match=f"{name}: expected an integer, got {value}"):
+            derain(x, identity, **{name: value})
+    empty = torch.rand(0, 3, 8, 8)
+    assert derain(empty, identity).shape == empty.shape
+    with pytest.raises(ValueError, match="empty image"):
+        derain(torch.rand(1, 3, 0, 8), identity)
+    with pytest.raises(ValueError, match="meta device"):
+        derain(torch.rand(1, 3, 8, 8, device="meta"), identity)
+
+
 # --------------------------------------------------------------------------- derain_files
 
 

@@ -38,6 +38,31 @@ def test_registry_overrides_and_unknown_names():
         create_model("nerd")
 
 
+@pytest.mark.parametrize("overrides, field", [
+    ({"dim": 7}, "dim"),  # Downsample halves the width before pixel-unshuffle
+    ({"dim": 0}, "dim"),
+    ({"dim": "8"}, "dim"),
+    ({"dim": 8, "heads": (3, 3, 3)}, "heads"),
+    ({"heads": (0, 1, 1)}, "heads"),
+    ({"heads": (1, 2)}, "heads"),
+    ({"depths": (-1, 1, 1)}, "depths"),
+    ({"ffn_expansion": 0}, "ffn_expansion"),
+    ({"inr_hidden": (0,)}, "inr_hidden"),
+])
+def test_settings_that_cannot_build_a_network_fail_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"NeRDRainConfig.{field}: expected"):
+        create_model("nerd_rain_s", **overrides)
+
+
+def test_unknown_settings_are_named_and_unusual_valid_ones_run():
+    with pytest.raises(ValueError, match="unknown setting 'foo' for nerd_rain_s; settings: dim, depths"):
+        create_model("nerd_rain_s", foo=1)
+    # No transformer blocks, and an INR without hidden layers: odd, but a network that runs.
+    model = create_model("nerd_rain_s", dim=6, depths=(0, 0, 0), heads=(1, 1, 3), inr_hidden=()).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 20, 24)).shape == (1, 3, 20, 24)
+
+
 @pytest.mark.parametrize("case", ["case0", "case1"])
 def test_forward_all_matches_golden_outputs(golden_model, golden_io, case):
     with torch.no_grad():

@@ -257,13 +257,16 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ne
     state, metadata = _read_tensors(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if metadata.get("format") == FORMAT_TAG and "config" in metadata:
-        cfg = NeRDRainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in json.loads(metadata["config"]).items()})
+        try:
+            settings = json.loads(metadata["config"])
+            cfg = NeRDRainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+        except (ValueError, TypeError, AttributeError) as err:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"{path}: its stored config cannot build a NeRD-Rain ({_first_line(err)})") from None
         model = NeRDRain(cfg)
     elif _is_official(state):
         try:
             cfg = infer_config(state)
-        except (KeyError, IndexError, ZeroDivisionError) as err:
+        except (KeyError, IndexError, ZeroDivisionError, ValueError) as err:
             raise CheckpointError(f"{path}: NeRD-Rain keys found but the shapes are inconsistent ({err})") from None
         model = NeRDRain(cfg)
         state = from_official_state_dict(state, model)
@@ -275,7 +278,11 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ne
                               f"{len(state)} tensors such as {_summarise(list(state))})")
     _load_strict(model, state, path)
     model.eval()
-    return model.to(device) if device is not None else model
+    if device is None:
+        return model
+    from .inference import resolve_device
+
+    return model.to(resolve_device(device))
 
 
 def _load_strict(model: NeRDRain, state: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -296,8 +303,35 @@ def _load_strict(model: NeRDRain, state: Mapping[str, torch.Tensor], path: Path)
     model.load_state_dict({k: v.float() for k, v in state.items()})
 
 
-def _cpu_tensors(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _weight_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating-point type to store weights in (``torch.float16`` or ``"float16"``); an integer
+    type would round almost every weight to zero."""
+    named = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if dtype is not None and not (isinstance(named, torch.dtype) and named.is_floating_point):
+        raise ValueError(f"weights are stored in a floating-point type such as torch.float16, not {dtype!r}")
+    return named
+
+
+def _network(model: Any) -> NeRDRain:
+    """The NeRD-Rain inside DDP or ``torch.compile`` wrappers; anything else is refused."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    if not isinstance(model, NeRDRain):
+        raise TypeError(f"expected a NeRD-Rain model (nerdrain.create_model / load_model), not {type(model).__name__}")
+    return model
+
+
+def _destination(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give the file to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cpu_tensors(state: Mapping[str, torch.Tensor], dtype: torch.dtype | str | None) -> dict[str, torch.Tensor]:
     """Contiguous CPU copies to write, floating-point ones in ``dtype`` where given."""
+    dtype = _weight_dtype(dtype)
     return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
             for k, v in state.items()}
 
@@ -315,13 +349,11 @@ def save_model(model: NeRDRain, path: str | Path, dtype: torch.dtype | None = No
     A name ending in ``.pth``/``.pt`` (PyTorch's pickles) is refused: the file would not be what
     its name says, for other tools; :func:`export_official` writes the authors' ``.pth`` format.
     """
-    path = Path(path)
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
+    if Path(path).suffix.lower() in _PICKLE_SUFFIXES:
         raise ValueError(f"{path}: our weights are safetensors files; name it .safetensors "
                          "(the authors' .pth format: export_official, or nerd-rain convert --to-official)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = getattr(model, "module", model)  # unwrap DDP / compiled wrappers
-    model = getattr(model, "_orig_mod", model)
+    model = _network(model)
+    path = _destination(path)
     tensors = _cpu_tensors(model.state_dict(), dtype)
     metadata = {"format": FORMAT_TAG, "config": json.dumps(asdict(model.cfg)), **(extra_metadata or {})}
     with atomic_write(path) as f:
@@ -332,8 +364,8 @@ def save_model(model: NeRDRain, path: str | Path, dtype: torch.dtype | None = No
 def export_official(model: NeRDRain, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """The weights under the authors' key names, atomically: a ``.safetensors`` name gives a bare
     state dict in safetensors, any other a ``.pth`` their test script loads (``{'state_dict': ...}``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    model = _network(model)
+    path = _destination(path)
     state = _cpu_tensors(to_official_state_dict(model), dtype)
     with atomic_write(path) as f:
         if path.suffix.lower() == ".safetensors":

@@ -16,6 +16,7 @@ import dataclasses
 import glob
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,14 +68,19 @@ _TILE_BAR_MIN_TILES = 9
 # --------------------------------------------------------------------------- devices
 
 
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+def resolve_device(spec: str | int | torch.device | None = "auto") -> torch.device:
     """``None``/``"auto"``: CUDA if available, else MPS if available, else CPU.
 
-    Explicit ``"cuda"``, ``"cuda:N"`` or ``"mps"`` that is not available raises
-    ``ValueError`` with a one-line explanation.
+    Explicit ``"cuda"``, ``"cuda:N"`` (or ``N``, as PyTorch reads it) or ``"mps"`` that is not
+    available, and devices we do not run on (``meta``, ``xpu``, ...), given as a string or as a
+    ``torch.device``, raise ``ValueError`` with a one-line explanation.
     """
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = torch.device("cuda", spec) if spec >= 0 else f"{spec}"
     if isinstance(spec, torch.device):
         dev = spec
+    elif spec is not None and not isinstance(spec, str):
+        raise ValueError(f"unknown device {spec!r} (use auto, cpu, cuda, cuda:N or mps)")
     else:
         s = (spec or "auto").strip().lower()
         if s == "auto":
@@ -87,15 +93,15 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
             dev = torch.device(s)
         except (RuntimeError, ValueError):
             raise ValueError(f"unknown device {spec!r} (use auto, cpu, cuda, cuda:N or mps)") from None
-        if dev.type not in ("cpu", "cuda", "mps"):  # torch knows more (xpu, meta, ...); we run on these
-            raise ValueError(f"unsupported device {spec!r} (use auto, cpu, cuda, cuda:N or mps)")
+    if dev.type not in ("cpu", "cuda", "mps"):  # torch knows more (xpu, meta, ...); we run on these
+        raise ValueError(f"unsupported device {str(spec)!r} (use auto, cpu, cuda, cuda:N or mps)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} requested but CUDA is not available on this machine")
+            raise ValueError(f"device {str(spec)!r} requested but CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise ValueError(f"device {str(spec)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     elif dev.type == "mps" and not _mps_available():
-        raise ValueError(f"device {spec!r} requested but MPS is not available")
+        raise ValueError(f"device {str(spec)!r} requested but MPS is not available")
     return dev
 
 
@@ -104,19 +110,33 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
-class _Autocast(torch.nn.Module):
-    """Runs the wrapped model under autocast and returns float32."""
+class _Precision(torch.nn.Module):
+    """Runs the wrapped model in a reduced precision and returns float32: under autocast (``half``
+    over fp32 weights), or, for a model whose weights are already half precision (as
+    ``model.half()`` leaves them), with its input cast to their type."""
 
-    def __init__(self, model: ModelLike, device_type: str, dtype: torch.dtype):
+    def __init__(self, model: ModelLike, device_type: str, dtype: torch.dtype, autocast: bool = True):
         super().__init__()
         self.inner = model
         self.device_type = device_type
         self.dtype = dtype
+        self.autocast = autocast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.autocast:
+            return self.inner(x.to(self.dtype)).float()
         with torch.autocast(device_type=self.device_type, dtype=self.dtype):
             y = self.inner(x)
         return y.float()
+
+
+def _stored_dtype(model: ModelLike) -> torch.dtype | None:
+    """The floating type of a plain module's weights (a ``FastInference`` casts for itself)."""
+    from nerdrain.accel import FastInference
+
+    if not isinstance(model, torch.nn.Module) or isinstance(model, FastInference):
+        return None
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def half_dtype(dev: torch.device) -> torch.dtype:
@@ -145,8 +165,11 @@ class _Runner:
     def __call__(self, x: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
         """Bx3xHxW float in [0, 1] (any device) -> float32 on x's device, clamped to [0, 1]."""
         net: ModelLike = self.model
+        stored = _stored_dtype(self.model)
         if self.half:
-            net = _Autocast(self.model, self.device.type, half_dtype(self.device))
+            net = _Precision(self.model, self.device.type, half_dtype(self.device))
+        elif stored is not None and stored != torch.float32:
+            net = _Precision(self.model, self.device.type, stored, autocast=False)
         module = self.model if isinstance(self.model, torch.nn.Module) else None
         was_training = module.training if module is not None else False
         if module is not None:
@@ -162,6 +185,12 @@ class _Runner:
         return count_tiles(height, width, self.config())
 
 
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an integer, got {value!r}")
+    return int(value)
+
+
 def _prepare(
     model: ModelLike | None,
     *,
@@ -172,13 +201,15 @@ def _prepare(
     half: bool,
     fallback_device: torch.device | None = None,
 ) -> _Runner:
-    if model is None:
+    if model is None or isinstance(model, (str, os.PathLike)):
         dev = resolve_device(device)
-        from nerdrain.checkpoint import load_default_model
+        from nerdrain.checkpoint import load_default_model, load_model
 
-        model = load_default_model(dev)
-        if isinstance(model, torch.nn.Module):
-            model.eval()
+        model = load_default_model(dev) if model is None else load_model(model, dev)
+        model.eval()
+    elif not callable(model):
+        raise TypeError(f"model: expected a NeRD-Rain model, another callable or a checkpoint path, "
+                        f"not {type(model).__name__}")
     else:
         if device is not None:
             dev = resolve_device(device)
@@ -188,8 +219,8 @@ def _prepare(
             dev = model_device(model) or fallback_device or torch.device("cpu")
     if tile is None:
         tile = default_tile_for_device(dev, batch_size=batch_size)
-    runner = _Runner(model=model, device=dev, tile=int(tile), overlap=int(overlap), batch_size=int(batch_size),
-                     half=bool(half))
+    runner = _Runner(model=model, device=dev, tile=_integer(tile, "tile"), overlap=_integer(overlap, "overlap"),
+                     batch_size=_integer(batch_size, "batch_size"), half=bool(half))
     runner.config()  # bad tiling values fail here, once, not for every file
     return runner
 
@@ -222,8 +253,11 @@ def derain(
       dtype on the same device.
 
     ``model``: any module/callable mapping Bx3xHxW [0, 1] float tensors to the same
-    shape (None: the project's default NeRD-Rain-S weights, loaded on ``device``).  A module is
-    run in eval mode (its training flag is restored afterwards); with an explicit
+    shape, or a checkpoint path for :func:`nerdrain.load_model` (None: the project's default
+    NeRD-Rain-S weights, loaded on ``device``).  A module is run in eval mode (its training flag
+    is restored afterwards); one whose weights are half precision gets its input in that type.
+    Float images must be finite (``ValueError`` otherwise; values outside [0, 1] are clipped,
+    with a warning where far outside).  With an explicit
     ``device`` it is moved there (in place).  ``device=None`` with a model: the model's
     device.  ``tile``: tile side (None: chosen for the device, 0: whole image at once);
     ``overlap``/``batch_size``: see :class:`nerdrain.tiling.TileConfig`.  ``half``:
@@ -273,7 +307,24 @@ def _derain_pil(img: Image.Image, runner: _Runner, progress: bool) -> Image.Imag
     return out
 
 
+def _check_float_image(values: np.ndarray | torch.Tensor) -> None:
+    """One NaN or infinity would spread through the convolutions to the whole output, so such
+    images are refused; values far outside [0, 1] (a 0-255 image passed as float) are clipped by
+    the output, so they earn a warning."""
+    if isinstance(values, np.ndarray):
+        values = torch.from_numpy(values)
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        raise ValueError(f"float image has {bad} NaN or infinite value(s); derain needs finite values in [0, 1]")
+    low, high = float(values.min()), float(values.max())
+    if low < -0.01 or high > 1.01:
+        warnings.warn(f"float image values span [{low:g}, {high:g}], not [0, 1]: the result is clipped to [0, 1] "
+                      "(divide 8-bit values by 255)", stacklevel=4)
+
+
 def _derain_numpy(a: np.ndarray, runner: _Runner, progress: bool) -> np.ndarray:
+    if not a.dtype.isnative:  # big-endian data (from a FITS or TIFF reader): the same values, native order
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype == np.uint8:
         scale = 255.0
     elif a.dtype == np.uint16:
@@ -292,6 +343,8 @@ def _derain_numpy(a: np.ndarray, runner: _Runner, progress: bool) -> np.ndarray:
         raise ValueError(f"empty image of shape {a.shape}")
 
     f = a.astype(np.float32) / np.float32(scale) if scale is not None else a.astype(np.float32)
+    if scale is None:
+        _check_float_image(f[..., :3] if chans == 4 else f)
     if chans is None:
         rgb = np.repeat(f[..., None], 3, axis=2)
     elif chans == 1:
@@ -317,10 +370,19 @@ def _derain_numpy(a: np.ndarray, runner: _Runner, progress: bool) -> np.ndarray:
 def _derain_tensor(t: torch.Tensor, runner: _Runner, progress: bool) -> torch.Tensor:
     if not t.is_floating_point():
         raise TypeError(f"tensors must be float in [0, 1], not {t.dtype}")
+    if t.layout != torch.strided:
+        raise TypeError(f"tensors must be dense (torch.strided), not {t.layout}")
+    if t.device.type == "meta":
+        raise ValueError("a tensor on the meta device holds no values to derain")
     squeeze = t.dim() == 3
     x = t.unsqueeze(0) if squeeze else t
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"tensors must be 3xHxW or Bx3xHxW, got shape {tuple(t.shape)}")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"empty image of shape {tuple(t.shape)}")
+    if x.shape[0] == 0:
+        return t.detach().clone()
+    _check_float_image(x.detach())
     y = runner(x, progress=progress).to(device=t.device, dtype=t.dtype)
     return y.squeeze(0) if squeeze else y
 

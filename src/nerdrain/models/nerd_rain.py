@@ -24,6 +24,10 @@ PASSES_PER_SCALE = (1, 2, 3)  # coarse (1/4) to fine (1/1)
 SIZE_MULTIPLE = 16  # two U-net downsamplings below the 1/4 scale
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class NeRDRainConfig:
     dim: int = 48
@@ -31,6 +35,29 @@ class NeRDRainConfig:
     heads: tuple[int, int, int] = (1, 2, 4)
     ffn_expansion: float = 2.66
     inr_hidden: tuple[int, ...] = (256, 256, 256)
+
+    def __post_init__(self):
+        """Settings that cannot build a working network fail here, naming the field, instead of as
+        a shape error deep in the first forward."""
+
+        def require(ok: bool, field: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"NeRDRainConfig.{field}: expected {what}, got {getattr(self, field)!r}")
+
+        # Downsample halves the channels before pixel-unshuffle: the width must stay even.
+        require(_is_int(self.dim) and self.dim >= 2 and self.dim % 2 == 0, "dim", "an even integer >= 2")
+        levels = len(PASSES_PER_SCALE)
+        for field, low in (("depths", 0), ("heads", 1)):
+            values = getattr(self, field)
+            require(isinstance(values, tuple) and len(values) == levels and all(_is_int(v) and v >= low for v in values),
+                    field, f"{levels} integers >= {low}")
+        widths = (self.dim, self.dim * 2, self.dim * 4)
+        require(all(width % heads == 0 for width, heads in zip(widths, self.heads)), "heads",
+                f"head counts dividing the widths {widths}")
+        require(isinstance(self.ffn_expansion, (int, float)) and not isinstance(self.ffn_expansion, bool)
+                and int(self.dim * self.ffn_expansion) >= 1, "ffn_expansion", "a factor giving dim * factor >= 1")
+        require(isinstance(self.inr_hidden, tuple) and all(_is_int(v) and v >= 1 for v in self.inr_hidden),
+                "inr_hidden", "integers >= 1")
 
 
 class Encoded(NamedTuple):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from .nerd_rain import NeRDRain, NeRDRainConfig
 
@@ -34,8 +34,13 @@ def list_models() -> list[str]:
 def model_config(name: str, **overrides) -> NeRDRainConfig:
     if name not in _VARIANTS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    base = _VARIANTS[name]()
+    unknown = sorted(set(overrides) - {f.name for f in fields(base)})
+    if unknown:
+        raise ValueError(f"unknown setting {unknown[0]!r} for {name}; settings: "
+                         f"{', '.join(f.name for f in fields(base))}")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    return replace(_VARIANTS[name](), **overrides)
+    return replace(base, **overrides)
 
 
 def create_model(name: str = "nerd_rain", **overrides) -> NeRDRain:
