@@ -40,3 +40,21 @@ def test_usual_permissions_not_private(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_failed_rename_names_the_destination_and_removes_the_temporary_file(tmp_path):
+    dest = tmp_path / "out.png"
+    dest.mkdir()  # a folder where the file should go: the final rename fails
+    with pytest.raises(IsADirectoryError) as info:
+        with atomic_write(dest) as f:
+            f.write(b"data")
+    assert info.value.filename == str(dest) and ".tmp" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"] and not any(dest.iterdir())
+
+
+def test_a_missing_folder_names_the_destination(tmp_path):
+    dest = tmp_path / "missing" / "out.bin"
+    with pytest.raises(FileNotFoundError) as info:
+        with atomic_write(dest):
+            pass
+    assert info.value.filename == str(dest)

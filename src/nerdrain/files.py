@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def _naming(err: OSError, path: Path) -> OSError:
+    """The same error about ``path``: the hidden temporary name would mean nothing to the user."""
+    return OSError(err.errno, err.strerror, os.fspath(path))
+
+
 @contextmanager
 def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file whose contents appear under ``path`` only when the block ends without error.
@@ -17,16 +22,24 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     It is written as a hidden temporary file beside ``path``, flushed to disk, then renamed over
     it: until then readers see the previous file (or none), and on any exception, Ctrl-C included,
     the temporary file is removed. Created with ``open(..., "xb")``, so it gets the usual
-    permissions (0666 less the umask), unlike ``mkstemp``'s 0600.
+    permissions (0666 less the umask), unlike ``mkstemp``'s 0600. Where the temporary file cannot
+    be created or renamed (``path`` is a folder, say), the ``OSError`` names ``path``.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "xb") as f:
+        f = open(tmp, "xb")
+    except OSError as err:
+        raise _naming(err, path) from None
+    try:
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            raise _naming(err, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
