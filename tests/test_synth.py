@@ -350,3 +350,43 @@ def test_streak_database_with_local_images(tmp_path):
     out = s.render(np.zeros((50, 70, 3), np.float32), np.random.default_rng(1))
     assert out.max() > 0.1 and out.shape == (50, 70, 3)
     assert abs(orientation_deg(out.mean(-1)) - 10.0) < 8.0
+
+
+def _streak_folder(folder: Path) -> Path:
+    """Two small white-on-black streak images: enough for a database."""
+    folder.mkdir(parents=True)
+    for i in range(2):
+        img = np.zeros((40, 60), np.uint8)
+        img[:, 10 + 20 * i] = 230
+        Image.fromarray(img).save(folder / f"s{i}.png")
+    return folder
+
+
+def test_streak_folder_skips_subfolders_and_hidden_files(tmp_path):
+    d = _streak_folder(tmp_path / "streaks")
+    (d / "sub.png").mkdir()
+    (d / "._s0.png").write_bytes(b"macOS resource fork")
+    s = RainSynthesizer("light", streak_dir=d)
+    assert [p.name for p in s.streak_files] == ["s0.png", "s1.png"]
+    s.check_streaks()  # nothing unreadable is left to report
+
+
+def test_unreadable_streak_image_stops_synthesize_folder_before_any_output(tmp_path, photos):
+    clean = tmp_path / "clean"
+    _write_clean_folder(clean, photos)
+    d = _streak_folder(tmp_path / "streaks")
+    (d / "t.png").write_bytes((d / "s0.png").read_bytes()[:60])  # truncated
+    (d / "u.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"t\.png: .*truncated.*\(and 1 more unreadable streak images\)"):
+        synthesize_folder(clean, out, streak_dir=d)
+    assert not out.exists()
+
+
+def test_streak_image_read_during_rendering_names_the_file(tmp_path):
+    d = _streak_folder(tmp_path / "streaks")
+    s = RainSynthesizer(RainConfig(layers=(2, 2), streak_db_prob=1.0), streak_dir=d)
+    (d / "s0.png").write_bytes((d / "s0.png").read_bytes()[:60])
+    (d / "s1.png").write_bytes((d / "s0.png").read_bytes())
+    with pytest.raises(ValueError, match=r"s[01]\.png: .*truncated"):
+        s.render(np.zeros((30, 30, 3), np.float32), np.random.default_rng(0))

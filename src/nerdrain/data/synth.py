@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ..imageio import DATASET_EXTENSIONS, quantize, read_photo, save_png
+from ..imageio import DATASET_EXTENSIONS, ImageReadError, quantize, read_photo, rgb_to_gray, save_png
 
 __all__ = [
     "RainConfig",
@@ -330,11 +330,28 @@ class RainSynthesizer:
             d = Path(streak_dir)
             if not d.is_dir():
                 raise FileNotFoundError(f"streak database folder not found: {d}")
-            self.streak_files = tuple(sorted(p for p in d.iterdir()
-                                             if p.suffix.lower() in DATASET_EXTENSIONS))
+            self.streak_files = tuple(sorted(p for p in d.iterdir()  # a folder named x.png is no image
+                                             if p.suffix.lower() in DATASET_EXTENSIONS and p.is_file()
+                                             and not p.name.startswith(".")))
             if not self.streak_files:
                 raise ValueError(f"no streak images in {d}")
         self._db_cache: OrderedDict[str, tuple[np.ndarray, float, float]] = OrderedDict()
+
+    def check_streaks(self) -> None:
+        """Decode every streak image now, so that a bad one stops a run before its first output
+        rather than in the middle of it (they are otherwise read when first drawn).
+
+        Raises :class:`~nerdrain.imageio.ImageReadError` naming the first unreadable file.
+        """
+        bad = []
+        for f in self.streak_files:
+            try:
+                read_photo(f)
+            except ImageReadError as err:
+                bad.append(err)
+        if bad:
+            more = f" (and {len(bad) - 1} more unreadable streak images)" if len(bad) > 1 else ""
+            raise ImageReadError(bad[0].path, bad[0].reason + more)
 
     # -- parameters ---------------------------------------------------------------------------
 
@@ -498,8 +515,7 @@ class RainSynthesizer:
         if hit is not None:
             self._db_cache.move_to_end(path)
             return hit
-        with Image.open(path) as im:
-            g = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+        g = rgb_to_gray(_load_rgb(Path(path)))
         peak = float(np.percentile(g, 99.9))
         g = g / max(peak, 1e-3)
         entry = (g, streak_orientation(g), max(float((g > 0.25).mean()), 1e-3))
@@ -650,6 +666,7 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
     if not sources:
         raise ValueError(f"no images ({', '.join(sorted(DATASET_EXTENSIONS))}) in {clean_dir}")
     synth = RainSynthesizer(preset, streak_dir)
+    synth.check_streaks()
     in_dir, tg_dir = out_dir / "input", out_dir / "target"
 
     jobs: list[tuple[Path, int, str]] = []
