@@ -297,3 +297,47 @@ def test_python_dash_m_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "nerdrain", "--version"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and nerdrain.__version__ in done.stdout + done.stderr
+
+
+def clean_folder(folder, names=("a.png", "b.png", "c.png")):
+    folder.mkdir()
+    for i, name in enumerate(names):
+        write_image(folder / name, 10 + i)
+    return folder
+
+
+@pytest.mark.parametrize("options, problem", [(["--seed", "-1"], "--seed"), (["--size", "0"], "--size"),
+                                              (["--size", "101"], "--size) 101x101 is 10,201 pixels, more than the limit of 10,000"),
+                                              (["--count", "0"], "--count")])
+def test_synth_bad_option_is_one_line_error_before_any_output(tmp_path, capsys, monkeypatch, options, problem):
+    """A crop with more pixels than a photo may have is refused (with the default limit, --size 100000
+    would end in a MemoryError after the folders were made)."""
+    monkeypatch.setenv("NERDRAIN_MAX_PIXELS", "10000")  # 100x100
+    clean = clean_folder(tmp_path / "clean")
+    assert main(["synth", str(clean), str(tmp_path / "out"), *options]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_synth_output_that_is_not_a_folder_is_refused_before_any_output(tmp_path, capsys):
+    clean = clean_folder(tmp_path / "clean")
+    (tmp_path / "afile").write_bytes(b"keep me")
+    assert main(["synth", str(clean), str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert "afile" in err and "not a folder" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "afile").read_bytes() == b"keep me"
+    out = tmp_path / "out"
+    (out / "target" / "b.png").mkdir(parents=True)  # in the way of the second pair
+    assert main(["synth", str(clean), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "b.png: exists and is not a file" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "input").exists() and [p.name for p in (out / "target").iterdir()] == ["b.png"]
+
+
+def test_synth_size_at_the_pixel_limit_is_accepted(tmp_path, monkeypatch):
+    monkeypatch.setenv("NERDRAIN_MAX_PIXELS", "10000")
+    clean = clean_folder(tmp_path / "clean", ["a.png"])  # 40x56: upscaled to cover the crop
+    assert main(["synth", str(clean), str(tmp_path / "out"), "--size", "100"]) == 0
+    with Image.open(tmp_path / "out" / "input" / "a.png") as img:
+        assert img.size == (100, 100)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -43,3 +43,18 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_output_folder(folder: str | Path, names: Iterable[str] = ()) -> None:
+    """Fail in one line naming the path, before anything is written, where files could not be
+    written into ``folder``: it, or the nearest folder above it that exists, is a file, or one of
+    ``names`` in it exists and is not a file (a folder, say)."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        problem = "exists and is not a folder" if existing == folder else f"{existing} is not a folder"
+        raise ValueError(f"{folder}: {problem}")
+    for name in names:
+        path = folder / name
+        if path.exists() and not path.is_file():
+            raise ValueError(f"{path}: exists and is not a file")

@@ -31,7 +31,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ..imageio import DATASET_EXTENSIONS, ImageReadError, quantize, read_photo, rgb_to_gray, save_png
+from ..files import check_output_folder
+from ..imageio import (DATASET_EXTENSIONS, ImageReadError, quantize, read_photo, resolve_max_pixels,
+                       rgb_to_gray, save_png)
 
 __all__ = [
     "RainConfig",
@@ -626,11 +628,22 @@ def render_mixed(clean: np.ndarray, rng: np.random.Generator,
 # --------------------------------------------------------------------------------------------
 
 
-def _crop(img: np.ndarray, size: int | tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Random crop to ``size``; smaller images are first upscaled to cover it."""
+def _crop_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``size`` as (h, w), refused where it is not positive or has more pixels than ``read_photo``
+    accepts: smaller photos are upscaled to cover a crop, so a typo would end in a MemoryError."""
     th, tw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if th < 1 or tw < 1:
-        raise ValueError(f"size must be positive, got {size}")
+        raise ValueError(f"size (--size) must be positive, got {size}")
+    limit = resolve_max_pixels(None)
+    if limit > 0 and th * tw > limit:
+        raise ValueError(f"size (--size) {th}x{tw} is {th * tw:,} pixels, more than the limit of {limit:,} "
+                         "(NERDRAIN_MAX_PIXELS sets it)")
+    return th, tw
+
+
+def _crop(img: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Random crop to ``size`` (h, w); smaller images are first upscaled to cover it."""
+    th, tw = size
     h, w = img.shape[:2]
     if h < th or w < tw:
         f = max(th / h, tw / w)
@@ -659,7 +672,10 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
     if not clean_dir.is_dir():
         raise FileNotFoundError(f"clean image folder not found: {clean_dir}")
     if count_per_image < 1:
-        raise ValueError(f"count_per_image must be >= 1, got {count_per_image}")
+        raise ValueError(f"count_per_image (--count) must be at least 1, got {count_per_image}")
+    if seed < 0:
+        raise ValueError(f"seed (--seed) must be a non-negative integer, got {seed}")
+    crop = None if size is None else _crop_size(size)
     sources = sorted(p for p in clean_dir.iterdir()
                      if p.is_file() and p.suffix.lower() in DATASET_EXTENSIONS
                      and not p.name.startswith("."))
@@ -677,6 +693,8 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
     names = [n for _, _, n in jobs]
     if len(set(names)) != len(names):
         raise ValueError(f"{clean_dir} has images whose names differ only by extension")
+    check_output_folder(in_dir, names)
+    check_output_folder(tg_dir, names)
     src_set = {p.resolve() for p in sources}
     for name in names:
         for dest in (in_dir / name, tg_dir / name):
@@ -691,8 +709,8 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
     for src, k, name in jobs:
         rng = np.random.default_rng([seed, zlib.crc32(src.name.encode("utf-8")), k])
         clean = _load_rgb(src)
-        if size is not None:
-            clean = _crop(clean, size, rng)
+        if crop is not None:
+            clean = _crop(clean, crop, rng)
         clean_u8 = quantize(clean, 8)
         rainy = synth.render(clean_u8.astype(np.float32) / 255.0, rng)
         save_png(clean_u8, tg_dir / name)
