@@ -341,3 +341,16 @@ def test_synth_size_at_the_pixel_limit_is_accepted(tmp_path, monkeypatch):
     assert main(["synth", str(clean), str(tmp_path / "out"), "--size", "100"]) == 0
     with Image.open(tmp_path / "out" / "input" / "a.png") as img:
         assert img.size == (100, 100)
+
+
+def test_synth_folder_with_one_bad_photo_goes_on_and_exits_1(tmp_path, capsys):
+    clean = clean_folder(tmp_path / "clean", ["a.png", "c.png", "d.png"])
+    (clean / "b_corrupt.png").write_bytes((clean / "a.png").read_bytes()[:200])
+    out = tmp_path / "out"
+    assert main(["synth", str(clean), str(out)]) == 1
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith(f"error: {clean / 'b_corrupt.png'}: truncated image file")
+    assert "wrote 3 pairs" in captured.out and "1 photo failed" in captured.out
+    for sub in ("input", "target"):
+        assert sorted(p.name for p in (out / sub).iterdir()) == ["a.png", "c.png", "d.png"]

@@ -266,8 +266,8 @@ def test_synthesize_folder_round_trip(tmp_path, photos):
     clean = tmp_path / "clean"
     _write_clean_folder(clean, photos)
     out = tmp_path / "out"
-    n = synthesize_folder(clean, out, preset="heavy", count_per_image=2, seed=4, size=48)
-    assert n == 6
+    summary = synthesize_folder(clean, out, preset="heavy", count_per_image=2, seed=4, size=48)
+    assert summary.written == 6 and summary.failed == []
     inputs = sorted(p.name for p in (out / "input").iterdir())
     targets = sorted(p.name for p in (out / "target").iterdir())
     assert inputs == targets == sorted(f"img{i}_{k:03d}.png" for i in range(3) for k in range(2))
@@ -286,7 +286,7 @@ def test_synthesize_folder_round_trip(tmp_path, photos):
     assert (out / "input" / inputs[0]).read_bytes() == first
     # whole images, one per source, same names
     out1 = tmp_path / "out1"
-    assert synthesize_folder(clean, out1) == 3
+    assert synthesize_folder(clean, out1).written == 3
     assert sorted(p.name for p in (out1 / "input").iterdir()) == ["img0.png", "img1.png", "img2.png"]
     assert np.asarray(Image.open(out1 / "target" / "img0.png")).shape == (60, 70, 3)
 
@@ -303,6 +303,7 @@ def test_synthesize_folder_never_writes_sources(tmp_path, photos):
 
 
 def test_synthesize_folder_leaves_no_partial_files(tmp_path, photos, monkeypatch):
+    """A pair that cannot be written leaves neither half, and the batch goes on."""
     clean = tmp_path / "clean"
     _write_clean_folder(clean, photos)
     out = tmp_path / "out"
@@ -317,12 +318,14 @@ def test_synthesize_folder_leaves_no_partial_files(tmp_path, photos, monkeypatch
         return real_save(self, fp, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "save", flaky_save)
-    with pytest.raises(OSError, match="disk full"):
-        synthesize_folder(clean, out, preset="light")
+    lines: list[str] = []
+    summary = synthesize_folder(clean, out, preset="light", log=lines.append)
+    assert summary.written == 2 and summary.failed == [(str(clean / "img1.jpg"), "OSError: disk full")]
+    assert lines == [f"error: {clean / 'img1.jpg'}: OSError: disk full"]
     assert not _leftovers(out)
-    # the first pair is complete, the failed pair left nothing behind
-    assert sorted(p.name for p in (out / "input").iterdir()) == ["img0.png"]
-    assert sorted(p.name for p in (out / "target").iterdir()) == ["img0.png"]
+    # the other pairs are complete, the failed pair left nothing behind
+    assert sorted(p.name for p in (out / "input").iterdir()) == ["img0.png", "img2.png"]
+    assert sorted(p.name for p in (out / "target").iterdir()) == ["img0.png", "img2.png"]
     Image.open(out / "input" / "img0.png").verify()
 
 
@@ -390,3 +393,21 @@ def test_streak_image_read_during_rendering_names_the_file(tmp_path):
     (d / "s1.png").write_bytes((d / "s0.png").read_bytes())
     with pytest.raises(ValueError, match=r"s[01]\.png: .*truncated"):
         s.render(np.zeros((30, 30, 3), np.float32), np.random.default_rng(0))
+
+
+def test_synthesize_folder_reports_an_unreadable_photo_and_goes_on(tmp_path, photos):
+    clean = tmp_path / "clean"
+    _write_clean_folder(clean, photos)
+    (clean / "img0b.png").write_bytes((clean / "img0.png").read_bytes()[:300])  # truncated, sorts second
+    before = {p.name: p.read_bytes() for p in clean.iterdir()}
+    out = tmp_path / "out"
+    lines: list[str] = []
+    summary = synthesize_folder(clean, out, count_per_image=2, size=32, log=lines.append)
+    assert summary.written == 6
+    assert [path for path, _ in summary.failed] == [str(clean / "img0b.png")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {clean / 'img0b.png'}: truncated")
+    made = sorted(f"img{i}_{k:03d}.png" for i in range(3) for k in range(2))
+    assert sorted(p.name for p in (out / "input").iterdir()) == made
+    assert sorted(p.name for p in (out / "target").iterdir()) == made
+    assert not _leftovers(out)
+    assert {p.name: p.read_bytes() for p in clean.iterdir()} == before

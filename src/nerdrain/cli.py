@@ -119,10 +119,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from .data.synth import synthesize_folder
 
-    count = synthesize_folder(args.clean, args.out, preset=args.preset, count_per_image=args.count,
-                              seed=args.seed, streak_dir=args.streaks, size=args.size, overwrite=args.overwrite)
-    print(f"wrote {count} pairs to {args.out} (input/ + target/)")
-    return 0
+    summary = synthesize_folder(args.clean, args.out, preset=args.preset, count_per_image=args.count,
+                                seed=args.seed, streak_dir=args.streaks, size=args.size, overwrite=args.overwrite)
+    failed = len(summary.failed)
+    print(f"wrote {summary.written} pairs to {args.out} (input/ + target/), {failed} photo{'s' * (failed != 1)} failed")
+    return 1 if summary.failed else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +46,7 @@ __all__ = [
     "RainMixer",
     "render_mixed",
     "synthesize_folder",
+    "SynthSummary",
     "streak_orientation",
 ]
 
@@ -656,17 +658,39 @@ def _crop(img: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> n
     return img[r:r + th, c:c + tw]
 
 
+@dataclass
+class SynthSummary:
+    """Outcome of :func:`synthesize_folder`."""
+
+    written: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    """(photo, reason) for each photo that did not give all of its pairs."""
+
+
+def _failure(err: Exception, src: Path) -> str:
+    """Why ``src`` gave no pair, for a line that already names it."""
+    if isinstance(err, ImageReadError) and err.path == str(src):
+        return err.reason
+    if isinstance(err, MemoryError):
+        return "not enough memory to render the pair (a smaller --size?)"
+    msg = " ".join(str(err).split())
+    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+
+
 def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | RainConfig = "light",
                       count_per_image: int = 1, seed: int = 0,
                       streak_dir: str | Path | None = None,
                       size: int | tuple[int, int] | None = None,
-                      overwrite: bool = False) -> int:
+                      overwrite: bool = False,
+                      log: Callable[[str], object] | None = None) -> SynthSummary:
     """Write a paired set ``out_dir/input/NAME.png`` (rainy) + ``out_dir/target/NAME.png`` (clean).
 
     Each (image, copy) gets its own seed from ``seed`` and the file name, so results do not
     shift when files are added.  ``size`` random-crops (int or (h, w)) before rendering.
     Existing outputs are an error unless ``overwrite``; source images are never written.
-    Returns the number of pairs written.
+    Bad options and outputs fail before anything is created.  A photo that cannot be read or
+    rendered is reported as one line ``error: <photo>: <reason>`` on stderr (or to ``log``, a
+    callable taking the line) and the batch goes on; each pair appears whole or not at all.
     """
     clean_dir, out_dir = Path(clean_dir), Path(out_dir)
     if not clean_dir.is_dir():
@@ -685,12 +709,9 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
     synth.check_streaks()
     in_dir, tg_dir = out_dir / "input", out_dir / "target"
 
-    jobs: list[tuple[Path, int, str]] = []
-    for src in sources:
-        for k in range(count_per_image):
-            name = f"{src.stem}.png" if count_per_image == 1 else f"{src.stem}_{k:03d}.png"
-            jobs.append((src, k, name))
-    names = [n for _, _, n in jobs]
+    jobs = {src: [(k, f"{src.stem}.png" if count_per_image == 1 else f"{src.stem}_{k:03d}.png")
+                  for k in range(count_per_image)] for src in sources}
+    names = [name for pairs in jobs.values() for _, name in pairs]
     if len(set(names)) != len(names):
         raise ValueError(f"{clean_dir} has images whose names differ only by extension")
     check_output_folder(in_dir, names)
@@ -705,19 +726,26 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
     in_dir.mkdir(parents=True, exist_ok=True)
     tg_dir.mkdir(parents=True, exist_ok=True)
 
-    written = 0
-    for src, k, name in jobs:
-        rng = np.random.default_rng([seed, zlib.crc32(src.name.encode("utf-8")), k])
-        clean = _load_rgb(src)
-        if crop is not None:
-            clean = _crop(clean, crop, rng)
-        clean_u8 = quantize(clean, 8)
-        rainy = synth.render(clean_u8.astype(np.float32) / 255.0, rng)
-        save_png(clean_u8, tg_dir / name)
+    summary = SynthSummary()
+    for src, pairs in jobs.items():
         try:
-            save_png(quantize(rainy, 8), in_dir / name)
-        except BaseException:
-            (tg_dir / name).unlink(missing_ok=True)  # never leave half a pair
-            raise
-        written += 1
-    return written
+            photo = _load_rgb(src)
+            for k, name in pairs:
+                rng = np.random.default_rng([seed, zlib.crc32(src.name.encode("utf-8")), k])
+                clean_u8 = quantize(photo if crop is None else _crop(photo, crop, rng), 8)
+                rainy = synth.render(clean_u8.astype(np.float32) / 255.0, rng)
+                save_png(clean_u8, tg_dir / name)
+                try:
+                    save_png(quantize(rainy, 8), in_dir / name)
+                except BaseException:
+                    (tg_dir / name).unlink(missing_ok=True)  # never leave half a pair
+                    raise
+                summary.written += 1
+        except Exception as err:  # noqa: BLE001 - one bad photo must not stop the batch
+            summary.failed.append((str(src), _failure(err, src)))
+            line = f"error: {src}: {summary.failed[-1][1]}"
+            if log is not None:
+                log(line)
+            else:
+                print(line, file=sys.stderr)
+    return summary
