@@ -354,3 +354,27 @@ def test_synth_folder_with_one_bad_photo_goes_on_and_exits_1(tmp_path, capsys):
     assert "wrote 3 pairs" in captured.out and "1 photo failed" in captured.out
     for sub in ("input", "target"):
         assert sorted(p.name for p in (out / sub).iterdir()) == ["a.png", "c.png", "d.png"]
+
+
+def test_synth_rerun_is_refused_with_how_to_continue_and_resume_makes_only_the_missing_pairs(tmp_path, capsys):
+    clean = clean_folder(tmp_path / "clean")
+    out = tmp_path / "out"
+    assert main(["synth", str(clean), str(out), "--seed", "5"]) == 0
+    (out / "input" / "b.png").unlink()  # half a pair, as a killed run may leave it
+    kept = (out / "input" / "a.png").stat().st_ino  # a rewrite (atomic: a new file) changes it
+    capsys.readouterr()
+    assert main(["synth", str(clean), str(out), "--seed", "5"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--resume" in err and "--overwrite" in err
+    assert main(["synth", str(clean), str(out), "--seed", "5", "--resume"]) == 0
+    assert "wrote 1 pair to" in capsys.readouterr().out
+    assert (out / "input" / "b.png").is_file() and (out / "input" / "a.png").stat().st_ino == kept
+    with pytest.raises(SystemExit) as stop:  # argparse: the two options exclude each other
+        main(["synth", str(clean), str(out), "--resume", "--overwrite"])
+    assert stop.value.code == 2
+
+
+def test_synth_help_documents_resume(capsys):
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    assert "--resume" in capsys.readouterr().out

@@ -411,3 +411,50 @@ def test_synthesize_folder_reports_an_unreadable_photo_and_goes_on(tmp_path, pho
     assert sorted(p.name for p in (out / "target").iterdir()) == made
     assert not _leftovers(out)
     assert {p.name: p.read_bytes() for p in clean.iterdir()} == before
+
+
+def test_resume_keeps_complete_pairs_and_makes_the_rest(tmp_path, photos, monkeypatch):
+    """After Ctrl-C (or a kill that left half a pair) ``resume`` completes the set: kept pairs are
+    not rewritten, the others come out as an uninterrupted run makes them."""
+    clean = tmp_path / "clean"
+    _write_clean_folder(clean, photos)
+    options = dict(preset="heavy", count_per_image=2, seed=3, size=32)
+    ref = tmp_path / "ref"
+    assert synthesize_folder(clean, ref, **options).written == 6
+    names = sorted(p.name for p in (ref / "input").iterdir())
+
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    real_save = Image.Image.save
+
+    def interrupted_save(self, fp, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the third pair's rainy input: Ctrl-C while it is being written
+            fp.write(b"\x89PNG partial")
+            raise KeyboardInterrupt
+        return real_save(self, fp, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "save", interrupted_save)
+        with pytest.raises(KeyboardInterrupt):
+            synthesize_folder(clean, out, **options)
+    assert not _leftovers(out)
+    for sub in ("input", "target"):  # two whole pairs, nothing of the third
+        assert sorted(p.name for p in (out / sub).iterdir()) == names[:2]
+    with pytest.raises(FileExistsError, match="--resume"):
+        synthesize_folder(clean, out, **options)
+    with pytest.raises(ValueError, match="choose one"):
+        synthesize_folder(clean, out, **options, overwrite=True, resume=True)
+
+    # a kill between the two halves of a pair leaves one of them: that pair is incomplete
+    (out / "input" / names[1]).unlink()
+    marker = np.full((32, 32, 3), 7, np.uint8)  # stands for a kept pair: must not be rewritten
+    Image.fromarray(marker).save(out / "input" / names[0])
+    summary = synthesize_folder(clean, out, **options, resume=True)
+    assert (summary.kept, summary.written, summary.failed) == (1, 5, [])
+    assert np.array_equal(np.asarray(Image.open(out / "input" / names[0])), marker)
+    for sub in ("input", "target"):
+        assert sorted(p.name for p in (out / sub).iterdir()) == names
+        for name in names[1:] if sub == "input" else names:
+            assert (out / sub / name).read_bytes() == (ref / sub / name).read_bytes()
+    assert not _leftovers(out)

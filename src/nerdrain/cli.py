@@ -119,10 +119,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from .data.synth import synthesize_folder
 
+    def count(n: int, what: str) -> str:
+        return f"{n} {what}{'s' * (n != 1)}"
+
     summary = synthesize_folder(args.clean, args.out, preset=args.preset, count_per_image=args.count,
-                                seed=args.seed, streak_dir=args.streaks, size=args.size, overwrite=args.overwrite)
-    failed = len(summary.failed)
-    print(f"wrote {summary.written} pairs to {args.out} (input/ + target/), {failed} photo{'s' * (failed != 1)} failed")
+                                seed=args.seed, streak_dir=args.streaks, size=args.size, overwrite=args.overwrite,
+                                resume=args.resume)
+    kept = f", kept {count(summary.kept, 'complete pair')} of an earlier run" if args.resume else ""
+    print(f"wrote {count(summary.written, 'pair')} to {args.out} (input/ + target/){kept}, "
+          f"{count(len(summary.failed), 'photo')} failed")
     return 1 if summary.failed else 0
 
 
@@ -219,7 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="light", help="light, medium or heavy (default: light)")
     p.add_argument("--count", type=int, default=1, help="rainy versions per clean photo (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="the same seed renders the same rain (default: 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist (default: refuse)")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace outputs that exist (default: refuse)")
+    existing.add_argument("--resume", action="store_true",
+                          help="continue an earlier run with the same options (after a failure or Ctrl-C): keep the "
+                               "pairs whose input/ and target/ files both exist, make the rest")
     p.add_argument("--streaks", help="Garg & Nayar streak database folder (optional)")
     p.add_argument("--size", type=int, help="random square crops of this size")
     p.set_defaults(func=cmd_synth)

@@ -663,6 +663,8 @@ class SynthSummary:
     """Outcome of :func:`synthesize_folder`."""
 
     written: int = 0
+    kept: int = 0
+    """Complete pairs of an earlier run left as they were (``resume=True``)."""
     failed: list[tuple[str, str]] = field(default_factory=list)
     """(photo, reason) for each photo that did not give all of its pairs."""
 
@@ -681,18 +683,23 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
                       count_per_image: int = 1, seed: int = 0,
                       streak_dir: str | Path | None = None,
                       size: int | tuple[int, int] | None = None,
-                      overwrite: bool = False,
+                      overwrite: bool = False, resume: bool = False,
                       log: Callable[[str], object] | None = None) -> SynthSummary:
     """Write a paired set ``out_dir/input/NAME.png`` (rainy) + ``out_dir/target/NAME.png`` (clean).
 
     Each (image, copy) gets its own seed from ``seed`` and the file name, so results do not
     shift when files are added.  ``size`` random-crops (int or (h, w)) before rendering.
-    Existing outputs are an error unless ``overwrite``; source images are never written.
+    Existing outputs are an error unless ``overwrite`` (replace them) or ``resume`` (continue a
+    run with the same options: pairs whose two files exist are kept, the rest are made, a half
+    pair left by a killed run included); source images are never written.
     Bad options and outputs fail before anything is created.  A photo that cannot be read or
     rendered is reported as one line ``error: <photo>: <reason>`` on stderr (or to ``log``, a
     callable taking the line) and the batch goes on; each pair appears whole or not at all.
     """
     clean_dir, out_dir = Path(clean_dir), Path(out_dir)
+    if overwrite and resume:
+        raise ValueError("overwrite (--overwrite) replaces earlier outputs, resume (--resume) keeps them: "
+                         "choose one")
     if not clean_dir.is_dir():
         raise FileNotFoundError(f"clean image folder not found: {clean_dir}")
     if count_per_image < 1:
@@ -721,13 +728,20 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
         for dest in (in_dir / name, tg_dir / name):
             if dest.resolve() in src_set:
                 raise ValueError(f"refusing to overwrite source image {dest}")
-            if dest.exists() and not overwrite:
-                raise FileExistsError(f"{dest} exists (replace outputs: nerd-rain synth --overwrite, overwrite=True)")
+            if dest.exists() and not (overwrite or resume):
+                raise FileExistsError(f"{dest} exists (continue an earlier run with the same options: nerd-rain synth "
+                                      "--resume, resume=True; replace outputs: --overwrite, overwrite=True)")
     in_dir.mkdir(parents=True, exist_ok=True)
     tg_dir.mkdir(parents=True, exist_ok=True)
 
     summary = SynthSummary()
     for src, pairs in jobs.items():
+        if resume:  # deterministic pairs: a complete one is what this run would write
+            done = [(k, name) for k, name in pairs if (in_dir / name).is_file() and (tg_dir / name).is_file()]
+            summary.kept += len(done)
+            pairs = [pair for pair in pairs if pair not in done]
+            if not pairs:
+                continue
         try:
             photo = _load_rgb(src)
             for k, name in pairs:
