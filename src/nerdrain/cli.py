@@ -229,8 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     existing.add_argument("--resume", action="store_true",
                           help="continue an earlier run with the same options (after a failure or Ctrl-C): keep the "
                                "pairs whose input/ and target/ files both exist, make the rest")
-    p.add_argument("--streaks", help="Garg & Nayar streak database folder (optional)")
-    p.add_argument("--size", type=int, help="random square crops of this size")
+    p.add_argument("--streaks", help="Garg & Nayar streak database folder (optional; its images are all read "
+                                     "before the first pair is written)")
+    p.add_argument("--size", type=int, help="random square crops of this size; smaller photos are upscaled to cover "
+                                            "it (no more pixels than a photo may have: NERDRAIN_MAX_PIXELS)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("demo", help="rain on a sample photo, derained, side by side, with scores")
