@@ -378,3 +378,20 @@ def test_synth_help_documents_resume(capsys):
     with pytest.raises(SystemExit):
         main(["synth", "--help"])
     assert "--resume" in capsys.readouterr().out
+
+
+def test_demo_output_that_is_a_file_is_refused(tmp_path, tiny_weights, capsys):
+    (tmp_path / "afile").write_bytes(b"keep me")
+    assert main(["demo", "-o", str(tmp_path / "afile"), "--weights", str(tiny_weights), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'afile'}: exists and is not a folder\n"
+    assert (tmp_path / "afile").read_bytes() == b"keep me"
+
+
+def test_demo_output_name_taken_by_a_folder_is_refused_before_any_output(tmp_path, tiny_weights, capsys):
+    out = tmp_path / "d2"
+    (out / "comparison.png").mkdir(parents=True)
+    assert main(["demo", "-o", str(out), "--weights", str(tiny_weights), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out / 'comparison.png'}: exists and is not a file\n"
+    assert [p.name for p in out.iterdir()] == ["comparison.png"] and not any((out / "comparison.png").iterdir())

@@ -236,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("demo", help="rain on a sample photo, derained, side by side, with scores")
-    p.add_argument("-o", "--output", default="nerdrain-demo", help="output folder (default: nerdrain-demo)")
+    p.add_argument("-o", "--output", default="nerdrain-demo",
+                   help="output folder (default: nerdrain-demo); its rainy.png, derained.png, clean.png and "
+                        "comparison.png are replaced, nothing else there is touched")
     weights_option(p)
     device_option(p)
     p.set_defaults(func=cmd_demo)

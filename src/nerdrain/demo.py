@@ -13,11 +13,13 @@ import skimage.data
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.synth import RainSynthesizer
+from .files import check_output_folder
 from .imageio import quantize, save_png
 from .inference import derain, resolve_device
 from .metrics import score
 
 DEMO_PHOTO = "coffee"  # 400 x 600, not in any deraining benchmark
+DEMO_FILES = ("rainy.png", "derained.png", "clean.png", "comparison.png")
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -41,9 +43,13 @@ def side_by_side(images: list[np.ndarray], labels: list[str], gap: int = 6, labe
 
 def run_demo(out_dir: str | Path = "nerdrain-demo", model=None, device: str = "auto", preset: str = "light",
              seed: int = 0, verbose: bool = True) -> dict[str, dict[str, float]]:
-    """Write rainy/derained/clean PNGs and ``comparison.png``; return and print PSNR/SSIM (rain200)."""
+    """Write rainy/derained/clean PNGs and ``comparison.png``; return and print PSNR/SSIM (rain200).
+
+    Files of those names in ``out_dir`` are replaced, nothing else there is touched. Paths that
+    cannot take them fail before the work, so that no run leaves some of the four and not others.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, DEMO_FILES)
     clean = getattr(skimage.data, DEMO_PHOTO)()
     rainy_f = RainSynthesizer(preset).render(clean.astype(np.float32) / 255, np.random.default_rng(seed))
     rainy = quantize(rainy_f, 8)
@@ -58,8 +64,9 @@ def run_demo(out_dir: str | Path = "nerdrain-demo", model=None, device: str = "a
     for name, image in (("rainy", rainy), ("derained", derained)):
         psnr, ssim = score(image, clean, "rain200")
         scores[name] = {"psnr": psnr, "ssim": ssim}
-    for name, image in (("rainy", rainy), ("derained", derained), ("clean", clean)):
-        save_png(image, out / f"{name}.png")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, image in zip(DEMO_FILES, (rainy, derained, clean)):
+        save_png(image, out / name)
     labels = [f"rainy  {scores['rainy']['psnr']:.2f} dB / {scores['rainy']['ssim']:.4f}",
               f"derained  {scores['derained']['psnr']:.2f} dB / {scores['derained']['ssim']:.4f}",
               "clean"]
