@@ -172,3 +172,18 @@ def test_synthetic_source_skips_hidden_files_and_reads_16_bit_photos(tmp_path):
     assert clean.shape == (3, 16, 16) and 0 < float(clean.mean()) < 1
     full = source._cache[0]
     np.testing.assert_allclose(full[0].numpy(), grey, atol=1 / 65535)  # all 16 bits, not clipped to 255
+
+
+def test_synthetic_source_checks_its_streak_images_when_built(tmp_path):
+    """Training reads streak images when it first draws them: a bad one must stop the run at its
+    start, in one line naming the file, not hours in."""
+    root = tmp_path / "clean"
+    root.mkdir()
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(root / "c.png")
+    streaks = tmp_path / "streaks"
+    streaks.mkdir()
+    Image.fromarray(np.full((20, 6), 200, np.uint8)).save(streaks / "good.png")
+    assert SyntheticSource(root, ["light"], streak_dir=streaks).paths  # a good folder builds
+    (streaks / "bad.png").write_bytes((streaks / "good.png").read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"bad\.png: "):
+        SyntheticSource(root, ["light"], streak_dir=streaks)

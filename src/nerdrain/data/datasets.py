@@ -55,6 +55,8 @@ class SyntheticSource:
         if not self.paths:
             raise ValueError(f"{root}: no clean images found for rain synthesis")
         self.mixer = RainMixer(tuple(presets), streak_dir=streak_dir)
+        if streak_dir is not None:  # a bad streak image stops training now, not hours in
+            self.mixer.synths[0].check_streaks()
         self._cache: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
