@@ -52,6 +52,11 @@ M="$PY benchmarks/bench_forward.py --device cuda --output $J --repeats 3 --warmu
 for bands in "" "--no-bands"; do
   step 40 $M $bands --dtype fp32 bf16 --tile-batch 0 --label "channels-last $bands"
 done
+# fp32 in NCHW: the first run's profile had cuDNN converting channels-last fp32 maps to NCHW around
+# most convolutions, and channels-last fp32 at 1024x1024 slower than the released code. The CLI's
+# exact default on CUDA is fp32 channels-last: this says whether NCHW should be.
+step 40 $PY benchmarks/bench_forward.py --device cuda --output $J --repeats 5 --warmup 2 --cuda-graphs \
+  --variant nerd_rain --dtype fp32 --sizes 256 1024 --tile-batch 16 --no-memory --label "NCHW + CUDA graphs"
 step 30 $B --variant nerd_rain_s --dtype bf16 --sizes 256 1024 --tile-batch 16 --label "channels-last + CUDA graphs"
 step 30 $T --variant nerd_rain --batch 16 32 --dtype bf16 --cuda-graphs --activation-checkpointing \
   --label "train, channels-last + CUDA graphs + activation checkpointing"
