@@ -243,11 +243,21 @@ def test_score_is_psnr_and_ssim() -> None:
         (np.zeros((20, 20, 3), np.float32), np.zeros((20, 20, 3), np.uint8), "uint8"),
         (np.zeros((20, 20, 3), np.uint8), np.zeros((20, 21, 3), np.uint8), "differ in shape"),
         (np.zeros((10, 20, 3), np.uint8), np.zeros((10, 20, 3), np.uint8), "at least 11x11"),
+        (np.zeros((10, 20, 3), np.uint8), np.zeros((10, 20, 3), np.uint8), "got 20x10$"),  # W x H
     ],
 )
 def test_bad_inputs_raise(pred: np.ndarray, target: np.ndarray, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ssim(pred, target)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_empty_images_raise_instead_of_scoring_nan(protocol: str) -> None:
+    # No pixels, no mean squared error: a score (NaN, with numpy's warnings) would be meaningless.
+    empty = np.zeros((0, 5, 3), np.uint8)
+    for metric in (psnr, ssim, score):
+        with pytest.raises(ValueError, match="pred: empty image"):
+            metric(empty, empty, protocol)
 
 
 def test_unknown_protocol_raises() -> None:

@@ -54,6 +54,8 @@ def _check_rgb_uint8(img: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: expected a uint8 numpy array (use to_uint8), got {got}")
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"{name}: expected an RGB image of shape HxWx3, got shape {img.shape}")
+    if img.size == 0:  # the mean squared error of no pixels would be NaN, not a score
+        raise ValueError(f"{name}: empty image of shape {img.shape}")
 
 
 def _check_pair(pred: np.ndarray, target: np.ndarray, protocol: str) -> None:
@@ -117,7 +119,7 @@ def _ssim_valid_mean(img1: np.ndarray, img2: np.ndarray) -> float:
     if min(img1.shape) < _WINDOW_SIZE:
         raise ValueError(
             f"SSIM needs images of at least {_WINDOW_SIZE}x{_WINDOW_SIZE} "
-            f"(after subsampling), got {img1.shape[0]}x{img1.shape[1]}"
+            f"(after subsampling), got {img1.shape[1]}x{img1.shape[0]}"
         )
     c1 = (_SSIM_K1 * _SSIM_L) ** 2
     c2 = (_SSIM_K2 * _SSIM_L) ** 2
