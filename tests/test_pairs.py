@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nerdrain.data.pairs import LAYOUTS, Pair, detect_layout, find_pairs, load_pair
+from nerdrain.data.pairs import LAYOUTS, Pair, detect_layout, find_pairs, load_pair, read_rgb
+from nerdrain.imageio import Photo, write_photo
 
 from conftest import DATA  # the one place ../shared is located (NERDRAIN_SHARED overrides)
 
@@ -215,3 +216,33 @@ def test_truncated_image_error_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot read the image") as err:
         load_pair(find_pairs(tmp_path)[0])
     assert str(cut) in str(err.value)
+
+
+@pytest.mark.parametrize("alpha, grey", [(False, False), (True, False), (True, True)])
+def test_16_bit_colour_files_are_refused_not_cut_to_8_bits(tmp_path: Path, alpha: bool, grey: bool) -> None:
+    # Pillow opens 16-bit RGB, RGBA and grey+alpha PNGs as 8-bit RGB(A), keeping the high bytes.
+    rng = np.random.default_rng(0)
+    rgb = rng.random((6, 8, 3), dtype=np.float32)
+    if grey:
+        rgb[...] = rgb[..., :1]
+    photo = Photo(rgb=rgb, alpha=np.ones((6, 8), np.float32) if alpha else None, bit_depth=16, grayscale=grey)
+    deep = write_photo(tmp_path / "deep.png", photo)
+    with pytest.raises(ValueError, match="16-bit") as err:
+        read_rgb(deep)
+    assert str(deep) in str(err.value)
+
+
+def test_unreadable_file_in_a_did_folder_is_named_during_detection(tmp_path: Path) -> None:
+    _write(tmp_path / "a.png", 10, size=(16, 8))
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read the image") as err:
+        find_pairs(tmp_path)
+    assert str(tmp_path / "b.png") in str(err.value)
+
+
+def test_decompression_bomb_is_a_read_error_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    big = _write(tmp_path / "big.png", 10, size=(64, 64))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # over twice the limit is Pillow's error
+    with pytest.raises(ValueError, match="cannot read the image") as err:
+        read_rgb(big)
+    assert str(big) in str(err.value)

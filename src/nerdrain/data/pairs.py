@@ -28,7 +28,7 @@ from typing import Final
 import numpy as np
 from PIL import Image
 
-from ..imageio import DATASET_EXTENSIONS
+from ..imageio import DATASET_EXTENSIONS, _tile_rawmode
 
 __all__ = ["LAYOUTS", "Pair", "detect_layout", "find_pairs", "load_pair", "match_folders", "read_rgb"]
 
@@ -107,8 +107,11 @@ def _prenet_files(root: Path, prefix: str) -> list[Path]:
 
 
 def _is_side_by_side(path: Path) -> bool:
-    with Image.open(path) as img:  # reads the header only
-        width, height = img.size
+    try:
+        with Image.open(path) as img:  # reads the header only
+            width, height = img.size
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from None
     return width == 2 * height
 
 
@@ -243,16 +246,34 @@ def match_folders(pred_dir: Path, gt_dir: Path) -> list[Pair]:
     return [Pair(stem, preds[stem], gts[stem]) for stem in sorted(preds, key=_natural_key)]
 
 
+# Truncated or corrupt files, and ones over Pillow's pixel limit: its messages omit the file.
+_READ_ERRORS: Final = (OSError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _unreadable(path: Path, err: BaseException) -> ValueError:
+    reason = " ".join(str(err).split()) or type(err).__name__
+    return ValueError(f"{path}: cannot read the image ({reason})")
+
+
+def _bits16(img: Image.Image) -> bool:
+    """16 bits per sample, which Pillow reads as 8-bit RGB(A) (high bytes only) for colour and
+    grey+alpha files (raw modes ``RGB;16B``, ``LA;16B``, ...) and as ``I;16`` for grey ones."""
+    if img.mode.startswith("I;16"):
+        return True
+    return any((_tile_rawmode(t) or "").startswith((f"{img.mode};16", "LA;16")) for t in img.tile)
+
+
 def read_rgb(path: Path) -> np.ndarray:
-    """uint8 RGB as MATLAB's imread sees 8-bit files: grey, palette and alpha images become RGB."""
+    """uint8 RGB as MATLAB's imread sees 8-bit files: grey, palette and alpha images become RGB.
+    16-bit and float files are refused: MATLAB would read them at full depth, not as 8 bits."""
     try:
         with Image.open(path) as img:
-            if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-                raise ValueError(f"{path}: {img.mode} images are not supported; use 8-bit images")
+            depth = "16-bit" if _bits16(img) else f"32-bit {img.mode}" if img.mode in ("I", "F") else None
+            if depth:
+                raise ValueError(f"{path}: {depth} images are not supported; use 8-bit images")
             return np.asarray(img.convert("RGB"))
-    except (OSError, SyntaxError, EOFError) as err:  # truncated or corrupt: Pillow's message omits the file
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise ValueError(f"{path}: cannot read the image ({reason})") from None
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from None
 
 
 def _half(img: np.ndarray, side: str, path: Path) -> np.ndarray:
