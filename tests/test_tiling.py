@@ -215,6 +215,38 @@ def test_model_with_wrong_output_shape_is_reported():
         run_tiled(lambda t: t[..., :-1], torch.rand(1, 3, 40, 40), TileConfig(tile=32, overlap=8))
 
 
+@pytest.mark.parametrize("field, value", [("tile", 16.5), ("tile", "64"), ("overlap", 2.5),
+                                          ("batch_size", 2.0), ("multiple", None), ("tile", True)])
+def test_config_fields_must_be_integers(field, value):
+    with pytest.raises(TypeError, match=f"{field} must be an integer"):
+        TileConfig(**{field: value})
+
+
+@pytest.mark.parametrize("tile, overlap", [(16, 16), (16, 20), (16, -4), (0, 0)])
+def test_tile_positions_refuse_overlaps_that_leave_gaps_or_never_advance(tile, overlap):
+    with pytest.raises(ValueError, match="0 <= overlap < tile"):
+        tile_positions(100, tile, overlap)
+
+
+def test_run_tiled_argument_errors_are_one_line():
+    x = torch.rand(1, 3, 20, 20)
+    with pytest.raises(TypeError, match="floating-point.*uint8"):  # the model would see 0..255
+        run_tiled(pointwise, (x * 255).to(torch.uint8), TileConfig(tile=16))
+    with pytest.raises(TypeError, match="floating-point.*ndarray"):
+        run_tiled(pointwise, x.numpy(), TileConfig(tile=16))
+    with pytest.raises(TypeError, match="TileConfig"):
+        run_tiled(pointwise, x, 16)
+    with pytest.raises(ValueError, match="unknown device 'bogus'"):
+        run_tiled(pointwise, x, TileConfig(tile=16), device="bogus")
+
+
+@pytest.mark.parametrize("tile", [0, 16])
+def test_empty_batch_gives_an_empty_result_tiled_or_whole(tile):
+    x = torch.rand(0, 3, 20, 20)
+    out = run_tiled(pointwise, x, TileConfig(tile=tile))
+    assert out.shape == x.shape and out.dtype == torch.float32
+
+
 # --------------------------------------------------------------------------- (e) OOM fallback
 
 

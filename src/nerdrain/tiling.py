@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -67,6 +68,10 @@ class TileConfig:
     multiple: int = 16
 
     def __post_init__(self) -> None:
+        for name in ("tile", "overlap", "batch_size", "multiple"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # 16.5 fails later, deep in torch
+                raise TypeError(f"{name} must be an integer, got {value!r}")
         if self.tile < 0 or 0 < self.tile < self.multiple:
             # below the network's size step a tile would be padded up to it: many times the work
             raise ValueError(f"tile must be 0 (whole image) or at least {self.multiple}, got {self.tile}")
@@ -102,8 +107,10 @@ def tile_positions(size: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles of ``tile`` pixels covering ``size`` pixels.
 
     Evenly spaced, first at 0, last at ``size - tile``; consecutive tiles overlap by at
-    least ``overlap`` (assumes ``0 <= overlap < tile``).
+    least ``overlap`` (``0 <= overlap < tile``: otherwise tiles would leave gaps or never advance).
     """
+    if tile < 1 or not 0 <= overlap < tile:
+        raise ValueError(f"tile_positions needs tile >= 1 and 0 <= overlap < tile, got tile {tile}, overlap {overlap}")
     if tile >= size:
         return [0]
     stride = tile - overlap
@@ -192,6 +199,12 @@ def run_tiled(
     Tiles go to ``device`` (default: the model's device, else the image's).  Returns a
     float32 tensor of the image's shape on the image's device.
     """
+    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
+        # an integer image would reach the model as 0..255, not the [0, 1] it expects
+        got = image.dtype if isinstance(image, torch.Tensor) else type(image).__name__
+        raise TypeError(f"image: expected a floating-point torch tensor, got {got}")
+    if not isinstance(cfg, TileConfig):
+        raise TypeError(f"cfg: expected a TileConfig, got {type(cfg).__name__}")
     squeeze = image.dim() == 3
     if squeeze:
         image = image.unsqueeze(0)
@@ -200,7 +213,13 @@ def run_tiled(
     b, c, h, w = image.shape
     if h < 1 or w < 1:
         raise ValueError(f"empty image of shape {tuple(image.shape)}")
-    dev = torch.device(device) if device is not None else (model_device(model) or image.device)
+    if device is not None:
+        # deferred: inference builds on this module
+        from .inference import resolve_device
+
+        dev = resolve_device(device)  # one line for a device that is unknown or absent here
+    else:
+        dev = model_device(model) or image.device
 
     # no_grad rather than inference_mode: the result is an ordinary tensor that callers
     # may modify in place or feed to autograd later.
@@ -226,7 +245,7 @@ def _run_whole(model: ModelLike, image: torch.Tensor, batch_size: int, dev: torc
     finally:
         if bar is not None:
             bar.close()
-    return torch.cat(parts, dim=0)
+    return torch.cat(parts, dim=0) if parts else image.to(torch.float32)  # an empty batch, as the tiled path
 
 
 def _bar(total: int, progress: bool, unit: str):
