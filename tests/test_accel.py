@@ -172,6 +172,27 @@ def test_unknown_dtype_is_rejected(model):
         optimize_for_inference(model, "cpu", dtype=torch.int8)
 
 
+@pytest.mark.parametrize("dtype", [["bf16"], {}, "half", torch.float64])
+def test_any_unknown_dtype_is_a_value_error_naming_it(dtype):
+    with pytest.raises(ValueError, match=r"dtype must be one of .*got"):
+        optimize_for_inference(torch.nn.Conv2d(3, 3, 1), "cpu", dtype=dtype)
+
+
+@pytest.mark.parametrize("device, problem", [("bogus", "unknown device 'bogus'"), ("meta", "unsupported device"),
+                                             pytest.param("cuda", "CUDA is not available", marks=pytest.mark.skipif(
+                                                 torch.cuda.is_available(), reason="CUDA is available here"))])
+def test_bad_device_is_a_value_error_before_the_model_moves(device, problem):
+    net = torch.nn.Conv2d(3, 3, 1)
+    with pytest.raises(ValueError, match=problem):
+        optimize_for_inference(net, device)
+    assert net.weight.device.type == "cpu" and net.training  # left as it was
+
+
+def test_a_plain_function_is_refused_as_not_a_module():
+    with pytest.raises(TypeError, match="torch.nn.Module, got function"):
+        optimize_for_inference(lambda x: x, "cpu")
+
+
 def test_tune_cpu_allocator_is_idempotent():
     first = tune_cpu_allocator()
     assert isinstance(first, bool)

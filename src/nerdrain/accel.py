@@ -268,7 +268,8 @@ def optimize_for_inference(
 ) -> FastInference:
     """Return a module computing ``model(x)`` through the requested fast paths.
 
-    ``model`` is put in eval mode and moved to ``device`` (default: where it is) in place; with
+    ``model`` is put in eval mode and moved to ``device`` (default: where it is; a name is checked
+    as :func:`nerdrain.inference.resolve_device` does) in place; with
     ``channels_last`` its weights are also converted to the channels-last memory format (values
     unchanged). Options:
 
@@ -289,13 +290,20 @@ def optimize_for_inference(
     - ``cpu_allocator``: on CPU, :func:`tune_cpu_allocator` (``None``: do it where glibc allows,
       silently; ``True``: warn where it cannot; ``False``: leave the allocator alone).
     """
-    if dtype not in _PRECISIONS:
-        raise ValueError(f"dtype must be one of None, float32, 'tf32', bfloat16, float16; got {dtype!r}")
-    precision = _PRECISIONS[dtype]
+    if not isinstance(model, nn.Module):  # it is moved, put in eval mode and wrapped as a submodule
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    try:
+        precision = _PRECISIONS[dtype]
+    except (KeyError, TypeError):  # TypeError: an unhashable value such as a list
+        raise ValueError(f"dtype must be one of None, float32, 'tf32', bfloat16, float16; got {dtype!r}") from None
     if device is None:
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
+    else:
+        # deferred: inference builds on this module
+        from .inference import resolve_device
+
+        device = resolve_device(device)  # one line for a device that is unknown or absent here
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     model.eval().to(device)
