@@ -207,6 +207,21 @@ def test_model_bad_output_names_the_image(dataset: Path) -> None:
         evaluate_model(lambda x: x, dataset, tile=-1)
 
 
+def test_model_integer_or_nan_output_is_refused_naming_the_image(dataset: Path) -> None:
+    # 0..255 integers are not the [0, 1] floats restore must return: scoring them clipped is wrong.
+    with pytest.raises(ValueError, match=r"a: restore returned torch\.uint8"):
+        evaluate_model(lambda x: (x * 255).round().to(torch.uint8), dataset)
+    with pytest.raises(ValueError, match="a: restore's output: image contains NaN"):
+        evaluate_model(lambda x: x * math.nan, dataset)
+
+
+def test_unknown_device_is_one_value_error(dataset: Path) -> None:
+    for run in (lambda: evaluate_model(lambda x: x, dataset, device="bogus"),
+                lambda: evaluate_pairs(lambda x: x, find_pairs(dataset), device="bogus")):
+        with pytest.raises(ValueError, match="unknown device 'bogus'"):
+            run()
+
+
 def test_evaluate_pairs_does_not_warn(dataset: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")

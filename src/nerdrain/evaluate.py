@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .data.pairs import Pair, find_pairs, load_pair, match_folders, read_rgb
 from .files import atomic_write
 from .imageio import save_png
+from .inference import resolve_device
 from .metrics import PROTOCOLS, score, to_uint8
 from .tiling import TileConfig, run_tiled
 
@@ -101,6 +102,7 @@ def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "ra
     score its 8-bit quantised output against the clean image. ``on_prediction(pair, uint8 HxWx3)``
     sees each prediction as scored (e.g. to save it)."""
     _check_protocol(protocol)
+    device = resolve_device(device)
     report = EvalReport(protocol)
     with torch.inference_mode():
         for pair in tqdm(pairs, desc="evaluate", disable=not progress, leave=False):
@@ -108,10 +110,14 @@ def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "ra
             # PIL-backed arrays are read-only; torch warns on (and must not share) them.
             x = torch.from_numpy(rainy.copy()).permute(2, 0, 1)[None].float().div(255).to(device)
             y = restore(x)
-            if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
-                got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-                raise ValueError(f"{pair.name}: restore returned {got} for an input of shape {tuple(x.shape)}")
-            prediction = to_uint8(y[0].float())
+            # An integer output (0..255, say) would pass .float() below and be clipped to [0, 1].
+            if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape) or not y.is_floating_point():
+                got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ValueError(f"{pair.name}: restore returned {got} for a float input of shape {tuple(x.shape)}")
+            try:
+                prediction = to_uint8(y[0].float())
+            except ValueError as err:  # NaN or infinite values
+                raise ValueError(f"{pair.name}: restore's output: {err}") from None
             if on_prediction is not None:
                 on_prediction(pair, prediction)
             report.images.append(ImageScore(pair.name, *score(prediction, clean, protocol)))
@@ -140,6 +146,7 @@ def evaluate_model(model_or_restore: Restorer, data_dir: str | Path, protocol: s
     (:func:`to_uint8`) before scoring and, with ``save_dir``, saved as ``save_dir/<name>.png``.
     """
     _check_protocol(protocol)
+    device = resolve_device(device)
     tiling = TileConfig(tile=tile, overlap=overlap)  # checks the values before any work
     pairs = find_pairs(data_dir, layout)
     restore = _tiled(model_or_restore, tiling) if tile > 0 else model_or_restore
