@@ -149,6 +149,34 @@ def test_folders_refuse_16_bit_and_bad_arguments(tmp_path: Path) -> None:
         evaluate_folders(tmp_path / "empty", tmp_path / "gt")
 
 
+def test_folders_go_on_past_bad_files_and_name_them_all(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    for name in ("1", "2", "3", "4", "5"):
+        _save(_image(rng), tmp_path / "gt" / f"{name}.png")
+    _save(_image(rng), tmp_path / "pred" / "1.png")
+    (tmp_path / "pred" / "2.png").write_bytes(b"not a png")  # unreadable
+    _save(_image(rng, 40, 40), tmp_path / "pred" / "3.png")  # wrong size
+    _save(_image(rng), tmp_path / "pred" / "4.png")
+    _save(_image(rng)[:8], tmp_path / "gt" / "5.png")  # too small for SSIM (both sides)
+    _save(_image(rng)[:8], tmp_path / "pred" / "5.png")
+    with pytest.raises(ValueError, match=r"^3 of 5 image\(s\) could not be scored") as err:
+        evaluate_folders(tmp_path / "pred", tmp_path / "gt")
+    message = str(err.value)
+    assert "\n" not in message
+    for bad in ("2.png: cannot read", "3.png is 40x40", "5.png: SSIM needs images of at least 11x11"):
+        assert bad in message
+    assert "1.png" not in message and "4.png" not in message
+
+
+def test_model_goes_on_past_an_unreadable_input_and_saves_the_others(dataset: Path, tmp_path: Path) -> None:
+    (dataset / "input" / "rain-2.png").write_bytes(b"not a png")
+    out = tmp_path / "preds"
+    with pytest.raises(ValueError, match=r"^1 of 3 image\(s\).*input/rain-2\.png: cannot read the image"):
+        evaluate_model(lambda x: x, dataset, save_dir=out)
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "rain-10.png"]  # the one after it too
+    assert np.array_equal(_read(out / "rain-10.png"), _read(dataset / "input" / "rain-10.png"))
+
+
 # --- evaluate_model ------------------------------------------------------------------------------
 
 

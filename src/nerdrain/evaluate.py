@@ -32,7 +32,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.pairs import Pair, find_pairs, load_pair, match_folders, read_rgb
+from .data.pairs import (
+    _MAX_LISTED,
+    Pair,
+    find_pairs,
+    load_pair,
+    match_folders,
+    read_rgb,
+)
 from .files import atomic_write
 from .imageio import save_png
 from .inference import resolve_device
@@ -95,18 +102,32 @@ def _size(img: np.ndarray) -> str:
     return f"{img.shape[1]}x{img.shape[0]}"
 
 
+def _check_all_scored(report: EvalReport, failed: list[str]) -> None:
+    """Raise one error naming every file that could not be scored (each tried in turn, so one run
+    finds them all): a mean over the others would not be the dataset's score."""
+    if failed:
+        more = f"; and {len(failed) - _MAX_LISTED} more" if len(failed) > _MAX_LISTED else ""
+        raise ValueError(f"{len(failed)} of {len(failed) + report.count} image(s) could not be scored, so no "
+                         f"mean is given: {'; '.join(failed[:_MAX_LISTED])}{more}")
+
+
 def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "rain200",
                    device: torch.device | str = "cpu", progress: bool = False,
                    on_prediction: Callable[[Pair, np.ndarray], None] | None = None) -> EvalReport:
     """Run ``restore`` (1x3xHxW float in [0, 1] on ``device`` -> same shape) over ``pairs``;
     score its 8-bit quantised output against the clean image. ``on_prediction(pair, uint8 HxWx3)``
-    sees each prediction as scored (e.g. to save it)."""
+    sees each prediction as scored (e.g. to save it). Pairs that cannot be read or scored are
+    named together in one ``ValueError`` once all were tried; errors of ``restore`` stop at once."""
     _check_protocol(protocol)
     device = resolve_device(device)
-    report = EvalReport(protocol)
+    report, failed = EvalReport(protocol), []
     with torch.inference_mode():
         for pair in tqdm(pairs, desc="evaluate", disable=not progress, leave=False):
-            rainy, clean = load_pair(pair)
+            try:
+                rainy, clean = load_pair(pair)
+            except ValueError as err:  # a bad file: the others are still run (see _check_all_scored)
+                failed.append(str(err))
+                continue
             # PIL-backed arrays are read-only; torch warns on (and must not share) them.
             x = torch.from_numpy(rainy.copy()).permute(2, 0, 1)[None].float().div(255).to(device)
             y = restore(x)
@@ -120,7 +141,11 @@ def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "ra
                 raise ValueError(f"{pair.name}: restore's output: {err}") from None
             if on_prediction is not None:
                 on_prediction(pair, prediction)
-            report.images.append(ImageScore(pair.name, *score(prediction, clean, protocol)))
+            try:
+                report.images.append(ImageScore(pair.name, *score(prediction, clean, protocol)))
+            except ValueError as err:  # too small for SSIM
+                failed.append(f"{pair.input}: {err}")
+    _check_all_scored(report, failed)
     return report
 
 
@@ -176,19 +201,31 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, protocol: str = "
 
     Files are matched by name without extension (``x.png`` against ``x.jpg``); a prediction
     without ground truth, or ground truth without a prediction, is a ``ValueError`` naming
-    the files, and so is a size mismatch. Images must be 8-bit (see the module doc).
+    the files. Images must be 8-bit (see the module doc); unreadable files, size mismatches and
+    images too small to score are named together in one ``ValueError`` once all were tried.
     """
     _check_protocol(protocol)
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    report = EvalReport(protocol)
+    report, failed = EvalReport(protocol), []
     for pair in tqdm(match_folders(pred_dir, gt_dir), desc="evaluate", disable=not progress, leave=False):
-        name, pred_path, gt_path = pair.name, pair.input, pair.target
-        pred, gt = read_rgb(pred_path), read_rgb(gt_path)
-        if pred.shape != gt.shape:
-            raise ValueError(f"size mismatch: prediction {pred_path} is {_size(pred)} "
-                             f"but ground truth {gt_path} is {_size(gt)}")
-        report.images.append(ImageScore(name, *score(pred, gt, protocol)))
+        try:
+            report.images.append(_score_files(pair, protocol))
+        except ValueError as err:  # a bad file: the others are still scored (see _check_all_scored)
+            failed.append(str(err))
+    _check_all_scored(report, failed)
     return report
+
+
+def _score_files(pair: Pair, protocol: str) -> ImageScore:
+    pred_path, gt_path = pair.input, pair.target
+    pred, gt = read_rgb(pred_path), read_rgb(gt_path)
+    if pred.shape != gt.shape:
+        raise ValueError(f"size mismatch: prediction {pred_path} is {_size(pred)} "
+                         f"but ground truth {gt_path} is {_size(gt)}")
+    try:
+        return ImageScore(pair.name, *score(pred, gt, protocol))
+    except ValueError as err:  # too small for SSIM
+        raise ValueError(f"{pred_path}: {err}") from None
 
 
 def _fmt(value: float, digits: int) -> str:
