@@ -250,6 +250,22 @@ def test_unknown_device_is_one_value_error(dataset: Path) -> None:
             run()
 
 
+def test_unwritable_save_dir_fails_before_the_model_runs(dataset: Path, tmp_path: Path) -> None:
+    calls = []
+
+    def restore(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape)
+        return x
+
+    (tmp_path / "out" / "rain-10.png").mkdir(parents=True)  # the last image's output name
+    (tmp_path / "afile").write_text("x")
+    for save_dir, problem in ((tmp_path / "out", "rain-10.png: exists and is not a file"),
+                              (tmp_path / "afile", "afile: exists and is not a folder")):
+        with pytest.raises(ValueError, match=problem):
+            evaluate_model(restore, dataset, save_dir=save_dir)
+    assert not calls
+
+
 def test_evaluate_pairs_does_not_warn(dataset: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -297,6 +313,24 @@ def test_write_csv(tmp_path: Path) -> None:
         rows = list(csv.reader(f))
     assert rows == [["name", "psnr", "ssim"], ["rain-1", "31.25", "0.91"], ["rain-2", "inf", "1.0"]]
     assert float(rows[2][1]) == math.inf
+
+
+@pytest.mark.parametrize("write", [write_json, write_csv])
+def test_report_path_that_is_a_folder_or_below_a_file_is_one_line(tmp_path: Path, write) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a file"):
+        write(_report(), tmp_path)
+    with pytest.raises(ValueError, match="afile: exists and is not a folder"):
+        write(_report(), tmp_path / "afile" / "r.out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing left behind
+
+
+def test_write_json_takes_numpy_floats_as_write_csv_does(tmp_path: Path) -> None:
+    report = EvalReport("rain200", [ImageScore("x", np.float32(30.5), np.float32(0.75))])
+    data = _strict_json(write_json(report, tmp_path / "r.json").read_text())
+    assert data["images"] == [{"name": "x", "psnr": 30.5, "ssim": 0.75}]  # both exact in float32
+    with write_csv(report, tmp_path / "r.csv").open(newline="") as f:
+        assert list(csv.reader(f))[1] == ["x", "30.5", "0.75"]
 
 
 def test_format_table() -> None:

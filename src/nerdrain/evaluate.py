@@ -40,7 +40,7 @@ from .data.pairs import (
     match_folders,
     read_rgb,
 )
-from .files import atomic_write
+from .files import atomic_write, check_output_folder
 from .imageio import save_png
 from .inference import resolve_device
 from .metrics import PROTOCOLS, score, to_uint8
@@ -181,6 +181,7 @@ def evaluate_model(model_or_restore: Restorer, data_dir: str | Path, protocol: s
         sources = {p.input.parent.resolve() for p in pairs} | {p.target.parent.resolve() for p in pairs}
         if out.resolve() in sources:
             raise ValueError(f"save_dir {out} holds the dataset's own images; choose another folder")
+        check_output_folder(out, [f"{p.name}.png" for p in pairs])  # fails now, not after the model ran
         out.mkdir(parents=True, exist_ok=True)
         on_prediction = _saver(out)
 
@@ -253,7 +254,16 @@ def format_table(report: EvalReport, per_image: bool = False) -> str:
 
 
 def _json_float(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+    return float(value) if math.isfinite(value) else None  # float(): numpy's float32 is no JSON number
+
+
+def _report_path(path: str | Path) -> Path:
+    """``path``, its folder made, after checking a file can be written there: one line naming
+    the path where it is a folder or below a file."""
+    path = Path(path)
+    check_output_folder(path.parent, [path.name])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def write_json(report: EvalReport, path: str | Path) -> Path:
@@ -263,8 +273,7 @@ def write_json(report: EvalReport, path: str | Path) -> Path:
     data["mean"] = {k: _json_float(v) for k, v in data["mean"].items()}
     for image in data["images"]:
         image["psnr"], image["ssim"] = _json_float(image["psnr"]), _json_float(image["ssim"])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _report_path(path)
     with atomic_write(path) as f:
         f.write((json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     return path
@@ -273,8 +282,7 @@ def write_json(report: EvalReport, path: str | Path) -> Path:
 def write_csv(report: EvalReport, path: str | Path) -> Path:
     """One ``name,psnr,ssim`` row per image under that header, full precision (``inf`` for
     identical images)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _report_path(path)
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     writer.writerow(["name", "psnr", "ssim"])
