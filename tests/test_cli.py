@@ -395,3 +395,17 @@ def test_demo_output_name_taken_by_a_folder_is_refused_before_any_output(tmp_pat
     err = capsys.readouterr().err
     assert err == f"error: {out / 'comparison.png'}: exists and is not a file\n"
     assert [p.name for p in out.iterdir()] == ["comparison.png"] and not any((out / "comparison.png").iterdir())
+
+
+def test_evaluate_report_path_that_cannot_be_written_fails_before_scoring(tmp_path, capsys, monkeypatch):
+    from nerdrain import evaluate
+
+    for folder in ("pred", "gt"):
+        (tmp_path / folder).mkdir()
+        write_image(tmp_path / folder / "0.png", 0)
+    (tmp_path / "scores.json").mkdir()  # a folder where the report should go
+    monkeypatch.setattr(evaluate, "evaluate_folders", lambda *a, **k: pytest.fail("scored before the check"))
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
+                 "--json", str(tmp_path / "scores.json"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "scores.json" in err and "\n" not in err

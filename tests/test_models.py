@@ -63,6 +63,14 @@ def test_unknown_settings_are_named_and_unusual_valid_ones_run():
         assert model(torch.rand(1, 3, 20, 24)).shape == (1, 3, 20, 24)
 
 
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 4, 32, 32), (1, 1, 32, 32), (0, 3, 32, 32), (1, 3, 0, 8)])
+def test_inputs_that_are_not_a_batch_of_rgb_images_are_refused_in_words(shape):
+    model = create_model("nerd_rain_s", dim=8, depths=(1, 1, 1), inr_hidden=(16,)).eval()
+    for forward in (model, model.forward_all):
+        with pytest.raises(ValueError, match=r"expected a batch of RGB images, B x 3 x H x W"):
+            forward(torch.rand(shape))
+
+
 @pytest.mark.parametrize("case", ["case0", "case1"])
 def test_forward_all_matches_golden_outputs(golden_model, golden_io, case):
     with torch.no_grad():

@@ -257,7 +257,7 @@ def _json_float(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None  # float(): numpy's float32 is no JSON number
 
 
-def _report_path(path: str | Path) -> Path:
+def report_path(path: str | Path) -> Path:
     """``path``, its folder made, after checking a file can be written there: one line naming
     the path where it is a folder or below a file."""
     path = Path(path)
@@ -273,7 +273,7 @@ def write_json(report: EvalReport, path: str | Path) -> Path:
     data["mean"] = {k: _json_float(v) for k, v in data["mean"].items()}
     for image in data["images"]:
         image["psnr"], image["ssim"] = _json_float(image["psnr"]), _json_float(image["ssim"])
-    path = _report_path(path)
+    path = report_path(path)
     with atomic_write(path) as f:
         f.write((json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     return path
@@ -282,7 +282,7 @@ def write_json(report: EvalReport, path: str | Path) -> Path:
 def write_csv(report: EvalReport, path: str | Path) -> Path:
     """One ``name,psnr,ssim`` row per image under that header, full precision (``inf`` for
     identical images)."""
-    path = _report_path(path)
+    path = report_path(path)
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     writer.writerow(["name", "psnr", "ssim"])

@@ -139,6 +139,13 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
             x = F.pad(x, (0, step_w, 0, step_h), mode="reflect")
 
 
+def _check_batch(x: torch.Tensor) -> None:
+    """A wrong input fails here in words, not as a shape error several layers in."""
+    if x.dim() != 4 or x.shape[1] != 3 or 0 in x.shape:
+        raise ValueError(f"expected a batch of RGB images, B x 3 x H x W with none of them 0, got shape "
+                         f"{tuple(x.shape)}")
+
+
 class NeRDRain(nn.Module):
     def __init__(self, cfg: NeRDRainConfig = NeRDRainConfig()):
         super().__init__()
@@ -176,10 +183,12 @@ class NeRDRain(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Derained image for any H, W >= 1 (reflect-padded internally, cropped back)."""
+        _check_batch(x)
         h, w = x.shape[-2:]
         return self.forward_all(pad_to_multiple(x, SIZE_MULTIPLE)).full[..., :h, :w]
 
     def forward_all(self, x: torch.Tensor) -> NeRDRainOutputs:
+        _check_batch(x)
         h, w = x.shape[-2:]
         if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
             raise ValueError(f"forward_all needs H and W divisible by {SIZE_MULTIPLE}, got {h}x{w}; "
