@@ -273,7 +273,7 @@ def test_big_endian_arrays_read_as_their_values():
 def test_argument_types_and_empty_batches():
     x = torch.rand(1, 3, 8, 8)
     for name, value in (("overlap", None), ("batch_size", None), ("tile", 2.5)):  # tile=None: the default
-        with pytest.raises(TypeError, match=f"{name}: expected an integer, got {value}"):
+        with pytest.raises(TypeError, match=f"{name} must be an integer, got {value}"):
             derain(x, identity, **{name: value})
     empty = torch.rand(0, 3, 8, 8)
     assert derain(empty, identity).shape == empty.shape

@@ -185,12 +185,6 @@ class _Runner:
         return count_tiles(height, width, self.config())
 
 
-def _integer(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected an integer, got {value!r}")
-    return int(value)
-
-
 def _prepare(
     model: ModelLike | None,
     *,
@@ -219,9 +213,8 @@ def _prepare(
             dev = model_device(model) or fallback_device or torch.device("cpu")
     if tile is None:
         tile = default_tile_for_device(dev, batch_size=batch_size)
-    runner = _Runner(model=model, device=dev, tile=_integer(tile, "tile"), overlap=_integer(overlap, "overlap"),
-                     batch_size=_integer(batch_size, "batch_size"), half=bool(half))
-    runner.config()  # bad tiling values fail here, once, not for every file
+    runner = _Runner(model=model, device=dev, tile=tile, overlap=overlap, batch_size=batch_size, half=bool(half))
+    runner.config()  # bad tiling values fail here (TileConfig checks them), once, not for every file
     return runner
 
 
