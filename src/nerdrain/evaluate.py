@@ -32,14 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.pairs import (
-    _MAX_LISTED,
-    Pair,
-    find_pairs,
-    load_pair,
-    match_folders,
-    read_rgb,
-)
+from .data.pairs import Pair, find_pairs, load_pair, match_folders, read_rgb, shortened
 from .files import atomic_write, check_output_folder
 from .imageio import save_png
 from .inference import resolve_device
@@ -106,9 +99,8 @@ def _check_all_scored(report: EvalReport, failed: list[str]) -> None:
     """Raise one error naming every file that could not be scored (each tried in turn, so one run
     finds them all): a mean over the others would not be the dataset's score."""
     if failed:
-        more = f"; and {len(failed) - _MAX_LISTED} more" if len(failed) > _MAX_LISTED else ""
         raise ValueError(f"{len(failed)} of {len(failed) + report.count} image(s) could not be scored, so no "
-                         f"mean is given: {'; '.join(failed[:_MAX_LISTED])}{more}")
+                         f"mean is given: {shortened(failed, '; ')}")
 
 
 def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "rain200",

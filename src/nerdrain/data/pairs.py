@@ -20,7 +20,7 @@ error rather than a silent shift of every later pair.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -77,8 +77,13 @@ def _listing(paths: Iterable[Path], root: Path) -> str:
         (str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths),
         key=_natural_key,
     )
-    more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
-    return ", ".join(names[:_MAX_LISTED]) + more
+    return shortened(names)
+
+
+def shortened(items: Sequence[str], separator: str = ", ") -> str:
+    """The first few of ``items`` and how many more: a one-line error stays readable."""
+    more = f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return separator.join(items[:_MAX_LISTED]) + more
 
 
 def _by_key(paths: Iterable[Path], key: Callable[[str], str], root: Path) -> dict[str, Path]:
