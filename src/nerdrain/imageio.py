@@ -361,6 +361,14 @@ def _tile_rawmode(tile) -> str | None:
     return None
 
 
+def stores_16_bits(img: Image.Image) -> bool:
+    """16 bits per sample, which Pillow reads as 8-bit RGB(A) (high bytes only) for colour and
+    grey+alpha files (raw modes ``RGB;16B``, ``LA;16B``, ...) and as ``I;16`` for grey ones."""
+    if img.mode.startswith("I;16"):
+        return True
+    return any((_tile_rawmode(t) or "").startswith((f"{img.mode};16", "LA;16")) for t in img.tile)
+
+
 def _with_rawmode(tile, rawmode: str):
     args = tile[3]
     new_args = rawmode if isinstance(args, str) else (rawmode, *args[1:])

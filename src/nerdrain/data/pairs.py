@@ -28,7 +28,7 @@ from typing import Final
 import numpy as np
 from PIL import Image
 
-from ..imageio import DATASET_EXTENSIONS, _tile_rawmode
+from ..imageio import DATASET_EXTENSIONS, stores_16_bits
 
 __all__ = ["LAYOUTS", "Pair", "detect_layout", "find_pairs", "load_pair", "match_folders", "read_rgb"]
 
@@ -260,20 +260,12 @@ def _unreadable(path: Path, err: BaseException) -> ValueError:
     return ValueError(f"{path}: cannot read the image ({reason})")
 
 
-def _bits16(img: Image.Image) -> bool:
-    """16 bits per sample, which Pillow reads as 8-bit RGB(A) (high bytes only) for colour and
-    grey+alpha files (raw modes ``RGB;16B``, ``LA;16B``, ...) and as ``I;16`` for grey ones."""
-    if img.mode.startswith("I;16"):
-        return True
-    return any((_tile_rawmode(t) or "").startswith((f"{img.mode};16", "LA;16")) for t in img.tile)
-
-
 def read_rgb(path: Path) -> np.ndarray:
     """uint8 RGB as MATLAB's imread sees 8-bit files: grey, palette and alpha images become RGB.
     16-bit and float files are refused: MATLAB would read them at full depth, not as 8 bits."""
     try:
         with Image.open(path) as img:
-            depth = "16-bit" if _bits16(img) else f"32-bit {img.mode}" if img.mode in ("I", "F") else None
+            depth = "16-bit" if stores_16_bits(img) else f"32-bit {img.mode}" if img.mode in ("I", "F") else None
             if depth:
                 raise ValueError(f"{path}: {depth} images are not supported; use 8-bit images")
             return np.asarray(img.convert("RGB"))
