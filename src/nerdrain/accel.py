@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .devices import resolve_device
+
 __all__ = ["FastInference", "FastPathWarning", "optimize_for_inference", "tune_cpu_allocator"]
 
 _PRECISIONS = {None: "fp32", "fp32": "fp32", torch.float32: "fp32", "tf32": "tf32",
@@ -269,7 +271,7 @@ def optimize_for_inference(
     """Return a module computing ``model(x)`` through the requested fast paths.
 
     ``model`` is put in eval mode and moved to ``device`` (default: where it is; a name is checked
-    as :func:`nerdrain.inference.resolve_device` does) in place; with
+    as :func:`nerdrain.devices.resolve_device` does) in place; with
     ``channels_last`` its weights are also converted to the channels-last memory format (values
     unchanged). Options:
 
@@ -300,9 +302,6 @@ def optimize_for_inference(
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
     else:
-        # deferred: inference builds on this module
-        from .inference import resolve_device
-
         device = resolve_device(device)  # one line for a device that is unknown or absent here
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from .devices import resolve_device
 from .files import atomic_write
 from .models import NeRDRain, NeRDRainConfig
 
@@ -280,8 +281,6 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ne
     model.eval()
     if device is None:
         return model
-    from .inference import resolve_device
-
     return model.to(resolve_device(device))
 
 

@@ -17,7 +17,7 @@ def _model(args: argparse.Namespace):
     """The model, ready for ``args.device``; with ``--half`` on CPU/CUDA already in half precision
     (``_half_left`` says whether autocast must still provide it)."""
     from .checkpoint import load_default_model, load_model
-    from .inference import resolve_device
+    from .devices import resolve_device
 
     device = resolve_device(getattr(args, "device", "auto"))
     model = load_model(args.weights, device) if args.weights else load_default_model(device)
@@ -47,7 +47,7 @@ def _model(args: argparse.Namespace):
 
 def _half_left(args: argparse.Namespace) -> bool:
     """``--half`` on a device where ``_model`` did not already store the weights in half precision."""
-    from .inference import resolve_device
+    from .devices import resolve_device
 
     return args.half and resolve_device(args.device).type not in ("cpu", "cuda")
 
@@ -76,7 +76,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.pred:
         report = evaluate.evaluate_folders(args.pred, args.gt, args.protocol, progress=not args.quiet)
     else:
-        from .inference import resolve_device
+        from .devices import resolve_device
         from .tiling import is_oom_error
 
         device = resolve_device(args.device)

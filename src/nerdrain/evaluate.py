@@ -33,9 +33,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.pairs import Pair, find_pairs, load_pair, match_folders, read_rgb, shortened
+from .devices import resolve_device
 from .files import atomic_write, check_output_folder
 from .imageio import save_png
-from .inference import resolve_device
 from .metrics import PROTOCOLS, score, to_uint8
 from .tiling import TileConfig, run_tiled
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .devices import resolve_device
+
 __all__ = [
     "DEFAULT_BYTES_PER_PIXEL",
     "TileConfig",
@@ -214,9 +216,6 @@ def run_tiled(
     if h < 1 or w < 1:
         raise ValueError(f"empty image of shape {tuple(image.shape)}")
     if device is not None:
-        # deferred: inference builds on this module
-        from .inference import resolve_device
-
         dev = resolve_device(device)  # one line for a device that is unknown or absent here
     else:
         dev = model_device(model) or image.device

@@ -35,9 +35,9 @@ from .config import ConfigError, TrainConfig, to_dict
 from .data.augment import AugmentConfig
 from .data.datasets import PairedSource, StreamSampler, SyntheticSource, TrainingStream
 from .data.pairs import find_pairs
+from .devices import resolve_device
 from .evaluate import evaluate_pairs
 from .files import atomic_write
-from .inference import resolve_device
 from .losses import NeRDRainLoss
 from .models import NeRDRain, create_model
 
