@@ -146,7 +146,8 @@ def resolve_device(spec: str) -> torch.device:
 
 def setup(args: argparse.Namespace) -> torch.device:
     if getattr(args, "released_form", False):
-        ours = [flag for flag in ("compile", "cuda_graphs", "channels_last") if getattr(args, flag)]
+        ours = [flag for flag in ("compile", "cuda_graphs", "channels_last", "activation_checkpointing")
+                if getattr(args, flag, False)]
         if ours:
             raise SystemExit(f"--released-form times the released code as it runs; drop --{ours[0].replace('_', '-')}")
     if args.threads:

@@ -7,11 +7,13 @@ dict) into that baseline by swapping the classes of the modules whose computatio
 to the forms SPEC.md and issue #6 describe (written from those; this project has no code of the
 authors'):
 
-- LayerNorm: mean and population variance over a (B, HW, C) copy of the map, then
+- LayerNorm: mean and population variance over a (B, HW, C) permuted view of the map, then
   ``(x - mean) / sqrt(var + eps) * weight + bias`` and a permuted view back;
 - attention: q, k, v chunked and reshaped to (B, heads, C/heads, HW), q and k L2-normalised
   (``F.normalize``), ``softmax(q k^T * temperature) @ v``, then ``project_out``;
-- FFN: ``project_in``, depthwise conv, ``chunk``, ``gelu(x1) * x2``, ``project_out``;
+- FFN: ``project_in``, depthwise conv, ``chunk``, ``gelu(x1) * x2``, ``project_out``
+  (all in NCHW: the LayerNorm's permuted view of an NCHW map reshapes without a copy, so its
+  result comes back NCHW);
 - INR: LIIF's local ensemble: the 3x3 unfolded feature map and the coordinate grid each sampled
   (``grid_sample``, nearest) at four sets of query points, relative coordinates, their encoding and
   the cell appended, the MLP run on every query, the four predictions averaged by area;
@@ -79,7 +81,7 @@ class ReleasedImplicitDecoder(ImplicitDecoder):
         unfolded = F.unfold(features, 3, padding=1).view(b, c * 9, h, w)
         feature_coords = _grid(h, w, features.device).permute(2, 0, 1).unsqueeze(0).expand(b, 2, h, w)
         coords = _grid(h, w, features.device).view(1, h * w, 2).expand(b, h * w, 2)
-        cell = torch.tensor([2.0 / h, 2.0 / w], device=features.device).expand(b, h * w, 2)
+        cell = torch.stack((torch.full_like(coords[..., 0], 2.0 / h), torch.full_like(coords[..., 1], 2.0 / w)), -1)
         n_encoding = len(CONSTANT_INPUTS) - 4  # besides the relative coordinate and the cell
         frequencies = torch.arange(1, n_encoding // 2 + 1, device=features.device, dtype=torch.float32)
         predictions, areas = [], []
@@ -90,9 +92,11 @@ class ReleasedImplicitDecoder(ImplicitDecoder):
                                            align_corners=False)[:, :, 0].permute(0, 2, 1)
             query_coords = F.grid_sample(feature_coords, grid, mode="nearest",
                                          align_corners=False)[:, :, 0].permute(0, 2, 1)
-            relative = (coords - query_coords) * torch.tensor([h, w], device=features.device)
+            # Scaled by Python numbers, as LIIF does: no host-to-device copies (each would sync a GPU).
+            offset = coords - query_coords
+            relative = torch.stack((offset[..., 0] * h, offset[..., 1] * w), -1)
             encoding = torch.sin(relative.unsqueeze(-1) * frequencies).flatten(-2)
-            relative_cell = cell * torch.tensor([h, w], device=features.device)
+            relative_cell = torch.stack((cell[..., 0] * h, cell[..., 1] * w), -1)
             inputs = torch.cat([query_features, *(t.to(query_features.dtype)
                                                   for t in (relative, encoding, relative_cell))], dim=-1)
             hidden = inputs.reshape(b * h * w, -1)

@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="training batch (default: 1 CPU, 8 CUDA); forwards: 1")
     p.add_argument("--dtype", default="fp32", choices=common.DTYPES, help="our precision")
     p.add_argument("--baseline-dtype", default="fp32", choices=common.DTYPES)
-    p.add_argument("--ours", default=None, help="extra flags of our runs, one string")
+    p.add_argument("--ours", default=None,
+                   help="extra flags of our runs, one string; write --ours=--channels-last for a single flag")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=None, help="timed calls per run (default 3 CPU, 10 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per run (default 1 CPU, 3 CUDA)")
@@ -67,7 +68,10 @@ def timed(args: argparse.Namespace, device: str, variant: str, size: int, baseli
     records = common.run_in_subprocess(script, run_argv(args, device, variant, size, baseline))
     kind = "train_step" if args.train else "forward_latency"
     found = [r for r in records if r.get("kind") == kind or "error" in r]
-    return found[0] if found else {"error": "no record"}
+    record = found[0] if found else {"error": "no record"}
+    if isinstance(record.get("error"), list):  # run_in_subprocess gives the last stderr line as a list
+        record["error"] = " ".join(record["error"])
+    return record
 
 
 def run_paths(record: dict) -> dict:
@@ -80,28 +84,29 @@ def run_paths(record: dict) -> dict:
 
 
 def compare(args: argparse.Namespace, device: str, variant: str, size: int) -> dict:
+    record = {"kind": "side_by_side", "measure": "train_step" if args.train else "forward_latency",
+              "variant": variant, "size": size, "batch": args.batch if args.train else 1,
+              "baseline_dtype": args.baseline_dtype, "dtype": args.dtype, "ours": args.ours,
+              "settings": {"rounds": args.rounds, "repeats": args.repeats, "warmup": args.warmup,
+                           "threads": args.threads, "label": args.label, "order": "ABBA",
+                           "code": common.code_info()}}
     rounds = []
     for index in range(args.rounds):
         order = (True, False) if index % 2 == 0 else (False, True)
-        runs = {baseline: timed(args, device, variant, size, baseline) for baseline in order}
+        runs = {}
+        for baseline in order:
+            runs[baseline] = timed(args, device, variant, size, baseline)
+            if "error" in runs[baseline]:  # the same failure would recur in every round: stop here
+                side = "baseline" if baseline else "ours"
+                return {**record, "error": f"{side}: {runs[baseline]['error']}"}
         rounds.append((runs[True], runs[False]))
-    record = {"kind": "side_by_side", "measure": "train_step" if args.train else "forward_latency",
-              "variant": variant, "size": size, "batch": args.batch if args.train else 1,
-              "baseline_dtype": args.baseline_dtype, "dtype": args.dtype, "ours": args.ours}
-    errors = [r["error"] for pair in rounds for r in pair if "error" in r]
-    if errors:
-        return {**record, "error": errors[0]}
     base = [b["median_s"] for b, _ in rounds]
     ours = [o["median_s"] for _, o in rounds]
     speedups = [b / o for b, o in zip(base, ours)]
     return {**record, "baseline_s": base, "ours_s": ours, "speedup": [round(s, 3) for s in speedups],
             "speedup_median": statistics.median(speedups), "speedup_min": min(speedups),
             "speedup_max": max(speedups), "baseline_paths": run_paths(rounds[0][0]),
-            "ours_paths": run_paths(rounds[0][1]),
-            "settings": {"rounds": args.rounds, "repeats": args.repeats, "warmup": args.warmup,
-                         "threads": args.threads, "label": args.label, "order": "ABBA",
-                         "code": common.code_info()},
-            "machine": rounds[0][1]["machine"]}
+            "ours_paths": run_paths(rounds[0][1]), "machine": rounds[0][1]["machine"]}
 
 
 def main(argv=None) -> None:

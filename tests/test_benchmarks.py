@@ -149,9 +149,20 @@ def test_side_by_side_pairs_the_baseline_with_ours(tmp_path):
 
 
 def test_released_form_refuses_our_fast_paths():
-    out = subprocess.run([sys.executable, str(BENCH / "bench_forward.py"), "--device", "cpu", "--released-form",
-                          "--channels-last", "--sizes", "16"], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.returncode != 0 and "drop --channels-last" in out.stderr
+    for script, flag in (("bench_forward.py", "--channels-last"), ("bench_train.py", "--activation-checkpointing")):
+        out = subprocess.run([sys.executable, str(BENCH / script), "--device", "cpu", "--released-form", flag,
+                              "--sizes", "16"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert out.returncode != 0 and f"drop {flag}" in out.stderr
+
+
+def test_side_by_side_stops_at_a_failing_run_and_keeps_its_label(tmp_path):
+    jsonl = tmp_path / "r.jsonl"
+    (r,) = records(run("side_by_side.py", "--device", "cpu", "--threads", "1", "--variant", "nerd_rain_s",
+                       "--sizes", "16", "--rounds", "3", "--repeats", "1", "--warmup", "0", "--ours=--bogus",
+                       "--label", "broken", "--output", str(jsonl)))
+    assert r["error"] == "ours: bench_forward.py: error: unrecognized arguments: --bogus"
+    assert r["settings"]["label"] == "broken" and "speedup" not in r
+    assert "| broken |" in run("summarize.py", str(jsonl))
 
 
 def test_side_by_side_training_steps():

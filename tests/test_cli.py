@@ -409,3 +409,26 @@ def test_evaluate_report_path_that_cannot_be_written_fails_before_scoring(tmp_pa
                  "--json", str(tmp_path / "scores.json"), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "scores.json" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("flags, lines", [
+    (["--compile"], ["--compile applies on CPU and CUDA, not mps; running without it"]),
+    (["--cuda-graphs"], ["--cuda-graphs applies on CUDA only, not mps; running without it"]),
+])
+def test_fast_path_flags_on_other_devices_name_the_flag_given(flags, lines, monkeypatch):
+    """On MPS (faked here: this machine has none) neither path runs; the warning names what was asked."""
+    import argparse
+    import warnings
+
+    import nerdrain.checkpoint
+    import nerdrain.devices
+    from nerdrain.cli import _model
+
+    monkeypatch.setattr(nerdrain.devices, "resolve_device", lambda spec: torch.device("mps"))
+    monkeypatch.setattr(nerdrain.checkpoint, "load_default_model", lambda device: torch.nn.Identity())
+    args = argparse.Namespace(weights=None, device="mps", half=False, compile="--compile" in flags,
+                              cuda_graphs="--cuda-graphs" in flags)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _model(args)
+    assert [str(w.message) for w in caught] == lines

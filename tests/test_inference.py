@@ -275,6 +275,7 @@ def test_argument_types_and_empty_batches():
     for name, value in (("overlap", None), ("batch_size", None), ("tile", 2.5)):  # tile=None: the default
         with pytest.raises(TypeError, match=f"{name} must be an integer, got {value}"):
             derain(x, identity, **{name: value})
+    torch.testing.assert_close(derain(x, identity, tile=16.0, batch_size=np.int64(2)), x)  # whole numbers
     empty = torch.rand(0, 3, 8, 8)
     assert derain(empty, identity).shape == empty.shape
     with pytest.raises(ValueError, match="empty image"):

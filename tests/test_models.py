@@ -54,6 +54,23 @@ def test_settings_that_cannot_build_a_network_fail_naming_the_field(overrides, f
         create_model("nerd_rain_s", **overrides)
 
 
+def test_settings_given_as_numpy_numbers_lists_or_whole_floats_are_stored_as_python_ints_and_tuples():
+    """As configs arrive from YAML, JSON or numpy; stored normalised, so equal configs compare and
+    hash equal and save as JSON."""
+    import json
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from nerdrain.models.nerd_rain import NeRDRainConfig
+
+    cfg = NeRDRainConfig(dim=np.int64(16), depths=[2, 3, 3], heads=tuple(np.array([1, 2, 4])),
+                         ffn_expansion=np.float32(2.5), inr_hidden=[256.0, 256, 256])
+    assert cfg == NeRDRainConfig(dim=16, ffn_expansion=2.5) and hash(cfg) == hash(NeRDRainConfig(dim=16, ffn_expansion=2.5))
+    assert json.loads(json.dumps(asdict(cfg)))["heads"] == [1, 2, 4]
+    assert type(cfg.dim) is int and type(cfg.ffn_expansion) is float
+
+
 def test_unknown_settings_are_named_and_unusual_valid_ones_run():
     with pytest.raises(ValueError, match="unknown setting 'foo' for nerd_rain_s; settings: dim, depths"):
         create_model("nerd_rain_s", foo=1)

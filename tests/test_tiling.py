@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -216,10 +217,15 @@ def test_model_with_wrong_output_shape_is_reported():
 
 
 @pytest.mark.parametrize("field, value", [("tile", 16.5), ("tile", "64"), ("overlap", 2.5),
-                                          ("batch_size", 2.0), ("multiple", None), ("tile", True)])
+                                          ("batch_size", 2.5), ("multiple", None), ("tile", True)])
 def test_config_fields_must_be_integers(field, value):
     with pytest.raises(TypeError, match=f"{field} must be an integer"):
         TileConfig(**{field: value})
+
+
+def test_config_takes_whole_numbers_of_any_type_as_ints():
+    cfg = TileConfig(tile=64.0, overlap=np.int64(8), batch_size=np.float32(2.0))
+    assert (cfg.tile, cfg.overlap, cfg.batch_size) == (64, 8, 2) and type(cfg.batch_size) is int
 
 
 @pytest.mark.parametrize("tile, overlap", [(16, 16), (16, 20), (16, -4), (0, 0)])

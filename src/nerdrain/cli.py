@@ -37,11 +37,13 @@ def _model(args: argparse.Namespace):
             # autotuning runs once per shape, as in the GPU figures of the README.
             torch.backends.cudnn.benchmark = True
         model = optimize_for_inference(model, device, channels_last=True, dtype=dtype, **fast)
-    elif getattr(args, "compile", False) or getattr(args, "cuda_graphs", False):
+    else:
         from .accel import FastPathWarning
 
-        warnings.warn(f"--compile and --cuda-graphs apply on CPU and CUDA, not {device.type}; running without them",
-                      FastPathWarning, stacklevel=2)
+        for flag, where in (("compile", "on CPU and CUDA"), ("cuda_graphs", "on CUDA only")):
+            if getattr(args, flag, False):
+                warnings.warn(f"--{flag.replace('_', '-')} applies {where}, not {device.type}; running without it",
+                              FastPathWarning, stacklevel=2)
     return model
 
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
+from .checks import whole_number
 from .devices import resolve_device
 
 __all__ = [
@@ -71,9 +71,10 @@ class TileConfig:
 
     def __post_init__(self) -> None:
         for name in ("tile", "overlap", "batch_size", "multiple"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # 16.5 fails later, deep in torch
-                raise TypeError(f"{name} must be an integer, got {value!r}")
+            value = whole_number(getattr(self, name))
+            if value is None:  # 16.5 would fail later, deep in torch
+                raise TypeError(f"{name} must be an integer, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, value)
         if self.tile < 0 or 0 < self.tile < self.multiple:
             # below the network's size step a tile would be padded up to it: many times the work
             raise ValueError(f"tile must be 0 (whole image) or at least {self.multiple}, got {self.tile}")

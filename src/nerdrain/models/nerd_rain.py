@@ -8,6 +8,8 @@ coarser decoders. Chen, Pan, Dong, CVPR 2024 (arXiv 2404.01547).
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -16,16 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import whole_number
 from .blocks import Downsample, TransformerBlock, Upsample, conv1x1, conv3x3, transformer_stage
 from .fusion import FeedbackFusion
 from .inr import ImplicitDecoder
 
 PASSES_PER_SCALE = (1, 2, 3)  # coarse (1/4) to fine (1/1)
 SIZE_MULTIPLE = 16  # two U-net downsamplings below the 1/4 scale
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -44,20 +43,30 @@ class NeRDRainConfig:
             if not ok:
                 raise ValueError(f"NeRDRainConfig.{field}: expected {what}, got {getattr(self, field)!r}")
 
-        # Downsample halves the channels before pixel-unshuffle: the width must stay even.
-        require(_is_int(self.dim) and self.dim >= 2 and self.dim % 2 == 0, "dim", "an even integer >= 2")
-        levels = len(PASSES_PER_SCALE)
-        for field, low in (("depths", 0), ("heads", 1)):
+        def numbers_of(field: str, low: int, count: int | None = None) -> None:
+            """Whole numbers >= ``low`` (numpy ones too), stored as a tuple of ints (JSON, hashing)."""
             values = getattr(self, field)
-            require(isinstance(values, tuple) and len(values) == levels and all(_is_int(v) and v >= low for v in values),
-                    field, f"{levels} integers >= {low}")
-        widths = (self.dim, self.dim * 2, self.dim * 4)
+            ints = [whole_number(v) for v in values] if isinstance(values, (tuple, list)) else None
+            require(ints is not None and (count is None or len(ints) == count)
+                    and all(v is not None and v >= low for v in ints),
+                    field, f"{count or 'any number of'} integers >= {low}")
+            object.__setattr__(self, field, tuple(ints))
+
+        dim = whole_number(self.dim)
+        # Downsample halves the channels before pixel-unshuffle: the width must stay even.
+        require(dim is not None and dim >= 2 and dim % 2 == 0, "dim", "an even integer >= 2")
+        object.__setattr__(self, "dim", dim)
+        levels = len(PASSES_PER_SCALE)
+        numbers_of("depths", 0, levels)
+        numbers_of("heads", 1, levels)
+        numbers_of("inr_hidden", 1)
+        widths = (dim, dim * 2, dim * 4)
         require(all(width % heads == 0 for width, heads in zip(widths, self.heads)), "heads",
                 f"head counts dividing the widths {widths}")
-        require(isinstance(self.ffn_expansion, (int, float)) and not isinstance(self.ffn_expansion, bool)
-                and int(self.dim * self.ffn_expansion) >= 1, "ffn_expansion", "a factor giving dim * factor >= 1")
-        require(isinstance(self.inr_hidden, tuple) and all(_is_int(v) and v >= 1 for v in self.inr_hidden),
-                "inr_hidden", "integers >= 1")
+        expansion = self.ffn_expansion
+        require(isinstance(expansion, numbers.Real) and not isinstance(expansion, bool) and math.isfinite(expansion)
+                and int(dim * expansion) >= 1, "ffn_expansion", "a factor giving dim * factor >= 1")
+        object.__setattr__(self, "ffn_expansion", float(expansion))
 
 
 class Encoded(NamedTuple):
