@@ -214,7 +214,7 @@ def _training_weights(state: Mapping[str, Any], path: Path) -> tuple[dict[str, t
     weights = state["model"]
     ema = state.get("ema")
     if isinstance(ema, Mapping) and int(ema.get("n_averaged", 0)) > 0:
-        weights = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+        weights = {k: v for k, v in ema.items() if k.startswith("module.")}  # load_model drops the prefix
     return dict(weights), {"format": FORMAT_TAG, "config": json.dumps(asdict(cfg)),
                            "iteration": str(state["iteration"])}
 

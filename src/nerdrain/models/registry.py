@@ -39,8 +39,7 @@ def model_config(name: str, **overrides) -> NeRDRainConfig:
     if unknown:
         raise ValueError(f"unknown setting {unknown[0]!r} for {name}; settings: "
                          f"{', '.join(f.name for f in fields(base))}")
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    return replace(base, **overrides)
+    return replace(base, **overrides)  # NeRDRainConfig normalises lists and numpy numbers itself
 
 
 def create_model(name: str = "nerd_rain", **overrides) -> NeRDRain:
