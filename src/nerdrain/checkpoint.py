@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from .devices import resolve_device
-from .files import atomic_write
+from .files import atomic_write, output_file
 from .models import NeRDRain, NeRDRainConfig
 
 SCALE_NAMES = ("small", "mid", "max")
@@ -321,11 +321,9 @@ def _network(model: Any) -> NeRDRain:
 
 
 def _destination(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
+    if Path(path).is_dir():
         raise ValueError(f"{path}: is a folder; give the file to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    return output_file(path)
 
 
 def _cpu_tensors(state: Mapping[str, torch.Tensor], dtype: torch.dtype | str | None) -> dict[str, torch.Tensor]:

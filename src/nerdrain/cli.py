@@ -67,13 +67,14 @@ def cmd_derain(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import evaluate
+    from .files import output_file
 
     if not (args.pred or args.gt or args.data):
         raise ValueError("nothing to evaluate: give --pred DIR --gt DIR, or --data DIR")
     if (args.pred or args.gt) and (not (args.pred and args.gt) or args.data):
         raise ValueError("score saved predictions with --pred DIR --gt DIR, or run a model with --data DIR")
     for report_file in filter(None, (args.json, args.csv)):  # a bad path fails now, not after the scoring
-        evaluate.report_path(report_file)
+        output_file(report_file)
 
     if args.pred:
         report = evaluate.evaluate_folders(args.pred, args.gt, args.protocol, progress=not args.quiet)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .data.pairs import Pair, find_pairs, load_pair, match_folders, read_rgb, shortened
 from .devices import resolve_device
-from .files import atomic_write, check_output_folder
+from .files import atomic_write, check_output_folder, output_file
 from .imageio import save_png
 from .metrics import PROTOCOLS, score, to_uint8
 from .tiling import TileConfig, run_tiled
@@ -249,15 +249,6 @@ def _json_float(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None  # float(): numpy's float32 is no JSON number
 
 
-def report_path(path: str | Path) -> Path:
-    """``path``, its folder made, after checking a file can be written there: one line naming
-    the path where it is a folder or below a file."""
-    path = Path(path)
-    check_output_folder(path.parent, [path.name])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def write_json(report: EvalReport, path: str | Path) -> Path:
     """``{"protocol", "mean": {"psnr", "ssim"}, "count", "images": [{"name", "psnr", "ssim"}]}``;
     an infinite PSNR (identical images) is written as ``null``, keeping the file standard JSON."""
@@ -265,7 +256,7 @@ def write_json(report: EvalReport, path: str | Path) -> Path:
     data["mean"] = {k: _json_float(v) for k, v in data["mean"].items()}
     for image in data["images"]:
         image["psnr"], image["ssim"] = _json_float(image["psnr"]), _json_float(image["ssim"])
-    path = report_path(path)
+    path = output_file(path)
     with atomic_write(path) as f:
         f.write((json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     return path
@@ -274,7 +265,7 @@ def write_json(report: EvalReport, path: str | Path) -> Path:
 def write_csv(report: EvalReport, path: str | Path) -> Path:
     """One ``name,psnr,ssim`` row per image under that header, full precision (``inf`` for
     identical images)."""
-    path = report_path(path)
+    path = output_file(path)
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     writer.writerow(["name", "psnr", "ssim"])

@@ -58,3 +58,12 @@ def check_output_folder(folder: str | Path, names: Iterable[str] = ()) -> None:
         path = folder / name
         if path.exists() and not path.is_file():
             raise ValueError(f"{path}: exists and is not a file")
+
+
+def output_file(path: str | Path) -> Path:
+    """``path``, its folder made, after checking a file can be written there: one line naming
+    the path where it is a folder or below a file."""
+    path = Path(path)
+    check_output_folder(path.parent, [path.name])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
