@@ -1,12 +1,16 @@
-"""atomic_write: a file appears whole under its name, or not at all."""
+"""atomic_write: a file appears whole under its name, or not at all; what a killed writer left."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from nerdrain.files import atomic_write
+from nerdrain.files import atomic_write, remove_stale_temporaries
 
 
 def test_contents_appear_only_when_the_block_ends(tmp_path):
@@ -58,3 +62,26 @@ def test_a_missing_folder_names_the_destination(tmp_path):
         with atomic_write(dest):
             pass
     assert info.value.filename == str(dest)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
+def test_what_a_killed_writer_left_is_found_and_removed_and_nothing_else(tmp_path):
+    """SIGKILL runs no clean-up: the temporary file stays. A resumed run removes exactly those of
+    the names it writes, never the files themselves nor other hidden files."""
+    code = ("import sys, time\nfrom nerdrain.files import atomic_write\n"
+            "with atomic_write(sys.argv[1]) as f:\n    f.write(b'half'); f.flush(); print('writing', flush=True); "
+            "time.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "a.png")], stdout=subprocess.PIPE, env=env)
+    assert child.stdout.readline() == b"writing\n"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".a.png.") and left[0].endswith(".tmp")
+
+    kept = ["a.png", "b.png", ".b.png.0123abcd.tmp", ".a.png.notours.tmp", ".a.png.0123ABCD.tmp"]
+    for name in kept:
+        (tmp_path / name).write_bytes(b"keep")
+    assert remove_stale_temporaries(tmp_path, ["a.png"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    assert remove_stale_temporaries(tmp_path / "missing", ["a.png"]) == 0

@@ -450,6 +450,7 @@ def test_resume_keeps_complete_pairs_and_makes_the_rest(tmp_path, photos, monkey
     (out / "input" / names[1]).unlink()
     marker = np.full((32, 32, 3), 7, np.uint8)  # stands for a kept pair: must not be rewritten
     Image.fromarray(marker).save(out / "input" / names[0])
+    (out / "input" / f".{names[2]}.0badf00d.tmp").write_bytes(b"\x89PNG half")  # as a SIGKILL leaves it
     summary = synthesize_folder(clean, out, **options, resume=True)
     assert (summary.kept, summary.written, summary.failed) == (1, 5, [])
     assert np.array_equal(np.asarray(Image.open(out / "input" / names[0])), marker)

@@ -28,7 +28,7 @@ from nerdrain import create_model, load_model, save_model
 from nerdrain.checkpoint import CheckpointError, load_default_model
 from nerdrain.cli import main
 from nerdrain.config import ConfigError, TrainConfig, from_dict
-from nerdrain.training import (LAST, StopSignals, Trainer, TrainingInterrupted, WeightEMA, atomic_save,
+from nerdrain.training import (BEST, FINAL, LAST, StopSignals, Trainer, TrainingInterrupted, WeightEMA, atomic_save,
                                build_optimizer, lr_at, train)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -631,7 +631,8 @@ def test_activation_checkpointing_trains_like_storing_activations(tmp_path, data
 def test_stale_temporary_checkpoints_are_removed(tmp_path, data_root):
     out = tmp_path / "run"
     out.mkdir()
-    (out / f".{LAST}.1a2b3c4d.tmp").write_bytes(b"half a checkpoint from a killed process")
+    for name in (LAST, BEST, FINAL, "config.yaml"):  # every file a run writes, as a SIGKILL leaves them
+        (out / f".{name}.1a2b3c4d.tmp").write_bytes(b"half a file from a killed process")
     train(make_config(data_root, iterations=1), out, progress=False)
     assert no_tmp_files(out) and (out / LAST).is_file()
 

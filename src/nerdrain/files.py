@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+
+_TOKEN_BYTES = 4  # of the random part of a temporary file's name
 
 
 def _naming(err: OSError, path: Path) -> OSError:
@@ -26,7 +30,7 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     be created or renamed (``path`` is a folder, say), the ``OSError`` names ``path``.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(_TOKEN_BYTES)}.tmp")
     try:
         f = open(tmp, "xb")
     except OSError as err:
@@ -43,6 +47,22 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> int:
+    """Remove the temporary files that :func:`atomic_write` left in ``folder`` for files named
+    ``names`` when its process was killed outright (SIGKILL, power loss: no clean-up could run);
+    how many went. Only for a caller that knows no other process is writing them (a resumed run)."""
+    folder, names = Path(folder), set(names)
+    pattern = re.compile(rf"\.(.+)\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp")
+    removed = 0
+    if folder.is_dir():
+        for entry in os.scandir(folder):
+            match = pattern.fullmatch(entry.name)
+            if match and match.group(1) in names and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def check_output_folder(folder: str | Path, names: Iterable[str] = ()) -> None:

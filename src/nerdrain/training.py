@@ -37,7 +37,7 @@ from .data.datasets import PairedSource, StreamSampler, SyntheticSource, Trainin
 from .data.pairs import find_pairs
 from .devices import resolve_device
 from .evaluate import evaluate_pairs
-from .files import atomic_write
+from .files import atomic_write, remove_stale_temporaries
 from .losses import NeRDRainLoss
 from .models import NeRDRain, create_model
 
@@ -553,8 +553,7 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
-            for stale in self.out.glob(f".{LAST}.*.tmp"):  # left by a process killed while saving
-                stale.unlink(missing_ok=True)
+            remove_stale_temporaries(self.out, [LAST, BEST, FINAL, "config.yaml"])  # of a killed run
             with atomic_write(self.out / "config.yaml") as f:
                 f.write(yaml.safe_dump(to_dict(cfg)).encode())
         loader = DataLoader(

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ..files import check_output_folder
+from ..files import check_output_folder, remove_stale_temporaries
 from ..imageio import (DATASET_EXTENSIONS, ImageReadError, quantize, read_photo, resolve_max_pixels,
                        rgb_to_gray, save_png)
 
@@ -733,6 +733,9 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
                                       "--resume, resume=True; replace outputs: --overwrite, overwrite=True)")
     in_dir.mkdir(parents=True, exist_ok=True)
     tg_dir.mkdir(parents=True, exist_ok=True)
+    if resume:  # what a killed run was writing
+        for folder in (in_dir, tg_dir):
+            remove_stale_temporaries(folder, names)
 
     summary = SynthSummary()
     for src, pairs in jobs.items():
