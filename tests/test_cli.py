@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,6 +275,21 @@ def test_convert_refuses_a_pth_name_for_our_format(tmp_path, tiny_weights, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ours.pth" in err and "--to-official" in err
     assert not (tmp_path / "ours.pth").exists()
+
+
+@pytest.mark.parametrize("flags", [["--dtype", "float16"], ["--to-official"]])
+def test_convert_never_overwrites_its_input(tmp_path, tiny_weights, capsys, flags):
+    """Output spelled as the input, or a link to it: refused, the input's bytes unchanged."""
+    import shutil
+
+    weights = Path(shutil.copy(tiny_weights, tmp_path / "w.safetensors"))
+    (tmp_path / "link.safetensors").symlink_to(weights)
+    original = weights.read_bytes()
+    for output in (weights, tmp_path / "." / "w.safetensors", tmp_path / "link.safetensors"):
+        assert main(["convert", str(weights), str(output), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(output) in err and "is the input file" in err
+    assert weights.read_bytes() == original
 
 
 def test_demo_writes_comparison(tmp_path, tiny_weights, capsys):

@@ -143,7 +143,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import export_official, load_model, save_model, stored_dtype
+    from .files import same_file
 
+    if same_file(args.output, args.input):  # a conversion may lose precision: the input stays as it is
+        raise ValueError(f"{args.output}: is the input file; write the conversion to another file")
     model = load_model(args.input)
     dtype = stored_dtype(args.input) if args.dtype == "same" else getattr(torch, args.dtype)
     out = (export_official(model, args.output, dtype) if args.to_official

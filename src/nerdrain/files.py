@@ -87,3 +87,14 @@ def output_file(path: str | Path) -> Path:
     check_output_folder(path.parent, [path.name])
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether writing ``a`` would replace ``b``: the same file through links or another
+    spelling of the path, or, where one does not exist yet, the same resolved name."""
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))

@@ -66,7 +66,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .files import atomic_write
+from .files import atomic_write, same_file
 
 __all__ = [
     "DATASET_EXTENSIONS",
@@ -682,15 +682,6 @@ def _write_png16(fp, samples: np.ndarray, icc: bytes | None, exif: bytes | None)
     fp.write(_png_chunk(b"IEND", b""))
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
-
-
 def _guard_paths(guard) -> list[Path]:
     if guard is None:
         return []
@@ -755,7 +746,7 @@ def write_photo(
     """
     out = Path(path)
     for g in _guard_paths(overwrite_guard_path):
-        if _same_file(out, g):
+        if same_file(out, g):
             raise ImageWriteError(path, f"refusing to overwrite the input file {g}")
     fmt = format_for_path(out)
     if out.is_dir():
