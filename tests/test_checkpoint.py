@@ -9,7 +9,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nerdrain import CheckpointError, create_model, load_model, save_model
-from nerdrain.checkpoint import from_official_state_dict, infer_config, to_official_state_dict
+from nerdrain.checkpoint import (
+    _ffn_expansion,
+    export_official,
+    from_official_state_dict,
+    infer_config,
+    to_official_state_dict,
+)
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +221,26 @@ def test_load_model_checks_the_device(tmp_path):
     path = save_model(tiny(), tmp_path / "w.safetensors")
     with pytest.raises(ValueError, match="unknown device 'xyz'"):
         load_model(path, device="xyz")
+
+
+@pytest.mark.parametrize("overrides", [
+    {"depths": (0, 1, 1)}, {"depths": (1, 1, 0)}, {"depths": (0, 0, 0)},  # levels without blocks
+    {"dim": 14, "ffn_expansion": 1.09},  # 61/56 * 56 floors to 60 in floating point
+    {"dim": 24, "ffn_expansion": 2.7},
+])
+def test_authors_layout_of_any_valid_config_loads_back(tmp_path, overrides):
+    """Hyperparameters read off the shapes rebuild exactly the exported tensors."""
+    torch.manual_seed(0)
+    model = create_model("nerd_rain", **{"dim": 8, "inr_hidden": (16,), **overrides})
+    loaded = load_model(export_official(model, tmp_path / "w.pth"))
+    exported, back = to_official_state_dict(model), to_official_state_dict(loaded)
+    assert back.keys() == exported.keys() and all(torch.equal(back[k], exported[k]) for k in exported)
+
+
+def test_ffn_factor_read_off_shapes_reproduces_every_width():
+    """For each width and hidden width the trained factor could give, the factor read back gives
+    the same hidden widths at all three levels (int(width * factor), as the blocks build them)."""
+    for dim in range(2, 66, 2):
+        for features in range(4, 4 * dim * 4):  # factors up to 4
+            factor = _ffn_expansion({4 * dim: features})
+            assert [int(w * factor) for w in (dim, 2 * dim, 4 * dim)] == [features // 4, features // 2, features]

@@ -9,6 +9,7 @@ are read off tensor shapes, as spandrel does, so any width trained with the rele
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -132,16 +133,39 @@ def _count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
 
 
 def infer_config(state: Mapping[str, torch.Tensor]) -> NeRDRainConfig:
-    """Width, depths, heads, FFN expansion and INR widths from an official-named state dict."""
+    """Width, depths, heads, FFN expansion and INR widths from an official-named state dict.
+
+    A level without blocks (depth 0) has no heads or FFN to read: those keep their defaults,
+    which give the same tensors.
+    """
     dim = state["patch_embed_max.proj.weight"].shape[0]
     prefixes = ("encoder_level1_max1", "encoder_level2_max1", "latent_max1")
     depths = tuple(_count_blocks(state, p) for p in prefixes)
-    heads = tuple(state[f"{p}.0.attn.temperature"].shape[0] for p in prefixes)
-    hidden = state["latent_max1.0.ffn.project_out.weight"].shape[1]
-    expansion = 2.66 if int(4 * dim * 2.66) == hidden else hidden / (4 * dim)
+    default = NeRDRainConfig()
+    heads = tuple(state[f"{p}.0.attn.temperature"].shape[0] if depth else default_heads
+                  for p, depth, default_heads in zip(prefixes, depths, default.heads))
+    hidden = {dim << level: state[f"{p}.0.ffn.project_out.weight"].shape[1]
+              for level, (p, depth) in enumerate(zip(prefixes, depths)) if depth}
     inr_layers = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"INR\.imnet\.layers\.(\d+)\.bias", k)))
     inr_hidden = tuple(state[f"INR.imnet.layers.{i}.bias"].shape[0] for i in inr_layers[:-1])
-    return NeRDRainConfig(dim=dim, depths=depths, heads=heads, ffn_expansion=expansion, inr_hidden=inr_hidden)
+    return NeRDRainConfig(dim=dim, depths=depths, heads=heads, ffn_expansion=_ffn_expansion(hidden),
+                          inr_hidden=inr_hidden)
+
+
+def _ffn_expansion(hidden: Mapping[int, int]) -> float:
+    """A factor that gives each FFN width seen (``{block width: hidden width}``) through the
+    model's ``int(width * factor)``: the default where it does, else the shortest decimal.
+
+    Every factor in [h/w, (h+1)/w) at the widest level gives the same tensors, so the one trained
+    with is not always recoverable; h/w itself can come out a hair below h in floating point.
+    """
+    default = NeRDRainConfig().ffn_expansion
+    if not hidden:
+        return default
+    width, features = max(hidden.items())
+    exact = (features + 0.5) / width  # mid-interval: floors to every level's width
+    candidates = (default, *(math.ceil(features / width * 10**n) / 10**n for n in range(7)), exact)
+    return next((f for f in candidates if all(int(w * f) == h for w, h in hidden.items())), exact)
 
 
 # ---------------------------------------------------------------------------------------------
