@@ -53,7 +53,21 @@ def test_infers_variant_width_from_shapes(tmp_path):
     assert infer_config(to_official_state_dict(model)) == model.cfg
 
 
-@pytest.mark.parametrize("wrap", ["authors", "bare", "module_prefix", "safetensors"])
+def prefixed(prefix, state):
+    return {prefix + k: v for k, v in state.items()}
+
+
+WRAPPED = {  # how other training code saves the weights
+    "net": lambda s: {"net": dict(s), "epoch": 1},
+    "nested": lambda s: {"model": {"state_dict": prefixed("module.", s)}, "optimizer": {}},
+    "compiled": lambda s: prefixed("_orig_mod.", s),
+    "ddp_of_compiled": lambda s: prefixed("module._orig_mod.", s),
+    "averaged_model": lambda s: {**prefixed("module.", s), "n_averaged": torch.tensor(7)},
+    "lightning": lambda s: {"state_dict": {**prefixed("model.", s), "loss.vgg.weight": torch.zeros(2)}},
+}
+
+
+@pytest.mark.parametrize("wrap", ["authors", "bare", "module_prefix", "safetensors", *WRAPPED])
 def test_loads_authors_and_bare_formats(tmp_path, official_state, wrap):
     if wrap == "authors":
         path = tmp_path / "model_best.pth"
@@ -65,6 +79,9 @@ def test_loads_authors_and_bare_formats(tmp_path, official_state, wrap):
     elif wrap == "module_prefix":
         path = tmp_path / "dp.pth"
         torch.save({f"module.{k}": v for k, v in official_state.items()}, path)
+    elif wrap in WRAPPED:
+        path = tmp_path / f"{wrap}.pth"
+        torch.save(WRAPPED[wrap](official_state), path)
     else:
         path = tmp_path / "bare.safetensors"
         save_file(dict(official_state), str(path))
@@ -116,6 +133,7 @@ def test_foreign_state_dict_is_named_as_such(tmp_path):
     with pytest.raises(CheckpointError, match="not a NeRD-Rain checkpoint") as err:
         load_model(path)
     assert_one_line_naming(err, path)
+    assert str(err.value).endswith("; keys: 2 (conv1.weight, fc.bias))")
 
 
 def test_missing_unexpected_and_mismatched_keys_are_summarised(tmp_path, official_state):
@@ -244,3 +262,11 @@ def test_ffn_factor_read_off_shapes_reproduces_every_width():
         for features in range(4, 4 * dim * 4):  # factors up to 4
             factor = _ffn_expansion({4 * dim: features})
             assert [int(w * factor) for w in (dim, 2 * dim, 4 * dim)] == [features // 4, features // 2, features]
+
+
+def test_two_networks_in_one_file_are_named_not_guessed(tmp_path, official_state):
+    path = tmp_path / "two.pth"
+    torch.save({**prefixed("model.", official_state), **prefixed("model_ema.", official_state)}, path)
+    with pytest.raises(CheckpointError, match="holds 2 networks .key prefixes 'model.', 'model_ema.'") as err:
+        load_model(path)
+    assert_one_line_naming(err, path)

@@ -206,14 +206,23 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     obj = torch_load(path, "cpu")
     if _is_training_checkpoint(obj):
         return _training_weights(obj, path)
-    if isinstance(obj, Mapping):
-        for wrapper in ("state_dict", "params_ema", "params", "model"):
-            if isinstance(obj.get(wrapper), Mapping):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    # Training scripts wrap the state dict with their epoch and optimizer state, some twice
+    # ({'model': {'state_dict': ...}}); BasicSR keeps the EMA beside the weights ('params_ema').
+    while isinstance(obj, Mapping) and not _all_tensors(obj):
+        inner = next((obj[w] for w in _WRAPPERS if isinstance(obj.get(w), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping) or not _all_tensors(obj):
         raise CheckpointError(f"{path}: no state dict of tensors found (got {type(obj).__name__})")
     return dict(obj), {}
+
+
+_WRAPPERS = ("state_dict", "params_ema", "params", "model", "net", "network")
+
+
+def _all_tensors(obj: Mapping) -> bool:
+    return all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def _is_training_checkpoint(obj: Any) -> bool:
@@ -265,6 +274,27 @@ def _first_line(err: BaseException) -> str:
     return (text[0] if text else type(err).__name__)[:200]
 
 
+_ANCHORS = ("patch_embed_max.proj.weight", "embed.2.weight")  # the authors' names; ours
+
+
+def _unprefixed(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The network's own keys, as saved from inside a wrapper: DataParallel or DDP (``module.``),
+    ``torch.compile`` (``_orig_mod.``), an ``AveragedModel`` EMA (``module.`` and its
+    ``n_averaged``), a Lightning module (``model.`` beside its other parts), or nested ones.
+
+    The prefix is what precedes the width-defining tensor; keys outside it belong to the
+    wrapper, not the network.
+    """
+    prefixes = sorted({k[: -len(a)] for k in state for a in _ANCHORS
+                       if k.endswith(a) and (k == a or k[-len(a) - 1] == ".")})
+    if len(prefixes) > 1:
+        raise CheckpointError(f"{path}: holds {len(prefixes)} networks (key prefixes "
+                              f"{', '.join(repr(p) for p in prefixes)}); save the one to load as a state dict")
+    if not prefixes or not prefixes[0]:
+        return dict(state)
+    return {k[len(prefixes[0]):]: v for k, v in state.items() if k.startswith(prefixes[0])}
+
+
 def _summarise(keys: list[str], limit: int = 3) -> str:
     shown = ", ".join(sorted(keys)[:limit])
     return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
@@ -280,7 +310,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ne
     """
     path = Path(path)
     state, metadata = _read_tensors(path)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = _unprefixed(state, path)
     if metadata.get("format") == FORMAT_TAG and "config" in metadata:
         try:
             settings = json.loads(metadata["config"])
@@ -299,8 +329,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ne
         raise CheckpointError(f"{path}: our key names but no config metadata (save the model with "
                               "nerdrain.save_model, which stores it)")
     else:
-        raise CheckpointError(f"{path}: not a NeRD-Rain checkpoint (no 'patch_embed_max.proj.weight'; "
-                              f"{len(state)} tensors such as {_summarise(list(state))})")
+        found = f"keys: {_summarise(list(state))}" if state else "no tensors"
+        raise CheckpointError(f"{path}: not a NeRD-Rain checkpoint (no 'patch_embed_max.proj.weight'; {found})")
     _load_strict(model, state, path)
     model.eval()
     if device is None:
