@@ -270,3 +270,37 @@ def test_two_networks_in_one_file_are_named_not_guessed(tmp_path, official_state
     with pytest.raises(CheckpointError, match="holds 2 networks .key prefixes 'model.', 'model_ema.'") as err:
         load_model(path)
     assert_one_line_naming(err, path)
+
+
+def test_weights_without_values_or_as_integers_are_refused(tmp_path, official_state):
+    """Meta tensors crashed load_state_dict with a page-long traceback; integer ones were cast
+    to float without a word."""
+    meta = {k: torch.empty(v.shape, device="meta") for k, v in official_state.items()}
+    integral = {**official_state, "output_max.weight": official_state["output_max.weight"].to(torch.int8)}
+    for name, state, problem in [("meta.pth", meta, r"no values \(meta tensors\) 947 \(BF1"),
+                                 ("int.pth", integral, r"not floating-point 1 \(output_max.weight int8\)")]:
+        torch.save(state, tmp_path / name)
+        with pytest.raises(CheckpointError, match=problem) as err:
+            load_model(tmp_path / name)
+        assert_one_line_naming(err, tmp_path / name)
+
+
+def test_a_wrong_width_fails_in_words_before_building_that_network(tmp_path, official_state, monkeypatch):
+    """The width is read off one tensor; a wrong one (here 2048: a network of ~160 GB) must be
+    reported as a shape mismatch, not allocated first."""
+    import nerdrain.checkpoint as checkpoint
+
+    real = checkpoint.NeRDRain
+
+    def guarded(cfg):
+        if cfg.dim > 16 and torch.get_default_device().type != "meta":
+            raise AssertionError(f"allocating a network of width {cfg.dim}")
+        return real(cfg)
+
+    monkeypatch.setattr(checkpoint, "NeRDRain", guarded)
+    state = {**official_state, "patch_embed_max.proj.weight": torch.zeros(2048, 3, 3, 3)}
+    torch.save(state, tmp_path / "w.pth")
+    mismatch = r"dim=2048: shape mismatch .*\(2, 128, 3, 3\) vs \(2, 16384, 3, 3\)"
+    with pytest.raises(CheckpointError, match=mismatch) as err:
+        load_model(tmp_path / "w.pth")
+    assert_one_line_naming(err, tmp_path / "w.pth")

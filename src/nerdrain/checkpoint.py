@@ -305,8 +305,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ne
     a training run's ``last.pt`` (as the weights the run would save at its iteration: the EMA).
 
     Our files carry their config (``last.pt``: the run's settings); for the others variant and
-    width are read off the tensor shapes. The format is told from the file's first bytes, so a renamed file loads too. The model
-    is returned in eval mode, fp32.
+    width are read off the tensor shapes. The format is told from the file's first bytes, so a
+    renamed file loads too. The model is returned in eval mode, fp32.
     """
     path = Path(path)
     state, metadata = _read_tensors(path)
@@ -317,28 +317,34 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ne
             cfg = NeRDRainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
         except (ValueError, TypeError, AttributeError) as err:  # JSONDecodeError is a ValueError
             raise CheckpointError(f"{path}: its stored config cannot build a NeRD-Rain ({_first_line(err)})") from None
-        model = NeRDRain(cfg)
     elif _is_official(state):
         try:
             cfg = infer_config(state)
         except (KeyError, IndexError, ZeroDivisionError, ValueError) as err:
             raise CheckpointError(f"{path}: NeRD-Rain keys found but the shapes are inconsistent ({err})") from None
-        model = NeRDRain(cfg)
-        state = from_official_state_dict(state, model)
     elif "embed.2.weight" in state:
         raise CheckpointError(f"{path}: our key names but no config metadata (save the model with "
                               "nerdrain.save_model, which stores it)")
     else:
         found = f"keys: {_summarise(list(state))}" if state else "no tensors"
         raise CheckpointError(f"{path}: not a NeRD-Rain checkpoint (no 'patch_embed_max.proj.weight'; {found})")
-    _load_strict(model, state, path)
+    # Checked against a network without storage first: a width read off one wrong tensor must
+    # fail in words, not by allocating a network of that width.
+    with torch.device("meta"):
+        skeleton = NeRDRain(cfg)
+    if _is_official(state):
+        state = from_official_state_dict(state, skeleton)
+    _check_tensors(skeleton, state, path)
+    model = NeRDRain(cfg)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
     model.eval()
     if device is None:
         return model
     return model.to(resolve_device(device))
 
 
-def _load_strict(model: NeRDRain, state: Mapping[str, torch.Tensor], path: Path) -> None:
+def _check_tensors(model: NeRDRain, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """One line listing what keeps ``state`` from loading into ``model`` strictly, if anything."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -351,9 +357,17 @@ def _load_strict(model: NeRDRain, state: Mapping[str, torch.Tensor], path: Path)
         problems.append(f"unexpected {_summarise(unexpected)}")
     if shapes:
         problems.append(f"shape mismatch {_summarise(shapes, 2)}")
+    # A weight as integers would be cast to nonsense, and a meta tensor (a model saved before its
+    # weights were materialised) has no values at all.
+    empty = [official_key(k) for k, v in state.items() if k in expected and v.is_meta]
+    if empty:
+        problems.append(f"no values (meta tensors) {_summarise(empty)}")
+    integral = [f"{official_key(k)} {str(v.dtype).removeprefix('torch.')}" for k, v in state.items()
+                if k in expected and not v.is_floating_point()]
+    if integral:
+        problems.append(f"not floating-point {_summarise(integral, 2)}")
     if problems:
         raise CheckpointError(f"{path}: does not match NeRD-Rain dim={model.cfg.dim}: " + "; ".join(problems))
-    model.load_state_dict({k: v.float() for k, v in state.items()})
 
 
 def _weight_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
