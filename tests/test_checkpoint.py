@@ -304,3 +304,13 @@ def test_a_wrong_width_fails_in_words_before_building_that_network(tmp_path, off
     with pytest.raises(CheckpointError, match=mismatch) as err:
         load_model(tmp_path / "w.pth")
     assert_one_line_naming(err, tmp_path / "w.pth")
+
+
+def test_extra_metadata_cannot_replace_what_load_model_rebuilds_from(tmp_path):
+    model = tiny()
+    for key in ("config", "format"):
+        with pytest.raises(ValueError, match=f"extra_metadata: '{key}' is save_model's own"):
+            save_model(model, tmp_path / "w.safetensors", extra_metadata={key: '{"dim": 16}'})
+    assert not list(tmp_path.iterdir())
+    path = save_model(model, tmp_path / "w.safetensors", extra_metadata={"iteration": "5"})
+    assert load_model(path).cfg == model.cfg

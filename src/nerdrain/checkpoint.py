@@ -418,6 +418,9 @@ def save_model(model: NeRDRain, path: str | Path, dtype: torch.dtype | None = No
         raise ValueError(f"{path}: our weights are safetensors files; name it .safetensors "
                          "(the authors' .pth format: export_official, or nerd-rain convert --to-official)")
     model = _network(model)
+    reserved = sorted({"format", "config"} & set(extra_metadata or {}))
+    if reserved:  # replaced, they would leave a file load_model cannot rebuild the model from
+        raise ValueError(f"extra_metadata: {reserved[0]!r} is save_model's own; name it otherwise")
     path = _destination(path)
     tensors = _cpu_tensors(model.state_dict(), dtype)
     metadata = {"format": FORMAT_TAG, "config": json.dumps(asdict(model.cfg)), **(extra_metadata or {})}
