@@ -610,6 +610,21 @@ def test_fine_tuning_from_a_different_model_is_a_config_error(tmp_path, data_roo
         Trainer(cfg, tmp_path / "run", progress=False)
 
 
+def test_fine_tuning_from_an_authors_file_of_the_configured_network(tmp_path, data_root):
+    """Its FFN factor is read off the shapes as 1.1, which builds the same tensors as the
+    configured 1.09: the run starts from its weights."""
+    from nerdrain.checkpoint import export_official
+
+    overrides = {**TINY["overrides"], "dim": 14, "ffn_expansion": 1.09}
+    source = create_model(TINY["name"], **overrides)
+    for p in source.parameters():  # unlike anything a seeded init gives
+        p.data.uniform_(-0.5, 0.5)
+    path = export_official(source, tmp_path / "start.pth")
+    cfg = make_config(data_root, model={**TINY, "overrides": overrides, "weights": str(path)})
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    assert_same(trainer.model.state_dict(), source.state_dict(), "initial weights")
+
+
 def test_fine_tuning_from_the_default_weights(tmp_path, data_root):
     cfg = make_config(data_root, model={"name": "nerd_rain_s", "overrides": {}, "weights": "default"})
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
