@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from nerdrain.devices import resolve_device
+from nerdrain.files import same_file
 from nerdrain.imageio import (
     IMAGE_EXTENSIONS,
     WRITE_FORMATS,
@@ -492,7 +493,7 @@ def plan_outputs(
         key = os.path.normcase(os.path.realpath(t))
         clash = input_keys.get(key)
         if clash is None and t.exists():
-            clash = next((g for g in files if _samefile(g, t)), None)
+            clash = next((g for g in files if same_file(g, t)), None)
         if clash is not None:
             plan.append((f, None, f"output {t} would overwrite the input file {clash}"))
         elif key in claimed:
@@ -544,13 +545,6 @@ def _unique_names(files: Sequence[Path]) -> list[str]:
         seen[name] = seen.get(name, 0) + 1
         unique.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
     return unique
-
-
-def _samefile(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _one_line(text: str) -> str:
