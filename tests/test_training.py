@@ -460,6 +460,37 @@ def test_tensorboard_logs(straight_run):
     assert all(math.isfinite(e.value) and e.value > 0 for e in totals)
 
 
+def test_tensorboard_logs_after_a_crash_and_resume_are_those_of_a_straight_run(tmp_path, data_root,
+                                                                                straight_run):
+    """Killed after logging iteration 3 with the checkpoint at 2: the resumed run's logs show each
+    iteration once, with the straight run's values (the checkpoint's own iteration is not lost)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class Crash(Exception):
+        pass
+
+    out = tmp_path / "run"
+    trainer = Trainer(make_config(data_root, checkpoint_every=2), out, progress=False)
+
+    def crash(optimizer, args, kwargs):
+        if trainer.iteration == 3:  # within the fourth iteration
+            raise Crash
+
+    trainer.optimizer.register_step_post_hook(crash)
+    with pytest.raises(Crash):
+        trainer.train()
+    assert load_ckpt(out / LAST)["iteration"] == 2
+    train(make_config(data_root, checkpoint_every=2), out, resume=True, progress=False)
+
+    def totals(run: Path) -> list[tuple[int, float]]:
+        acc = EventAccumulator(str(run / "tb"))
+        acc.Reload()
+        return [(e.step, e.value) for e in acc.Scalars("train/total")]
+
+    assert [step for step, _ in totals(out)] == [1, 2, 3, 4]
+    assert totals(out) == totals(straight_run)
+
+
 # -- DDP ----------------------------------------------------------------------------------------
 
 

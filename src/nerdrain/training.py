@@ -689,8 +689,9 @@ class Trainer:
         except ImportError:
             tqdm.write("tensorboard is not installed: no TensorBoard logs (pip install 'nerdrain[train]')")
             return None
-        # purge_step: after a crash and resume, TensorBoard hides what was logged past the checkpoint
-        return SummaryWriter(str(self.out / "tb"), purge_step=self.iteration or None)
+        # purge_step: after a crash and resume, TensorBoard hides what was logged past the checkpoint.
+        # The checkpoint's own iteration was logged before it was saved and is not logged again.
+        return SummaryWriter(str(self.out / "tb"), purge_step=self.iteration + 1 if self.iteration else None)
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, progress: bool = True) -> Path:
