@@ -728,6 +728,18 @@ def test_resume_with_changed_settings_says_so(tmp_path, data_root, straight_run,
     assert "note: resuming with changed settings (seed: 1234 -> 99)" in out and "iterations" not in out
 
 
+def test_resume_steps_with_the_optimiser_settings_of_the_new_config(tmp_path, data_root, straight_run):
+    """The note above says the run goes on differently; it must, with the settings it names."""
+    optim = {"betas": [0.5, 0.6], "eps": 1e-3, "weight_decay": 0.25}
+    trainer = Trainer(make_config(data_root, iterations=5, optim=optim), tmp_path, progress=False,
+                      resume=straight_run / LAST)
+    seen = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.extend(opt.param_groups))
+    trainer.train()
+    assert seen and all((tuple(g["betas"]), g["eps"], g["weight_decay"]) == ((0.5, 0.6), 1e-3, 0.25)
+                        for g in seen)
+
+
 @pytest.mark.parametrize("overrides", [{"bogus": 3}, {"dim": 7}, {"dim": -1}, {"depths": [1]}])
 def test_model_overrides_that_cannot_build_fail_at_start(tmp_path, data_root, overrides):
     cfg = make_config(data_root, model={"overrides": {**TINY["overrides"], **overrides}})

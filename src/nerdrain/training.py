@@ -147,6 +147,12 @@ def lr_at(iteration: int, cfg: TrainConfig) -> float:
     return cfg.optim.min_lr + (lr - cfg.optim.min_lr) * (1.0 + math.cos(math.pi * t / span)) / 2.0
 
 
+def adam_settings(cfg: TrainConfig) -> dict:
+    """Adam's hyperparameters besides the learning rate, as the config sets them."""
+    o = cfg.optim
+    return dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
 def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Adam:
     """Adam, with the fused kernel where this PyTorch has one for the parameters' device.
 
@@ -155,8 +161,7 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
     The same update up to float rounding; without a fused kernel (older PyTorch, other devices) the
     default implementation runs.
     """
-    o = cfg.optim
-    kwargs = dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    kwargs = dict(lr=cfg.optim.lr, **adam_settings(cfg))
     try:
         return torch.optim.Adam(params, fused=True, **kwargs)
     except (RuntimeError, ValueError, TypeError):  # no fused kernel here
@@ -506,6 +511,8 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the saved groups carry the old config's values
+            group.update(adam_settings(self.cfg))
         # The schedule is a closed form of the iteration under the *current* config (which may
         # have changed, e.g. a longer run); the saved scheduler state is informational only.
         self.scheduler.base_lrs = [self.cfg.optim.lr for _ in self.optimizer.param_groups]
