@@ -169,6 +169,15 @@ def test_bad_types_name_the_key(yaml_path, override, key):
     ("checkpoint_every=0", "config.checkpoint_every"),
     ("device=gpu", "config.device"),
     ("model.name=nerd_rain_xl", "config.model.name: expected one of nerd_rain, nerd_rain_s"),
+    ("optim.lr=.inf", "config.optim.lr: expected a finite number"),
+    ("optim.grad_clip=.inf", "config.optim.grad_clip: expected a finite number"),
+    ("loss.edge_weight=.nan", "config.loss.edge_weight: expected a finite number"),
+    ("optim.betas=[0.9, .nan]", "config.optim.betas[1]: expected a finite number"),
+    ("loss.fft_weight=-0.01", "config.loss.fft_weight: expected 0 or more"),
+    ("optim.eps=0", "config.optim.eps: expected a positive number"),
+    ("optim.weight_decay=-1e-4", "config.optim.weight_decay: expected 0 or more"),
+    ("seed=-1", "config.seed: expected 0 to 2**64 - 1"),
+    ("seed=18446744073709551616", "config.seed: expected 0 to 2**64 - 1"),
 ])
 def test_bad_values_fail_at_load_naming_the_key(yaml_path, override, where):
     """Values a run would only trip over later (at the first validation, or on a worker) fail
@@ -179,7 +188,8 @@ def test_bad_values_fail_at_load_naming_the_key(yaml_path, override, where):
 
 
 @pytest.mark.parametrize("override", ["device=cuda:1", "device=mps", "ema_decay=null", "optim.min_lr=0",
-                                      "data.sources.1.layout=prenet", "val.max_images=2"])
+                                      "data.sources.1.layout=prenet", "val.max_images=2", "loss.fft_weight=0",
+                                      "seed=0", "seed=18446744073709551615"])
 def test_good_values_pass(yaml_path, override):
     load_config(yaml_path, [override])
 

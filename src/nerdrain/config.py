@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -117,6 +118,8 @@ class OptimConfig:
         _require(self.lr > 0, "lr", "expected a positive learning rate", self.lr)
         _require(0 <= self.min_lr <= self.lr, "min_lr", f"expected 0 to lr ({self.lr})", self.min_lr)
         _require(all(0 <= b < 1 for b in self.betas), "betas", "expected two values in [0, 1)", self.betas)
+        _require(self.eps > 0, "eps", "expected a positive number", self.eps)
+        _require(self.weight_decay >= 0, "weight_decay", "expected 0 or more", self.weight_decay)
         _require(self.warmup_iters >= 0, "warmup_iters", "expected 0 or more", self.warmup_iters)
         _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "expected a positive norm or null",
                  self.grad_clip)
@@ -128,6 +131,11 @@ class LossConfig:
     fft_weight: float = 0.01
     edge_weight: float = 0.05
     inr_weight: float = 0.1
+
+    def __post_init__(self):
+        for name in ("char_weight", "fft_weight", "edge_weight", "inr_weight"):
+            _require(getattr(self, name) >= 0, name, "expected 0 or more (a negative weight maximises its term)",
+                     getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _require(self.iterations >= 1, "iterations", "expected at least 1", self.iterations)
+        _require(0 <= self.seed < 2**64, "seed", "expected 0 to 2**64 - 1 (what numpy and torch both take)",
+                 self.seed)
         _require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "expected a value in (0, 1) or null",
                  self.ema_decay)
         _require(self.log_every >= 1, "log_every", "expected at least 1", self.log_every)
@@ -190,13 +200,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return dict(value)
     if hint is Any:
         return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
-            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+            number = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         except ValueError:
             raise ConfigError(f"{where}: expected float, got {value!r}") from None
+        if not math.isfinite(number):  # .inf or .nan would train to NaN weights without a word
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
