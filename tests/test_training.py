@@ -683,6 +683,28 @@ def test_stale_temporary_checkpoints_are_removed(tmp_path, data_root):
     assert no_tmp_files(out) and (out / LAST).is_file()
 
 
+def test_a_fresh_run_does_not_overwrite_an_earlier_one(tmp_path, data_root, capsys):
+    """Forgetting --resume must not replace a run's checkpoint; --overwrite starts afresh, with
+    none of the earlier run's files or logs left."""
+    out = tmp_path / "run"
+    train(make_config(data_root, iterations=2), out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "config.yaml"}
+    assert {LAST, "final.safetensors"} <= set(before)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(config_dict(data_root, iterations=1)))
+    assert main(["train", str(config), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {out} holds an earlier run (last.pt, final.safetensors") and "\n" not in err
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.name in before} == before
+    assert main(["train", str(config), "--out", str(out), "-q", "--overwrite"]) == 0
+    assert load_ckpt(out / LAST)["iteration"] == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/total")] == [1]  # the earlier run logged 1 and 2
+
+
 def test_a_data_worker_error_is_one_line_and_the_run_exits(tmp_path):
     """An unreadable training image in a worker process: one line naming it, exit 2, no hang (the
     workers, which ignore SIGTERM, are shut down by the trainer, not left to interpreter exit)."""

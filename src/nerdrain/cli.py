@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one line for the whole job
     try:
         final = train(load_config(args.config, args.set), args.out, resume=args.resume or False,
-                      progress=not args.quiet)
+                      progress=not args.quiet, overwrite=args.overwrite)
     except TrainingInterrupted as stop:
         if main_rank:
             print(stop, file=sys.stderr)
@@ -218,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML experiment file (configs/ has examples)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, logs, final weights")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    p.add_argument("--resume", nargs="?", const=True, help="resume from OUT/last.pt or the given checkpoint")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--resume", nargs="?", const=True, help="resume from OUT/last.pt or the given checkpoint")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="start afresh in an OUT that holds an earlier run, replacing it (default: refuse)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

@@ -395,13 +395,19 @@ class Trainer:
     ``resume``: ``True`` continues from ``out_dir/last.pt`` where it exists (else starts from
     scratch); a path continues from that checkpoint, which must exist. A resumed run does not read
     ``model.weights``: the checkpoint replaces them, and the file may be gone by then.
+    Without ``resume``, a folder holding an earlier run's outputs is refused unless ``overwrite``
+    (which removes them when training starts).
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, progress: bool = True,
-                 resume: bool | str | Path = False):
+                 resume: bool | str | Path = False, overwrite: bool = False):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.resumed_from = self._checkpoint_to_resume(resume)
+        self.overwrite = overwrite and not resume
+        if not resume and not overwrite and (earlier := self._earlier_outputs()):
+            raise FileExistsError(f"{self.out} holds an earlier run ({', '.join(p.name for p in earlier)}): continue "
+                                  "it with --resume, replace it with --overwrite, or choose another --out")
         self.dist, self.device = setup_distributed(cfg.device)
         self.progress = progress and self.dist.is_main
 
@@ -462,6 +468,11 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"--resume: checkpoint {path} not found")
         return path
+
+    def _earlier_outputs(self) -> list[Path]:
+        """What a fresh run here would overwrite (or, for TensorBoard, mix its logs with)."""
+        names = (LAST, FINAL, BEST)
+        return [p for p in (*(self.out / n for n in names), *self.out.glob("tb/events.out.tfevents.*")) if p.exists()]
 
     def _initial_weights(self, source: str) -> dict[str, torch.Tensor]:
         start = load_default_model() if source == "default" else load_model(source)
@@ -564,6 +575,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             remove_stale_temporaries(self.out, [LAST, BEST, FINAL, "config.yaml"])  # of a killed run
+            for earlier in self._earlier_outputs() if self.overwrite else ():
+                earlier.unlink()
             with atomic_write(self.out / "config.yaml") as f:
                 f.write(yaml.safe_dump(to_dict(cfg)).encode())
         loader = DataLoader(
@@ -701,10 +714,11 @@ class Trainer:
         return SummaryWriter(str(self.out / "tb"), purge_step=self.iteration + 1 if self.iteration else None)
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, progress: bool = True) -> Path:
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, progress: bool = True,
+          overwrite: bool = False) -> Path:
     """Train and return the path of the final weights (loadable with :func:`nerdrain.load_model`)."""
     try:
-        trainer = Trainer(cfg, out_dir, progress, resume=resume)
+        trainer = Trainer(cfg, out_dir, progress, resume=resume, overwrite=overwrite)
         if resume and trainer.dist.is_main:
             tqdm.write(f"resumed at iteration {trainer.iteration}" if trainer.resumed_from else
                        f"--resume: no checkpoint at {trainer.out / LAST}; starting from scratch")
