@@ -458,6 +458,10 @@ def test_tensorboard_logs(straight_run):
     totals = acc.Scalars("train/total")
     assert [e.step for e in totals] == [1, 2, 3, 4]
     assert all(math.isfinite(e.value) and e.value > 0 for e in totals)
+    # logged beside the loss of iteration i: the lr of that iteration's step (warm-up from lr/2 over
+    # 2 steps, then cosine from 1e-3 to 1e-5 over the last 2), not the next one's
+    lrs = [e.value for e in acc.Scalars("train/lr")]
+    assert lrs == pytest.approx([5e-4, 7.5e-4, 1e-3, 1e-5 + (1e-3 - 1e-5) / 2], rel=1e-6)
 
 
 def test_tensorboard_logs_after_a_crash_and_resume_are_those_of_a_straight_run(tmp_path, data_root,

@@ -622,6 +622,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 parts = self._forward_backward(rainy, clean)
             self.optimizer.step()
+            lr = self.optimizer.param_groups[0]["lr"]  # this step's: the scheduler moves on to the next
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
@@ -631,12 +632,11 @@ class Trainer:
             if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
                 logged = self._mean_across_ranks(parts)
                 rate = samples / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{logged['total']:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
-                                samples_s=f"{rate:.2f}")
+                bar.set_postfix(loss=f"{logged['total']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.2f}")
                 if writer is not None:
                     for key, value in logged.items():
                         writer.add_scalar(f"train/{key}", value, self.iteration)
-                    writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.iteration)
+                    writer.add_scalar("train/lr", lr, self.iteration)
                     writer.add_scalar("train/samples_per_s", rate, self.iteration)
             bar.update(1)
             if self.dist.is_main and cfg.val.root and (self.iteration % cfg.val.every == 0
