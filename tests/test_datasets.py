@@ -76,6 +76,30 @@ def test_paired_patch_is_the_file_content(tmp_path):
         assert torch.equal(rainy, expected_rainy) and torch.equal(clean, expected_clean)
 
 
+def held_bytes(obj) -> int:
+    """Bytes of the arrays and tensors an object holds in its attributes (nested containers too)."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(held_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(held_bytes(v) for v in obj)
+    return sum(held_bytes(v) for v in vars(obj).values()) if hasattr(obj, "__dict__") else 0
+
+
+def test_paired_source_holds_no_more_than_the_8_bit_pixels(tmp_path):
+    """Each data worker caches every pair it has read: at one byte per value, not four."""
+    pairs = write_pairs(tmp_path / "pairs", 3, (40, 36))
+    source = PairedSource(tmp_path / "pairs")
+    for index in range(3):
+        rainy, clean = source.sample(index, np.random.default_rng(0), 32)
+        assert rainy.dtype == torch.float32
+        assert torch.equal(rainy, torch.from_numpy(pairs[index][0]).permute(2, 0, 1).float() / 255)
+    assert held_bytes(source) <= 3 * 2 * 40 * 36 * 3
+
+
 def test_synthetic_rain_makes_the_input_differ(tmp_path):
     write_clean(tmp_path / "clean", 1, (40, 40))
     stream = TrainingStream([SyntheticSource(tmp_path / "clean", ["heavy"])], [1.0],

@@ -28,20 +28,24 @@ def _to_tensor(img: np.ndarray) -> torch.Tensor:
 
 
 class PairedSource:
-    """Real (rainy, clean) pairs from any layout :func:`find_pairs` knows; decoded once, cached."""
+    """Real (rainy, clean) pairs from any layout :func:`find_pairs` knows; decoded once, cached.
+
+    The cache holds the 8-bit pixels, converted to float per sample: every data worker fills its
+    own, and as float32 Rain200H's 1800 pairs took 6.7 GB in each.
+    """
 
     def __init__(self, root: str | Path, layout: str | None = None):
         self.pairs = find_pairs(root, layout)
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def sample(self, index: int, rng: np.random.Generator, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         if index not in self._cache:
-            rainy, clean = load_pair(self.pairs[index])
-            self._cache[index] = (_to_tensor(rainy), _to_tensor(clean))
-        return self._cache[index]
+            self._cache[index] = load_pair(self.pairs[index])
+        rainy, clean = self._cache[index]
+        return _to_tensor(rainy), _to_tensor(clean)
 
 
 class SyntheticSource:
