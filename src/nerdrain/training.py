@@ -401,10 +401,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, progress: bool = True,
                  resume: bool | str | Path = False, overwrite: bool = False):
+        if resume and overwrite:
+            raise ValueError("resume (--resume) continues the run in out_dir, overwrite (--overwrite) replaces it: "
+                             "choose one")
         self.cfg = cfg
         self.out = Path(out_dir)
         self.resumed_from = self._checkpoint_to_resume(resume)
-        self.overwrite = overwrite and not resume
+        self.overwrite = overwrite
         if not resume and not overwrite and (earlier := self._earlier_outputs()):
             raise FileExistsError(f"{self.out} holds an earlier run ({', '.join(p.name for p in earlier)}): continue "
                                   "it with --resume, replace it with --overwrite, or choose another --out")
