@@ -160,6 +160,7 @@ def test_bad_types_name_the_key(yaml_path, override, key):
     ("data.sources.0.weight=0", "config.data.sources[0].weight"),
     ("data.patch_size=100", "config.data.patch_size: expected a positive multiple of 16"),
     ("data.batch_size=0", "config.data.batch_size"),
+    ("data.cache_mb=-1", "config.data.cache_mb: expected 0 (no cache) or more"),
     ("val.every=0", "config.val.every"),
     ("optim.lr=0", "config.optim.lr"),
     ("optim.min_lr=1", "config.optim.min_lr"),
@@ -189,7 +190,8 @@ def test_bad_values_fail_at_load_naming_the_key(yaml_path, override, where):
 
 @pytest.mark.parametrize("override", ["device=cuda:1", "device=mps", "ema_decay=null", "optim.min_lr=0",
                                       "data.sources.1.layout=prenet", "val.max_images=2", "loss.fft_weight=0",
-                                      "seed=0", "seed=18446744073709551615"])
+                                      "seed=0", "seed=18446744073709551615",
+                                      "data.cache_mb=0"])
 def test_good_values_pass(yaml_path, override):
     load_config(yaml_path, [override])
 

@@ -12,7 +12,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from nerdrain.data.augment import AugmentConfig
-from nerdrain.data.datasets import PairedSource, StreamSampler, SyntheticSource, TrainingStream
+from nerdrain.data import datasets
+from nerdrain.data.datasets import DecodedImages, PairedSource, StreamSampler, SyntheticSource, TrainingStream
+from nerdrain.data.pairs import load_pair
 
 
 def write_pairs(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -98,6 +100,37 @@ def test_paired_source_holds_no_more_than_the_8_bit_pixels(tmp_path):
         assert rainy.dtype == torch.float32
         assert torch.equal(rainy, torch.from_numpy(pairs[index][0]).permute(2, 0, 1).float() / 255)
     assert held_bytes(source) <= 3 * 2 * 40 * 36 * 3
+
+
+def test_cache_keeps_what_fits_its_budget_and_reads_the_rest_again(tmp_path, monkeypatch):
+    """A set larger than the budget trains in bounded memory, with the same pixels."""
+    pairs = write_pairs(tmp_path / "pairs", 3, (40, 36))
+    pair_bytes = 2 * 40 * 36 * 3
+    source = PairedSource(tmp_path / "pairs", cache=DecodedImages(max_bytes=pair_bytes * 3 // 2))
+    reads = []
+    monkeypatch.setattr(datasets, "load_pair", lambda pair: reads.append(pair.name) or load_pair(pair))
+    for _ in range(2):
+        for index in range(3):
+            rainy, clean = source.sample(index, np.random.default_rng(0), 32)
+            assert torch.equal(rainy, torch.from_numpy(pairs[index][0]).permute(2, 0, 1).float() / 255)
+            assert torch.equal(clean, torch.from_numpy(pairs[index][1]).permute(2, 0, 1).float() / 255)
+    assert len(reads) == 5 and source.cache.used == pair_bytes  # the first pair kept, the others read twice
+    assert held_bytes(source) <= pair_bytes * 3 // 2
+
+
+def test_synthetic_crops_of_8_bit_photos_are_their_exact_pixels(tmp_path):
+    """Cached as uint8, a crop converts back to exactly the float values of the file's bytes."""
+    photo = np.random.default_rng(1).integers(0, 256, (37, 45, 3), dtype=np.uint8)
+    (tmp_path / "clean").mkdir()
+    Image.fromarray(photo).save(tmp_path / "clean" / "p.png")
+    source = SyntheticSource(tmp_path / "clean", ["light"])
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        top, left = int(rng.integers(0, 37 - 32 + 1)), int(rng.integers(0, 45 - 32 + 1))  # as the source draws
+        _, clean = source.sample(0, np.random.default_rng(seed), 32)
+        expected = photo[top:top + 32, left:left + 32].astype(np.float32) / 255.0
+        assert torch.equal(clean, torch.from_numpy(expected).permute(2, 0, 1))
+    assert held_bytes(source.cache) == photo.nbytes
 
 
 def test_synthetic_rain_makes_the_input_differ(tmp_path):
@@ -194,8 +227,9 @@ def test_synthetic_source_skips_hidden_files_and_reads_16_bit_photos(tmp_path):
     assert [p.name for p in source.paths] == ["g16.png"]
     _, clean = source.sample(0, np.random.default_rng(0), 16)
     assert clean.shape == (3, 16, 16) and 0 < float(clean.mean()) < 1
-    full = source._cache[0]
-    np.testing.assert_allclose(full[0].numpy(), grey, atol=1 / 65535)  # all 16 bits, not clipped to 255
+    _, padded = source.sample(0, np.random.default_rng(0), 32)  # 24 x 32 reflect-padded below: no crop
+    np.testing.assert_allclose(padded[0, :24].numpy(), grey, atol=1 / 65535)  # all 16 bits, not clipped to 255
+    assert len(np.unique(padded[0, :24].numpy())) == 24 * 32  # every value its own: not 8-bit steps
 
 
 def test_synthetic_source_checks_its_streak_images_when_built(tmp_path):

@@ -81,6 +81,7 @@ class DataConfig:
     num_workers: int = 2
     flips: bool = True
     saturation_prob: float = 1 / 3
+    cache_mb: int = 2048  # decoded images each data-loading process keeps; past it, read at each use
 
     def __post_init__(self):
         _require(self.patch_size > 0 and self.patch_size % 16 == 0, "patch_size",
@@ -88,6 +89,7 @@ class DataConfig:
         _require(self.batch_size >= 1, "batch_size", "expected at least 1", self.batch_size)
         _require(self.num_workers >= 0, "num_workers", "expected 0 or more", self.num_workers)
         _require(0 <= self.saturation_prob <= 1, "saturation_prob", "expected a probability", self.saturation_prob)
+        _require(self.cache_mb >= 0, "cache_mb", "expected 0 (no cache) or more", self.cache_mb)
 
 
 @dataclass(frozen=True)

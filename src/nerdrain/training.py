@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .checkpoint import TORCH_MAGIC, CheckpointError, load_default_model, load_model, save_model, torch_load
 from .config import ConfigError, TrainConfig, to_dict
 from .data.augment import AugmentConfig
-from .data.datasets import PairedSource, StreamSampler, SyntheticSource, TrainingStream
+from .data.datasets import DecodedImages, PairedSource, StreamSampler, SyntheticSource, TrainingStream
 from .data.pairs import find_pairs
 from .devices import resolve_device
 from .evaluate import evaluate_pairs
@@ -118,11 +118,12 @@ def load_training_checkpoint(path: Path, device: torch.device) -> dict:
 
 def build_stream(cfg: TrainConfig) -> TrainingStream:
     sources = []
+    cache = DecodedImages(cfg.data.cache_mb * 2**20)  # one budget for all sources, per process
     for source in cfg.data.sources:
         if source.kind == "paired":
-            sources.append(PairedSource(source.root, source.layout))
+            sources.append(PairedSource(source.root, source.layout, cache))
         else:  # "synthetic" (the config allows no other kind)
-            sources.append(SyntheticSource(source.root, source.presets, source.streak_dir))
+            sources.append(SyntheticSource(source.root, source.presets, source.streak_dir, cache))
     augment = AugmentConfig(patch_size=cfg.data.patch_size, flips=cfg.data.flips,
                             saturation_prob=cfg.data.saturation_prob)
     return TrainingStream(sources, [s.weight for s in cfg.data.sources], augment, cfg.seed)

@@ -8,13 +8,14 @@ runs out, since each sample number renders fresh rain.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..config import DataConfig
 from ..imageio import DATASET_EXTENSIONS, read_photo
 from .augment import AugmentConfig, augment_pair, reflect_pad_to
 from .pairs import find_pairs, load_pair
@@ -27,32 +28,60 @@ def _to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
-class PairedSource:
-    """Real (rainy, clean) pairs from any layout :func:`find_pairs` knows; decoded once, cached.
+class DecodedImages:
+    """Decoded images that one data-loading process keeps for reuse, up to ``max_bytes``.
 
-    The cache holds the 8-bit pixels, converted to float per sample: every data worker fills its
-    own, and as float32 Rain200H's 1800 pairs took 6.7 GB in each.
+    Every worker fills its own. Past the budget an image is decoded again at each use, as the
+    released code does for every sample: a set of any size (SPA-Data's 638k pairs would take
+    250 GB) trains in bounded memory, and a small one is decoded once.
     """
 
-    def __init__(self, root: str | Path, layout: str | None = None):
+    def __init__(self, max_bytes: int = DataConfig.cache_mb * 2**20):
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._arrays: dict[Hashable, tuple[np.ndarray, ...]] = {}
+
+    def get(self, key: Hashable, decode: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+        arrays = self._arrays.get(key)
+        if arrays is None:
+            arrays = decode()
+            size = sum(a.nbytes for a in arrays)
+            if self.used + size <= self.max_bytes:
+                self._arrays[key] = arrays
+                self.used += size
+        return arrays
+
+
+class PairedSource:
+    """Real (rainy, clean) pairs from any layout :func:`find_pairs` knows, kept as 8-bit pixels
+    (one byte a value, not float32's four) and converted per sample."""
+
+    def __init__(self, root: str | Path, layout: str | None = None, cache: DecodedImages | None = None):
         self.pairs = find_pairs(root, layout)
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.cache = DecodedImages() if cache is None else cache
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def sample(self, index: int, rng: np.random.Generator, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if index not in self._cache:
-            self._cache[index] = load_pair(self.pairs[index])
-        rainy, clean = self._cache[index]
+        pair = self.pairs[index]
+        rainy, clean = self.cache.get(("pair", pair.input, pair.target, pair.crop), lambda: load_pair(pair))
         return _to_tensor(rainy), _to_tensor(clean)
+
+
+def _clean_photo(path: Path) -> tuple[np.ndarray]:
+    """8-bit photos as uint8 (exactly: ``k / 255`` in float32 rounds back to ``k``), others as float32."""
+    photo = read_photo(path)
+    if photo.bit_depth == 8:
+        return (np.rint(photo.rgb * 255).astype(np.uint8),)
+    return (photo.rgb,)
 
 
 class SyntheticSource:
     """Clean photos with rain rendered on the fly onto a patch-sized crop."""
 
     def __init__(self, root: str | Path, presets: Sequence[str] = ("light", "heavy"),
-                 streak_dir: str | Path | None = None):
+                 streak_dir: str | Path | None = None, cache: DecodedImages | None = None):
         root = Path(root)
         self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in DATASET_EXTENSIONS and p.is_file()
                             and not any(part.startswith(".") for part in p.relative_to(root).parts))
@@ -61,20 +90,25 @@ class SyntheticSource:
         self.mixer = RainMixer(tuple(presets), streak_dir=streak_dir)
         if streak_dir is not None:  # a bad streak image stops training now, not hours in
             self.mixer.synths[0].check_streaks()
-        self._cache: dict[int, torch.Tensor] = {}
+        self.cache = DecodedImages() if cache is None else cache
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def sample(self, index: int, rng: np.random.Generator, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if index not in self._cache:
-            self._cache[index] = _to_tensor(read_photo(self.paths[index]).rgb)
-        clean = reflect_pad_to(self._cache[index], patch_size, patch_size)
-        top = int(rng.integers(0, clean.shape[1] - patch_size + 1))
-        left = int(rng.integers(0, clean.shape[2] - patch_size + 1))
-        clean = clean[:, top:top + patch_size, left:left + patch_size]
+        path = self.paths[index]
+        (photo,) = self.cache.get(("photo", path), lambda: _clean_photo(path))
+        h, w = photo.shape[:2]
+        padded_h, padded_w = max(h, patch_size), max(w, patch_size)  # as reflect_pad_to makes it
+        top = int(rng.integers(0, padded_h - patch_size + 1))
+        left = int(rng.integers(0, padded_w - patch_size + 1))
+        if (padded_h, padded_w) == (h, w):  # only the crop converted to float
+            clean = _to_tensor(photo[top:top + patch_size, left:left + patch_size])
+        else:
+            clean = reflect_pad_to(_to_tensor(photo), patch_size, patch_size)
+            clean = clean[:, top:top + patch_size, left:left + patch_size].contiguous()
         rainy = self.mixer.render(clean.permute(1, 2, 0).numpy(), rng)
-        return _to_tensor(rainy), clean.contiguous()
+        return _to_tensor(rainy), clean
 
 
 class TrainingStream(Dataset):
