@@ -610,6 +610,24 @@ def test_cli_smoke_config(tmp_path):
     assert list((out / "tb").glob("events.out.tfevents.*"))
 
 
+def test_best_weights_restart_when_the_validation_set_changes(tmp_path, data_root, capsys):
+    """A best score from another validation set is no yardstick: a resume that changes the set
+    starts a new best (the next validation replaces best.safetensors), one that keeps it does not."""
+    out = tmp_path / "run"
+    train(make_config(data_root, iterations=2, val={"root": str(data_root), "every": 2, "max_images": 1}), out,
+          progress=False)
+    best = load_ckpt(out / LAST)["best_psnr"]
+    assert math.isfinite(best) and (out / BEST).is_file()
+    capsys.readouterr()
+    same = Trainer(make_config(data_root, val={"root": str(data_root), "every": 2, "max_images": 1}), out,
+                   progress=False, resume=True)
+    assert same.best_psnr == best and "validation set changed" not in capsys.readouterr().out
+    other = Trainer(make_config(data_root, val={"root": str(data_root), "every": 2, "max_images": 2}), out,
+                    progress=False, resume=True)
+    assert other.best_psnr == -math.inf
+    assert f"the validation set changed; best.safetensors (scored {best:.2f} dB" in capsys.readouterr().out
+
+
 def test_fine_tuning_starts_from_the_given_weights(tmp_path, data_root):
     """model.weights: the run starts from the file's weights, not from the seeded initialisation."""
     source = create_model(TINY["name"], **TINY["overrides"])

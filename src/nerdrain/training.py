@@ -519,7 +519,8 @@ class Trainer:
             # Length, validation, logging and the device may change freely; anything else makes
             # the resumed run differ from an uninterrupted one, which deserves a word.
             changed = _changed_keys(saved, current, ignore={"iterations", "val", "log_every", "checkpoint_every",
-                                                            "device", "model.weights", "data.num_workers"})
+                                                            "device", "model.weights", "data.num_workers",
+                                                            "data.cache_mb"})
             if changed:
                 tqdm.write(f"note: resuming with changed settings ({', '.join(changed)}): the run goes on "
                            "differently from one that was never interrupted")
@@ -538,6 +539,12 @@ class Trainer:
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         torch.set_rng_state(state["rng_cpu"].cpu())
         self.best_psnr = float(state["best_psnr"])
+        scored_on = ("root", "protocol", "max_images")  # what makes two validation scores comparable
+        if saved is not None and any(saved.get("val", {}).get(k) != current["val"][k] for k in scored_on):
+            self.best_psnr = -math.inf  # a score on another set: the next validation starts the new best
+            if self.dist.is_main and math.isfinite(float(state["best_psnr"])):
+                tqdm.write(f"note: the validation set changed; {BEST} (scored {float(state['best_psnr']):.2f} dB "
+                           "on the earlier one) is replaced at the next validation")
         if self.ema is not None:
             if "ema" in state:
                 self.ema.load_state_dict(state["ema"])
