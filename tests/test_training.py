@@ -29,7 +29,7 @@ from nerdrain.checkpoint import CheckpointError, load_default_model
 from nerdrain.cli import main
 from nerdrain.config import ConfigError, TrainConfig, from_dict
 from nerdrain.training import (BEST, FINAL, LAST, StopSignals, Trainer, TrainingInterrupted, WeightEMA, atomic_save,
-                               build_optimizer, lr_at, train)
+                               build_optimizer, build_stream, lr_at, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -744,6 +744,29 @@ def test_a_data_worker_error_is_one_line_and_the_run_exits(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: training data: ") and str(image) in lines[0]
+
+
+def test_a_bad_file_found_mid_run_keeps_the_iterations_done(tmp_path, capsys):
+    """The iterations since the last checkpoint are complete when a bad file is drawn: they are
+    checkpointed before the error, and --resume goes on from there once the file is fixed."""
+    root = make_pairs(tmp_path / "pairs", count=3)
+    cfg = make_config(root, iterations=12, checkpoint_every=100)
+    stream = build_stream(cfg)
+    names = [pair.name for pair in stream.sources[0].pairs]
+    bad = stream.choose(3)[1]  # what sample 3 (iteration 4, batch 1) draws
+    first = next(n for n in range(cfg.iterations) if stream.choose(n)[1] == bad)
+    assert first >= 1, "the seed draws the bad pair at once: pick another sample to break"
+    image = root / "input" / f"{names[bad]}.png"
+    intact = image.read_bytes()
+    image.write_bytes(intact[:120])  # truncated
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match=re.escape(str(image))):
+        train(cfg, out, progress=False)
+    assert load_ckpt(out / LAST)["iteration"] == first
+    assert f"note: iteration {first} checkpointed in {out / LAST}" in capsys.readouterr().err
+    image.write_bytes(intact)
+    train(cfg, out, progress=False, resume=True)
+    assert load_ckpt(out / LAST)["iteration"] == cfg.iterations
 
 
 @pytest.mark.parametrize("content, problem", [

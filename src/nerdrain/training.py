@@ -624,8 +624,20 @@ class Trainer:
     def _loop(self, batches: Iterator, writer, bar, signals: StopSignals) -> None:
         cfg = self.cfg
         started, samples = time.perf_counter(), 0
+        checkpointed = self.iteration  # a fresh run's 0 or the resumed checkpoint's
         while self.iteration < cfg.iterations:
-            rainy, clean = (t.to(self.device, non_blocking=True) for t in _next_batch(batches))
+            try:
+                batch = _next_batch(batches)
+            except Exception:
+                # A bad file found hours in: the iterations since the last checkpoint are complete
+                # (nothing of the failed batch has run), so keep them. Under DDP only where rank 0
+                # hit the error; elsewhere it is blocked in the next all-reduce until torchrun ends it.
+                if self.dist.is_main and self.iteration > checkpointed:
+                    self.save()
+                    tqdm.write(f"note: iteration {self.iteration} checkpointed in {self.out / LAST}; with the data "
+                               "fixed, continue with --resume", file=sys.stderr)
+                raise
+            rainy, clean = (t.to(self.device, non_blocking=True) for t in batch)
             if cfg.channels_last:
                 rainy = rainy.contiguous(memory_format=torch.channels_last)
             parts = self._forward_backward_graphed(rainy, clean) if self.use_graphs else None
@@ -656,6 +668,7 @@ class Trainer:
             saved = self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations
             if saved:
                 self.save()
+                checkpointed = self.iteration
             stop = self._stop_signal(signals)
             if stop and self.iteration < cfg.iterations:
                 if not saved:
