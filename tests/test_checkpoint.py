@@ -311,6 +311,9 @@ def test_extra_metadata_cannot_replace_what_load_model_rebuilds_from(tmp_path):
     for key in ("config", "format"):
         with pytest.raises(ValueError, match=f"extra_metadata: '{key}' is save_model's own"):
             save_model(model, tmp_path / "w.safetensors", extra_metadata={key: '{"dim": 16}'})
+    for bad in ({"iteration": 5}, {5: "five"}):
+        with pytest.raises(ValueError, match="keys and values must be strings"):
+            save_model(model, tmp_path / "w.safetensors", extra_metadata=bad)
     assert not list(tmp_path.iterdir())
     path = save_model(model, tmp_path / "w.safetensors", extra_metadata={"iteration": "5"})
     assert load_model(path).cfg == model.cfg

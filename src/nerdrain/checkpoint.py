@@ -421,6 +421,9 @@ def save_model(model: NeRDRain, path: str | Path, dtype: torch.dtype | None = No
     reserved = sorted({"format", "config"} & set(extra_metadata or {}))
     if reserved:  # replaced, they would leave a file load_model cannot rebuild the model from
         raise ValueError(f"extra_metadata: {reserved[0]!r} is save_model's own; name it otherwise")
+    not_text = [k for k, v in (extra_metadata or {}).items() if not (isinstance(k, str) and isinstance(v, str))]
+    if not_text:  # safetensors stores text only, and says so without naming the entry
+        raise ValueError(f"extra_metadata: {not_text[0]!r}: keys and values must be strings")
     path = _destination(path)
     tensors = _cpu_tensors(model.state_dict(), dtype)
     metadata = {"format": FORMAT_TAG, "config": json.dumps(asdict(model.cfg)), **(extra_metadata or {})}
