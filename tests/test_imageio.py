@@ -316,6 +316,32 @@ def test_exif_orientation_applied_and_reset(tmp_path, orientation):
     assert ex.get(0x010F) == "TestMake" and ex.get(0x0110) == "TestModel"
 
 
+# The stored pixels as a viewer shows them, for the orientations that swap the sides.
+_SIDE_SWAPPING = {
+    5: lambda a: a.swapaxes(0, 1),  # transpose
+    6: lambda a: np.rot90(a, -1),  # 90 degrees clockwise
+    7: lambda a: np.rot90(a, -1)[::-1],  # transverse: clockwise, then flipped upside down
+    8: lambda a: np.rot90(a, 1),  # 90 degrees counter-clockwise
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(_SIDE_SWAPPING))
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16"])
+def test_uncompressed_tiff_with_side_swapping_orientation(tmp_path, mode, orientation):
+    # Pillow memory-maps such files when opened by name, with the sides already swapped.
+    a = RNG.integers(0, 256, (6, 10, 4), dtype=np.uint8)
+    stored = {"L": a[..., 0], "RGBA": a, "I;16": a[..., 0].astype(np.uint16) * 257 + a[..., 1]}[mode]
+    Image.fromarray(stored).save(tmp_path / "o.tif", exif=_exif(orientation))  # uncompressed, one strip
+    ph = read_photo(tmp_path / "o.tif")
+    want = _SIDE_SWAPPING[orientation](stored)
+    if mode == "RGBA":
+        np.testing.assert_array_equal(_u8(ph.rgb), want[..., :3])
+        np.testing.assert_array_equal(_u8(ph.alpha), want[..., 3])
+    else:
+        got = _u8(ph.rgb[..., 0]) if mode == "L" else _u16(ph.rgb[..., 0])
+        np.testing.assert_array_equal(got, want)
+
+
 def test_apply_orientation_matches_pillow_for_all_values():
     a = RNG.integers(0, 256, (5, 8, 3), dtype=np.uint8)
     for o in range(1, 9):

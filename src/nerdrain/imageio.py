@@ -404,7 +404,7 @@ def _decode_16bit(path: Path, img: Image.Image) -> np.ndarray | None:
         return None
     img.load()
     hi = np.asarray(img).astype(np.uint16)
-    with Image.open(path) as img2:
+    with open(path, "rb") as fh, Image.open(fh) as img2:  # a file object, as in _read_locked
         if img2.mode != img.mode or {_tile_rawmode(t) for t in img2.tile} != {rawmode}:
             return None
         img2.tile = [_with_rawmode(t, low_mode) for t in img2.tile]
@@ -576,12 +576,24 @@ def read_photo(path: PathLike, *, max_pixels: int | None = None) -> Photo:
 
 
 def _read_locked(p: Path, path: PathLike, limit: int) -> Photo:
+    # Opened from a file object, not the path: given a path, Pillow memory-maps uncompressed
+    # single-strip images, and for a TIFF whose orientation swaps the sides (5 to 8) it maps the
+    # strip with the swapped size, scrambling the pixels.
     try:
-        img = Image.open(p)
-    except UnidentifiedImageError:
-        raise ImageReadError(path, "not an image (cannot identify image file)") from None
+        fh = open(p, "rb")
     except PermissionError:
         raise ImageReadError(path, "permission denied") from None
+    except OSError as e:
+        raise ImageReadError(path, f"cannot open file ({e.strerror or e})") from None
+    with fh:
+        return _read_open(fh, p, path, limit)
+
+
+def _read_open(fh, p: Path, path: PathLike, limit: int) -> Photo:
+    try:
+        img = Image.open(fh)
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image (cannot identify image file)") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as e:
         raise ImageReadError(path, _decode_reason(e)) from None
     with img:
