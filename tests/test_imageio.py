@@ -378,6 +378,30 @@ def test_icc_and_exif_kept(tmp_path):
         assert ex.get(0x010F) == "TestMake", name
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
+def test_tiff_output_keeps_exif_and_gps_subdirectories(tmp_path, mode):
+    # A camera's EXIF has them; Pillow's compressed (libtiff) TIFF writer fails on them.
+    a = RNG.integers(0, 256, (8, 9, 3), dtype=np.uint8)
+    ex = _exif()
+    ex.get_ifd(0x8769)[0x9003] = "2024:05:06 07:08:09"  # DateTimeOriginal
+    ex.get_ifd(0x8825)[0x0001] = "N"  # GPSLatitudeRef
+    Image.fromarray(a).save(tmp_path / "cam.jpg", exif=ex, quality=95)
+    ph = read_photo(tmp_path / "cam.jpg")
+    if mode != "RGB":
+        ph = dataclasses.replace(ph, grayscale=True, bit_depth=16 if mode == "I;16" else 8)
+    write_photo(tmp_path / "o.tif", ph)
+    back = Image.open(tmp_path / "o.tif")
+    assert back.mode == mode and back.size == (9, 8)
+    got = back.getexif()
+    assert got.get(0x010F) == "TestMake"
+    assert got.get_ifd(0x8769).get(0x9003) == "2024:05:06 07:08:09"
+    assert got.get_ifd(0x8825).get(0x0001) == "N"
+    if mode == "RGB":
+        np.testing.assert_array_equal(np.asarray(back), _u8(ph.rgb))
+    write_photo(tmp_path / "plain.tif", dataclasses.replace(ph, exif=_exif().tobytes()))
+    assert Image.open(tmp_path / "plain.tif").info["compression"] == "tiff_lzw"  # still compressed otherwise
+
+
 def test_errors_are_one_line_and_name_the_file(tmp_path):
     a = RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(a).save(tmp_path / "good.png")

@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, TiffTags, UnidentifiedImageError
 
 from .files import atomic_write, same_file
 
@@ -739,6 +739,17 @@ def _output_planes(photo: Photo, fmt: str) -> tuple[np.ndarray, int, str]:
     return data, 8, mode
 
 
+def _tiff_compression(exif: bytes | None) -> str:
+    """LZW, except for EXIF with sub-directories (Exif, GPS): Pillow compresses TIFFs with libtiff,
+    which cannot write them (it fails the file), so those are written uncompressed, metadata kept."""
+    if exif:
+        tags = Image.Exif()
+        tags.load(exif)
+        if any(tag in tags for tag in TiffTags.TAGS_V2_GROUPS):
+            return "raw"
+    return "tiff_lzw"
+
+
 def write_photo(
     path: PathLike,
     photo: Photo,
@@ -749,7 +760,7 @@ def write_photo(
     """Write ``photo`` to ``path`` atomically; the format comes from the suffix.
 
     PNG (default choice of callers), JPEG (quality 95, 4:4:4 chroma), WebP (quality 95)
-    and TIFF (LZW) are supported.  ICC profile and EXIF are embedded, alpha re-attached
+    and TIFF (LZW; uncompressed where the EXIF has Exif or GPS sub-directories) are supported.  ICC profile and EXIF are embedded, alpha re-attached
     (not for JPEG), grayscale written as grayscale, 16-bit kept in PNG.  The file is
     written to a temporary file in the same folder and moved into place with
     ``os.replace``; on any error the temporary file is removed, so no partial output is
@@ -789,7 +800,7 @@ def write_photo(
                 elif fmt == "WEBP":
                     params.update(quality=quality)
                 elif fmt == "TIFF":
-                    params.update(compression="tiff_lzw")
+                    params.update(compression=_tiff_compression(exif))
                 img.save(fp, format=fmt, **params)
     except ImageWriteError:
         raise
