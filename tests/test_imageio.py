@@ -378,6 +378,16 @@ def test_icc_and_exif_kept(tmp_path):
         assert ex.get(0x010F) == "TestMake", name
 
 
+def test_exif_of_a_webp_kept_in_a_jpeg(tmp_path):
+    # WebP stores EXIF without the "Exif\0\0" header a JPEG's APP1 segment needs.
+    a = RNG.integers(0, 256, (8, 9, 3), dtype=np.uint8)
+    Image.fromarray(a).save(tmp_path / "a.webp", lossless=True, exif=_exif())
+    assert not Image.open(tmp_path / "a.webp").info["exif"].startswith(b"Exif")
+    write_photo(tmp_path / "o.jpg", read_photo(tmp_path / "a.webp"))
+    back = Image.open(tmp_path / "o.jpg").getexif()
+    assert back.get(0x010F) == "TestMake" and back.get(0x0110) == "TestModel"
+
+
 @pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
 def test_tiff_output_keeps_exif_and_gps_subdirectories(tmp_path, mode):
     # A camera's EXIF has them; Pillow's compressed (libtiff) TIFF writer fails on them.

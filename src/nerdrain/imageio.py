@@ -230,11 +230,21 @@ def check_writable_size(path: PathLike, width: int, height: int) -> None:
 _JPEG_MAX_EXIF = 65533
 
 
+def _exif_block(exif: bytes | None) -> bytes | None:
+    """EXIF as a JPEG's APP1 segment holds it, after the ``Exif\0\0`` header: Pillow writes a
+    JPEG's EXIF as given, and WebP files give theirs without it (the PNG, WebP and TIFF writers
+    take either)."""
+    if not exif:
+        return None
+    return exif if exif.startswith(_EXIF_HEADER) else _EXIF_HEADER + exif
+
+
 def fit_metadata(photo: Photo, path: PathLike) -> Photo:
     """``photo`` without what the output format cannot store, with a note saying so (rather than
     failing the file): EXIF over a JPEG's 64 KB."""
-    if format_for_path(path) == "JPEG" and photo.exif and len(photo.exif) > _JPEG_MAX_EXIF:
-        note = f"its EXIF ({len(photo.exif):,} bytes) is more than a JPEG holds (64 KB): not kept"
+    exif = _exif_block(photo.exif)
+    if format_for_path(path) == "JPEG" and exif and len(exif) > _JPEG_MAX_EXIF:
+        note = f"its EXIF ({len(exif):,} bytes) is more than a JPEG holds (64 KB): not kept"
         return dataclasses.replace(photo, exif=None, notes=(*photo.notes, note))
     return photo
 
@@ -780,7 +790,7 @@ def write_photo(
 
     data, bits, mode = _output_planes(photo, fmt)
     icc = photo.icc_profile or None
-    exif = photo.exif or None
+    exif = _exif_block(photo.exif)
 
     try:
         with atomic_write(out) as fp:
@@ -844,5 +854,5 @@ def photo_to_pil(photo: Photo) -> Image.Image:
     if photo.icc_profile:
         img.info["icc_profile"] = photo.icc_profile
     if photo.exif:
-        img.info["exif"] = photo.exif
+        img.info["exif"] = _exif_block(photo.exif)
     return img
