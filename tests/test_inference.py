@@ -111,6 +111,21 @@ def test_pil_keeps_icc_in_info():
     assert derain(img, identity).info.get("icc_profile") == icc
 
 
+def test_pil_keeps_the_exif_orientation_it_does_not_apply(tmp_path):
+    # The pixels stay as stored, so the EXIF must still say how to turn them.
+    a = RNG.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "TestMake"
+    Image.fromarray(a).save(tmp_path / "o.png", exif=exif)
+    out = derain(Image.open(tmp_path / "o.png"), identity)
+    assert out.size == (24, 16)
+    np.testing.assert_array_equal(np.asarray(out), a)
+    kept = Image.Exif()
+    kept.load(out.info["exif"])
+    assert kept.get(0x0112) == 6 and kept.get(0x010F) == "TestMake"
+
+
 # --------------------------------------------------------------------------- derain(): numpy
 
 

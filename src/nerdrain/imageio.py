@@ -307,19 +307,21 @@ _TIFF_DESCRIPTIVE_TAGS = (
 )
 
 
-def _extract_exif(img: Image.Image) -> tuple[int, bytes | None, str | None]:
-    """(orientation, EXIF bytes to keep with Orientation reset to 1, what went wrong or None)."""
+def _extract_exif(img: Image.Image, reset: bool) -> tuple[int, bytes | None, str | None]:
+    """(orientation, EXIF bytes to keep, what went wrong or None).  ``reset``: the caller applies
+    the orientation to the pixels, so the kept Orientation becomes 1; else it stays as it was."""
     unreadable = None
     try:
         exif = img.getexif()
         orientation = int(exif.get(_ORIENTATION_TAG, 1) or 1)
     except Exception:  # noqa: BLE001 - Pillow raises many types for malformed EXIF
-        exif, orientation, unreadable = None, 1, "its EXIF could not be read: orientation not applied"
+        exif, orientation = None, 1
+        unreadable = "its EXIF could not be read" + (": orientation not applied" if reset else "")
     if orientation not in range(1, 9):
         orientation = 1
     raw = img.info.get("exif")
     if isinstance(raw, (bytes, bytearray)) and raw:
-        patched = _exif_reset_orientation(bytes(raw))
+        patched = _exif_reset_orientation(bytes(raw)) if reset else bytes(raw)
         if patched is not None:
             return orientation, patched, unreadable
     if exif is None:
@@ -337,11 +339,11 @@ def _extract_exif(img: Image.Image) -> tuple[int, bytes | None, str | None]:
             if sub:
                 new[0x8769] = sub
             if _ORIENTATION_TAG in exif:
-                new[_ORIENTATION_TAG] = 1
+                new[_ORIENTATION_TAG] = 1 if reset else exif[_ORIENTATION_TAG]
             if len(new) == 0:
                 return orientation, None, None
             return orientation, new.tobytes(), None
-        if _ORIENTATION_TAG in exif:
+        if reset and _ORIENTATION_TAG in exif:
             exif[_ORIENTATION_TAG] = 1
         return orientation, exif.tobytes(), None
     except Exception:  # noqa: BLE001 - as above, when writing the EXIF back
@@ -466,10 +468,11 @@ def photo_from_pil(
 
     ``apply_exif_orientation`` rotates the pixels as the EXIF orientation says (done by
     :func:`read_photo`; off for in-memory images so the caller's geometry is kept).
+    The kept EXIF says 1 for the orientation only when it was applied.
     """
     mode = img.mode
     icc = img.info.get("icc_profile") or None
-    orientation, exif, exif_note = _extract_exif(img)
+    orientation, exif, exif_note = _extract_exif(img, reset=apply_exif_orientation)
     notes = [exif_note] if exif_note else []
     if not apply_exif_orientation:
         orientation = 1
