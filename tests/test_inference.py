@@ -592,6 +592,24 @@ def test_exif_too_large_for_a_jpeg_is_dropped_with_a_note(tmp_path):
     assert "exif" not in Image.open(tmp_path / "out" / "big.jpg").info
 
 
+def test_alpha_and_16_bits_the_output_cannot_store_get_a_note(tmp_path):
+    rgba = Image.fromarray(RNG.integers(0, 256, (8, 8, 4), dtype=np.uint8))
+    rgba.save(tmp_path / "rgba.png")
+    Image.fromarray(RNG.integers(0, 65536, (8, 8), dtype=np.uint16)).save(tmp_path / "g16.png")
+    notes = {}
+    for name, out in [("rgba.png", "a.jpg"), ("g16.png", "b.jpg"), ("g16.png", "c.tif"), ("rgba.png", "d.png")]:
+        lines = []
+        s = derain_files([str(tmp_path / name)], str(tmp_path / out), identity, tile=0, progress=False,
+                         log=lines.append)
+        assert s.ok == 1 and not s.failed
+        notes[out] = lines
+    assert Image.open(tmp_path / "a.jpg").mode == "RGB" and Image.open(tmp_path / "b.jpg").mode == "L"
+    assert len(notes["a.jpg"]) == 1 and "transparency (alpha) cannot be stored in a JPEG" in notes["a.jpg"][0]
+    assert len(notes["b.jpg"]) == 1 and "16 bits per sample are written as 8" in notes["b.jpg"][0]
+    assert Image.open(tmp_path / "c.tif").mode == "I;16" and notes["c.tif"] == []  # kept: nothing to say
+    assert notes["d.png"] == []
+
+
 def test_a_line_break_in_a_file_name_keeps_the_report_one_line(tmp_path):
     bad = tmp_path / "bad\nname.jpg"
     bad.write_bytes(b"not a photo")

@@ -239,14 +239,33 @@ def _exif_block(exif: bytes | None) -> bytes | None:
     return exif if exif.startswith(_EXIF_HEADER) else _EXIF_HEADER + exif
 
 
+def _written_bits(photo: Photo, fmt: str) -> int:
+    """16 where ``fmt`` can store the photo's 16 bits (PNG; TIFF for grey without alpha, as Pillow
+    writes no other 16-bit TIFF), else 8."""
+    if photo.bit_depth <= 8 or fmt in ("JPEG", "WEBP"):
+        return 8
+    if fmt == "TIFF" and not (photo.grayscale and photo.alpha is None):
+        return 8
+    return 16
+
+
 def fit_metadata(photo: Photo, path: PathLike) -> Photo:
-    """``photo`` without what the output format cannot store, with a note saying so (rather than
-    failing the file): EXIF over a JPEG's 64 KB."""
+    """``photo`` without what the output format cannot store, with a note saying so each (rather
+    than failing the file, or losing it unsaid): EXIF over a JPEG's 64 KB, alpha in a JPEG, 16 bits
+    where only 8 can be written."""
+    fmt = format_for_path(path)
     exif = _exif_block(photo.exif)
-    if format_for_path(path) == "JPEG" and exif and len(exif) > _JPEG_MAX_EXIF:
-        note = f"its EXIF ({len(exif):,} bytes) is more than a JPEG holds (64 KB): not kept"
-        return dataclasses.replace(photo, exif=None, notes=(*photo.notes, note))
-    return photo
+    notes = list(photo.notes)
+    if fmt == "JPEG" and exif and len(exif) > _JPEG_MAX_EXIF:
+        notes.append(f"its EXIF ({len(exif):,} bytes) is more than a JPEG holds (64 KB): not kept")
+        photo = dataclasses.replace(photo, exif=None)
+    if fmt == "JPEG" and photo.alpha is not None:
+        notes.append("its transparency (alpha) cannot be stored in a JPEG: not kept (write PNG, WebP or TIFF)")
+        photo = dataclasses.replace(photo, alpha=None)
+    if _written_bits(photo, fmt) < photo.bit_depth:
+        notes.append(f"its 16 bits per sample are written as 8 in this {fmt} (write PNG to keep them)")
+        photo = dataclasses.replace(photo, bit_depth=8)
+    return dataclasses.replace(photo, notes=tuple(notes))
 
 
 def resolve_max_pixels(max_pixels: int | None) -> int:
@@ -729,14 +748,8 @@ def _output_planes(photo: Photo, fmt: str) -> tuple[np.ndarray, int, str]:
             raise ValueError(f"photo.alpha shape {alpha.shape} does not match the image {rgb.shape[:2]}")
     if fmt == "JPEG":
         alpha = None
-    bits = 16 if photo.bit_depth > 8 else 8
-    gray = photo.grayscale
-    if fmt in ("JPEG", "WEBP"):
-        bits = 8
-    if fmt == "WEBP":
-        gray = False  # WebP has no grayscale mode
-    if fmt == "TIFF" and bits == 16 and not (gray and alpha is None):
-        bits = 8  # Pillow can only write 16-bit TIFF as single-channel I;16
+    bits = _written_bits(photo, fmt)
+    gray = photo.grayscale and fmt != "WEBP"  # WebP has no grayscale mode
     planes = [rgb_to_gray(rgb)[..., None]] if gray else [rgb]
     if alpha is not None:
         planes.append(alpha[..., None])
