@@ -786,7 +786,8 @@ def write_photo(
     """Write ``photo`` to ``path`` atomically; the format comes from the suffix.
 
     PNG (default choice of callers), JPEG (quality 95, 4:4:4 chroma), WebP (quality 95)
-    and TIFF (LZW; uncompressed where the EXIF has Exif or GPS sub-directories) are supported.  ICC profile and EXIF are embedded, alpha re-attached
+    and TIFF (LZW; uncompressed where the EXIF has Exif or GPS sub-directories) are
+    supported.  ICC profile and EXIF are embedded, alpha re-attached
     (not for JPEG), grayscale written as grayscale, 16-bit kept in PNG.  The file is
     written to a temporary file in the same folder and moved into place with
     ``os.replace``; on any error the temporary file is removed, so no partial output is
