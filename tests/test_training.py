@@ -716,7 +716,8 @@ def test_a_fresh_run_does_not_overwrite_an_earlier_one(tmp_path, data_root, caps
     config.write_text(yaml.safe_dump(config_dict(data_root, iterations=1)))
     assert main(["train", str(config), "--out", str(out), "-q"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {out} holds an earlier run (last.pt, final.safetensors") and "\n" not in err
+    assert err.startswith(f"error: {out} holds an earlier run (last.pt, final.safetensors, TensorBoard logs)")
+    assert "\n" not in err
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.name in before} == before
     with pytest.raises(ValueError, match="choose one"):
         train(make_config(data_root, iterations=1), out, progress=False, resume=True, overwrite=True)

@@ -410,8 +410,9 @@ class Trainer:
         self.resumed_from = self._checkpoint_to_resume(resume)
         self.overwrite = overwrite
         if not resume and not overwrite and (earlier := self._earlier_outputs()):
-            raise FileExistsError(f"{self.out} holds an earlier run ({', '.join(p.name for p in earlier)}): continue "
-                                  "it with --resume, replace it with --overwrite, or choose another --out")
+            names = dict.fromkeys("TensorBoard logs" if p.parent.name == "tb" else p.name for p in earlier)
+            raise FileExistsError(f"{self.out} holds an earlier run ({', '.join(names)}): continue it with --resume, "
+                                  "replace it with --overwrite, or choose another --out")
         self.dist, self.device = setup_distributed(cfg.device)
         self.progress = progress and self.dist.is_main
 
