@@ -412,6 +412,32 @@ def test_tiff_output_keeps_exif_and_gps_subdirectories(tmp_path, mode):
     assert Image.open(tmp_path / "plain.tif").info["compression"] == "tiff_lzw"  # still compressed otherwise
 
 
+@pytest.mark.parametrize("sub_ifd", [False, True])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_tiff_output_ignores_layout_tags_in_the_exif(tmp_path, mode, sub_ifd):
+    # A phone's JPEG EXIF names the stored size in IFD0 (ImageWidth/ImageLength), here 9 x 8 turned
+    # to 8 x 9 by its orientation: in a TIFF those tags are the file's own layout, so the writer's
+    # must win, or the pixels are read with the wrong width (or the file fails to write).
+    a = RNG.integers(0, 256, (8, 9, 3), dtype=np.uint8)
+    ex = _exif(orientation=6)
+    ex[0x0100], ex[0x0101], ex[0x0106], ex[0x0115] = 9, 8, 2, 3  # width, length, RGB, 3 samples
+    if sub_ifd:
+        ex.get_ifd(0x8769)[0x9003] = "2024:05:06 07:08:09"  # DateTimeOriginal
+    Image.fromarray(a).save(tmp_path / "phone.png", exif=ex)
+    ph = read_photo(tmp_path / "phone.png")
+    if mode == "L":
+        ph = dataclasses.replace(ph, grayscale=True)
+    write_photo(tmp_path / "o.tif", ph)
+    back = Image.open(tmp_path / "o.tif")
+    assert back.mode == mode and back.size == (8, 9)
+    want = np.rot90(a, -1) if mode == "RGB" else _u8(nio.rgb_to_gray(ph.rgb))
+    np.testing.assert_array_equal(np.asarray(back), want)
+    got = back.getexif()
+    assert got.get(0x010F) == "TestMake"
+    if sub_ifd:
+        assert got.get_ifd(0x8769).get(0x9003) == "2024:05:06 07:08:09"
+
+
 def test_errors_are_one_line_and_name_the_file(tmp_path):
     a = RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(a).save(tmp_path / "good.png")

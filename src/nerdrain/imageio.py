@@ -765,15 +765,31 @@ def _output_planes(photo: Photo, fmt: str) -> tuple[np.ndarray, int, str]:
     return data, 8, mode
 
 
-def _tiff_compression(exif: bytes | None) -> str:
-    """LZW, except for EXIF with sub-directories (Exif, GPS): Pillow compresses TIFFs with libtiff,
-    which cannot write them (it fails the file), so those are written uncompressed, metadata kept."""
-    if exif:
-        tags = Image.Exif()
-        tags.load(exif)
-        if any(tag in tags for tag in TiffTags.TAGS_V2_GROUPS):
-            return "raw"
-    return "tiff_lzw"
+# What a TIFF's own directory says about its pixels (size, samples, strips, compression...). In
+# EXIF copied from another format they describe that file, a phone's JPEG naming its stored size
+# in IFD0, say: Pillow lets them override its own, so a turned photo was written with its sides
+# swapped (or not at all). The writer sets them; the EXIF's are left out.
+_TIFF_LAYOUT_TAGS = frozenset({
+    0x00FE, 0x00FF, 0x0100, 0x0101, 0x0102, 0x0103, 0x0106, 0x010A, 0x0111, 0x0115, 0x0116, 0x0117,
+    0x011C, 0x013D, 0x0140, 0x0142, 0x0143, 0x0144, 0x0145, 0x014A, 0x0152, 0x0153, 0x0201, 0x0202,
+    0x0212, 0x0214,
+})
+
+
+def _tiff_params(exif: bytes | None) -> dict:
+    """The EXIF (without layout tags) and compression for a TIFF: LZW, except for EXIF with
+    sub-directories (Exif, GPS): Pillow compresses TIFFs with libtiff, which cannot write them (it
+    fails the file), so those are written uncompressed, metadata kept."""
+    if not exif:
+        return {"compression": "tiff_lzw"}
+    tags = Image.Exif()
+    tags.load(exif)
+    for tag in _TIFF_LAYOUT_TAGS & set(tags):
+        del tags[tag]
+    params: dict = {"compression": "raw" if any(tag in tags for tag in TiffTags.TAGS_V2_GROUPS) else "tiff_lzw"}
+    if len(tags):
+        params["exif"] = tags.tobytes()
+    return params
 
 
 def write_photo(
@@ -827,7 +843,8 @@ def write_photo(
                 elif fmt == "WEBP":
                     params.update(quality=quality)
                 elif fmt == "TIFF":
-                    params.update(compression=_tiff_compression(exif))
+                    params.pop("exif", None)
+                    params.update(_tiff_params(exif))
                 img.save(fp, format=fmt, **params)
     except ImageWriteError:
         raise
