@@ -610,6 +610,18 @@ def test_alpha_and_16_bits_the_output_cannot_store_get_a_note(tmp_path):
     assert notes["d.png"] == []
 
 
+def test_an_opaque_alpha_dropped_by_a_jpeg_gets_no_note(tmp_path):
+    # Every pixel fully opaque: the JPEG shows exactly what the PNG did, nothing is lost to report.
+    a = RNG.integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    a[..., 3] = 255
+    Image.fromarray(a).save(tmp_path / "opaque.png")
+    lines = []
+    s = derain_files([str(tmp_path / "opaque.png")], str(tmp_path / "o.jpg"), identity, tile=0, progress=False,
+                     log=lines.append)
+    assert s.ok == 1 and lines == []
+    assert Image.open(tmp_path / "o.jpg").mode == "RGB"
+
+
 def test_a_line_break_in_a_file_name_keeps_the_report_one_line(tmp_path):
     bad = tmp_path / "bad\nname.jpg"
     bad.write_bytes(b"not a photo")

@@ -259,8 +259,9 @@ def fit_metadata(photo: Photo, path: PathLike) -> Photo:
     if fmt == "JPEG" and exif and len(exif) > _JPEG_MAX_EXIF:
         notes.append(f"its EXIF ({len(exif):,} bytes) is more than a JPEG holds (64 KB): not kept")
         photo = dataclasses.replace(photo, exif=None)
-    if fmt == "JPEG" and photo.alpha is not None:
-        notes.append("its transparency (alpha) cannot be stored in a JPEG: not kept (write PNG, WebP or TIFF)")
+    if fmt == "JPEG" and photo.alpha is not None:  # dropped; worth a word where not all opaque
+        if np.min(photo.alpha) < 1:
+            notes.append("its transparency (alpha) cannot be stored in a JPEG: not kept (write PNG, WebP or TIFF)")
         photo = dataclasses.replace(photo, alpha=None)
     if _written_bits(photo, fmt) < photo.bit_depth:
         notes.append(f"its 16 bits per sample are written as 8 in this {fmt} (write PNG to keep them)")
