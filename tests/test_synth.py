@@ -281,9 +281,11 @@ def test_synthesize_folder_round_trip(tmp_path, photos):
     with pytest.raises(FileExistsError):
         synthesize_folder(clean, out, preset="heavy", count_per_image=2, seed=4, size=48)
     first = (out / "input" / inputs[0]).read_bytes()
+    (out / "target" / f".{inputs[1]}.0badf00d.tmp").write_bytes(b"\x89PNG half")  # as a SIGKILL leaves it
     synthesize_folder(clean, out, preset="heavy", count_per_image=2, seed=4, size=48,
                       overwrite=True)
     assert (out / "input" / inputs[0]).read_bytes() == first
+    assert not _leftovers(out)
     # whole images, one per source, same names
     out1 = tmp_path / "out1"
     assert synthesize_folder(clean, out1).written == 3

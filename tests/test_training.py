@@ -626,6 +626,8 @@ def test_best_weights_restart_when_the_validation_set_changes(tmp_path, data_roo
                     progress=False, resume=True)
     assert other.best_psnr == -math.inf
     assert f"the validation set changed; best.safetensors (scored {best:.2f} dB" in capsys.readouterr().out
+    unvalidated = Trainer(make_config(data_root), out, progress=False, resume=True)  # no val.root: no best to replace
+    assert unvalidated.best_psnr == -math.inf and "validation set changed" not in capsys.readouterr().out
 
 
 def test_fine_tuning_starts_from_the_given_weights(tmp_path, data_root):

@@ -543,7 +543,7 @@ class Trainer:
         scored_on = ("root", "protocol", "max_images")  # what makes two validation scores comparable
         if saved is not None and any(saved.get("val", {}).get(k) != current["val"][k] for k in scored_on):
             self.best_psnr = -math.inf  # a score on another set: the next validation starts the new best
-            if self.dist.is_main and math.isfinite(float(state["best_psnr"])):
+            if self.dist.is_main and math.isfinite(float(state["best_psnr"])) and self.cfg.val.root:
                 tqdm.write(f"note: the validation set changed; {BEST} (scored {float(state['best_psnr']):.2f} dB "
                            "on the earlier one) is replaced at the next validation")
         if self.ema is not None:

@@ -733,7 +733,7 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
                                       "--resume, resume=True; replace outputs: --overwrite, overwrite=True)")
     in_dir.mkdir(parents=True, exist_ok=True)
     tg_dir.mkdir(parents=True, exist_ok=True)
-    if resume:  # what a killed run was writing
+    if resume or overwrite:  # what a killed run was writing
         for folder in (in_dir, tg_dir):
             remove_stale_temporaries(folder, names)
 
