@@ -651,3 +651,16 @@ def test_cmyk_with_unusable_profile_falls_back_and_drops_it(tmp_path):
     ph = read_photo(tmp_path / "c.jpg")
     assert ph.icc_profile is None  # never attach a non-RGB (or mismatched) profile to RGB output
     np.testing.assert_array_equal(_u8(ph.rgb), np.asarray(Image.open(tmp_path / "c.jpg").convert("RGB")))
+
+
+def test_a_tiff_pillow_cannot_decode_is_named_as_such(tmp_path):
+    """Floating-point colour TIFFs (HDR work, scientific cameras) are TIFFs, not 'not an image'."""
+    tifffile = pytest.importorskip("tifffile")  # comes with scikit-image
+    path = tmp_path / "float.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).random((8, 9, 3), dtype=np.float32), photometric="rgb")
+    with pytest.raises(ImageReadError, match="a TIFF whose pixel format cannot be read") as err:
+        read_photo(path)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+    (tmp_path / "junk.tif").write_bytes(b"not a TIFF at all")
+    with pytest.raises(ImageReadError, match="not an image"):
+        read_photo(tmp_path / "junk.tif")

@@ -622,10 +622,17 @@ def _read_locked(p: Path, path: PathLike, limit: int) -> Photo:
         return _read_open(fh, p, path, limit)
 
 
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")  # little- and big-endian
+
+
 def _read_open(fh, p: Path, path: PathLike, limit: int) -> Photo:
     try:
         img = Image.open(fh)
     except UnidentifiedImageError:
+        fh.seek(0)
+        if fh.read(4) in _TIFF_MAGIC:  # a TIFF, but of a sample layout Pillow has no mode for
+            raise ImageReadError(path, "a TIFF whose pixel format cannot be read (floating-point colour, say): "
+                                       "save it with 8 or 16 bits per sample") from None
         raise ImageReadError(path, "not an image (cannot identify image file)") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as e:
         raise ImageReadError(path, _decode_reason(e)) from None
