@@ -246,3 +246,16 @@ def test_decompression_bomb_is_a_read_error_naming_the_file(tmp_path: Path, monk
     with pytest.raises(ValueError, match="cannot read the image") as err:
         read_rgb(big)
     assert str(big) in str(err.value)
+
+
+@pytest.mark.parametrize("root", ["empty", "input_target", "missing"])
+def test_forced_prenet_without_its_files_is_an_error_not_zero_pairs(tmp_path: Path, root: str) -> None:
+    """Zero pairs would be scored as a NaN mean with success, as the other layouts do not allow."""
+    folder = tmp_path / root
+    if root != "missing":
+        folder.mkdir()
+    if root == "input_target":
+        _write(folder / "input" / "rain-1.png", 1)
+        _write(folder / "target" / "rain-1.png", 1 + CLEAN)
+    with pytest.raises(ValueError, match="no rain-N / norain-N images"):
+        find_pairs(folder, "prenet")
