@@ -226,6 +226,17 @@ def test_evaluate_model_on_dataset(tmp_path, tiny_weights):
     assert (tmp_path / "pred" / "1.png").is_file()
 
 
+@pytest.mark.parametrize("extra", [["--layout", "did"], ["--save", "out"], ["--weights", "w.pth", "--layout", "did"]])
+def test_evaluate_pred_refuses_options_of_a_model_run(tmp_path, capsys, extra):
+    """--pred scores saved files: a --save that writes nothing or a --layout that splits nothing is an error."""
+    for folder in ("pred", "gt"):
+        (tmp_path / folder).mkdir()
+        write_image(tmp_path / folder / "1.png", 7)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "-q", *extra]) == 2
+    err = capsys.readouterr().err
+    assert "only with --data" in err and all(flag in err for flag in extra if flag.startswith("--"))
+
+
 def test_evaluate_needs_something_to_do(capsys):
     assert main(["evaluate"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err

@@ -73,6 +73,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("nothing to evaluate: give --pred DIR --gt DIR, or --data DIR")
     if (args.pred or args.gt) and (not (args.pred and args.gt) or args.data):
         raise ValueError("score saved predictions with --pred DIR --gt DIR, or run a model with --data DIR")
+    model_only = [flag for flag, value in (("--layout", args.layout), ("--save", args.save), ("--weights", args.weights))
+                  if value]
+    if args.pred and model_only:  # silently ignored, they would leave a wrong idea of what was scored
+        raise ValueError(f"{', '.join(model_only)}: only with --data (a model run), not with --pred/--gt")
     for report_file in filter(None, (args.json, args.csv)):  # a bad path fails now, not after the scoring
         output_file(report_file)
 
