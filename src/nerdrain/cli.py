@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the scores as JSON")
     p.add_argument("--csv", help="write per-image scores as CSV")
     p.add_argument("--per-image", action="store_true", help="print a row per image")
-    model_options(p, 0, "0, as the paper's scripts run")
+    model_options(p, 0, "0; the paper's test script cuts 256x256 windows with hard seams instead")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train with a YAML config (works under torchrun)")
