@@ -253,6 +253,18 @@ def test_empty_batch_gives_an_empty_result_tiled_or_whole(tile):
     assert out.shape == x.shape and out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("tile", [0, 16])
+def test_a_model_working_in_place_leaves_the_image_alone(tile):
+    def in_place(t: torch.Tensor) -> torch.Tensor:  # as a first nn.ReLU(inplace=True) would
+        return t.mul_(0.8).add_(0.1)
+
+    x = torch.rand(2, 3, 20, 36)
+    before = x.clone()
+    out = run_tiled(in_place, x, TileConfig(tile=tile, overlap=8))
+    assert torch.equal(x, before)
+    torch.testing.assert_close(out, pointwise(before), atol=1e-6, rtol=0)
+
+
 # --------------------------------------------------------------------------- (e) OOM fallback
 
 

@@ -200,7 +200,8 @@ def run_tiled(
     """Run ``model`` over ``image`` (Bx3xHxW or 3xHxW float) tile by tile; see the module doc.
 
     Tiles go to ``device`` (default: the model's device, else the image's).  Returns a
-    float32 tensor of the image's shape on the image's device.
+    float32 tensor of the image's shape on the image's device; ``image`` itself is left
+    as it was, also by a model that works on its input in place.
     """
     if not isinstance(image, torch.Tensor) or not image.is_floating_point():
         # an integer image would reach the model as 0..255, not the [0, 1] it expects
@@ -237,7 +238,8 @@ def _run_whole(model: ModelLike, image: torch.Tensor, batch_size: int, dev: torc
     bar = _bar(b if b > 1 else 0, progress, "images")
     try:
         for i in range(0, b, batch_size):
-            x = image[i : i + batch_size].to(dev, dtype=torch.float32).contiguous()
+            # a copy, as the tiled path's stack is: a model working in place must not change the caller's image
+            x = image[i : i + batch_size].to(dev, torch.float32, copy=True, memory_format=torch.contiguous_format)
             y = _check_output(model(x), tuple(x.shape))
             parts.append(y.to(image.device, dtype=torch.float32))
             if bar is not None:
