@@ -280,6 +280,15 @@ def test_non_finite_float_images_are_refused_and_0_255_floats_warned():
     assert out.max() <= 1.0
 
 
+def test_float_pil_images_are_checked_as_float_arrays_are():
+    f = RNG.random((6, 7), dtype=np.float32)
+    f[2, 3] = np.nan
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+        derain(Image.fromarray(f), identity)
+    with pytest.warns(UserWarning, match="divide 8-bit values by 255"):
+        derain(Image.fromarray(RNG.random((6, 7), dtype=np.float32) * 255), identity)
+
+
 def test_big_endian_arrays_read_as_their_values():
     a = RNG.integers(0, 65536, (6, 7, 3), dtype=np.uint16)
     np.testing.assert_array_equal(derain(a.astype(">u2"), affine), derain(a, affine))

@@ -245,6 +245,8 @@ def _derain_photo(photo: Photo, runner: _Runner, progress: bool) -> Photo:
 
 def _derain_pil(img: Image.Image, runner: _Runner, progress: bool) -> Image.Image:
     img.load()
+    if img.mode == "F":  # a float image as an array is: NaN refused, 0-255 values warned (not silently 0 and 1)
+        _check_float_image(np.array(img, dtype=np.float32))  # a writable copy, as torch.from_numpy wants
     photo = photo_from_pil(img, apply_exif_orientation=False)
     result = _derain_photo(photo, runner, progress)
     if img.mode == "F":  # float image: stay float (values in [0, 1])
