@@ -312,6 +312,14 @@ def test_oom_fallback_gives_up_with_clear_message():
     assert min(max(c[-2:]) for c in model.calls) == 64
 
 
+@pytest.mark.parametrize("multiple", [16, 40])
+def test_oom_fallback_stops_at_the_smallest_tile_the_config_allows(multiple):
+    model = FakeOOM(limit=1)  # never fits
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory even with"):
+        run_with_oom_fallback(model, torch.rand(1, 3, 100, 100), TileConfig(tile=96, multiple=multiple), min_tile=8)
+    assert min(max(c[-2:]) for c in model.calls) >= multiple
+
+
 def test_oom_fallback_recognises_runtime_error_messages_and_passes_other_errors():
     x = torch.rand(1, 3, 64, 64)
     model = FakeOOM(limit=40, exc=RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))

@@ -327,8 +327,8 @@ def run_with_oom_fallback(
     On an out-of-memory error the tile side is halved (rounded down to
     ``cfg.multiple``; a whole-image run starts from the image's longer side), the batch
     size halved (at least 1) and the overlap kept at most a quarter of the tile; this
-    repeats down to ``min_tile``, below which ``torch.OutOfMemoryError`` is raised with a
-    message saying what was tried.  Each retry is logged on the ``nerdrain`` logger.
+    repeats down to ``min_tile`` (and no tile below ``cfg.multiple``), below which
+    ``torch.OutOfMemoryError`` is raised with a message saying what was tried.  Each retry is logged on the ``nerdrain`` logger.
     """
     h, w = image.shape[-2:]
     cur = cfg
@@ -347,14 +347,15 @@ def run_with_oom_fallback(
         new_tile = eff // 2
         if new_tile >= cur.multiple:
             new_tile -= new_tile % cur.multiple
-        if eff <= min_tile or new_tile < 1:
+        new_tile = max(new_tile, min(min_tile, eff - 1))
+        # below ``multiple`` TileConfig refuses a tile: that is as far as halving goes, whatever min_tile says
+        if eff <= min_tile or new_tile < cur.multiple:
             where = f"tile {eff}x{eff}" if side > 0 else "the whole image"
             raise torch.OutOfMemoryError(
                 f"out of memory even with {where} and batch size {cur.batch_size} "
                 f"(smallest tile tried: {eff}; last error: {failed_msg}). "
                 "Try a smaller --tile, --half, or --device cpu."
             )
-        new_tile = max(new_tile, min(min_tile, eff - 1))
         new = replace(cur, tile=new_tile, batch_size=max(1, cur.batch_size // 2), overlap=min(cur.overlap, new_tile // 4))
         log.warning(
             "out of memory with %s (batch %d); retrying with tile %d (batch %d)",
