@@ -293,6 +293,23 @@ def test_synthesize_folder_round_trip(tmp_path, photos):
     assert np.asarray(Image.open(out1 / "target" / "img0.png")).shape == (60, 70, 3)
 
 
+@pytest.mark.parametrize("size, shape", [(np.int64(24), (24, 24)), (24.0, (24, 24)), ([20, np.int32(28)], (20, 28))])
+def test_synthesize_folder_takes_sizes_as_whole_numbers_of_any_type(tmp_path, photos, size, shape):
+    clean = tmp_path / "clean"
+    _write_clean_folder(clean, photos[:1])
+    assert synthesize_folder(clean, tmp_path / "out", size=size).written == 1
+    assert np.asarray(Image.open(tmp_path / "out" / "input" / "img0.png")).shape == shape + (3,)
+
+
+@pytest.mark.parametrize("size", ["32", 24.5, (24,), (24, "x")])
+def test_synthesize_folder_refuses_sizes_that_are_not_whole_numbers(tmp_path, photos, size):
+    clean = tmp_path / "clean"
+    _write_clean_folder(clean, photos[:1])
+    with pytest.raises(TypeError, match="size .--size. must be a whole number"):
+        synthesize_folder(clean, tmp_path / "out", size=size)
+    assert not (tmp_path / "out").exists()
+
+
 def test_synthesize_folder_never_writes_sources(tmp_path, photos):
     ds = tmp_path / "ds"
     _write_clean_folder(ds / "target", photos[:1])

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from ..checks import whole_number
 from ..files import check_output_folder, remove_stale_temporaries
 from ..imageio import (DATASET_EXTENSIONS, ImageReadError, quantize, read_photo, resolve_max_pixels,
                        rgb_to_gray, save_png)
@@ -633,7 +634,14 @@ def render_mixed(clean: np.ndarray, rng: np.random.Generator,
 def _crop_size(size: int | tuple[int, int]) -> tuple[int, int]:
     """``size`` as (h, w), refused where it is not positive or has more pixels than ``read_photo``
     accepts: smaller photos are upscaled to cover a crop, so a typo would end in a MemoryError."""
-    th, tw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    side = whole_number(size)
+    if side is not None:
+        sides: tuple[int | None, ...] = (side, side)
+    else:  # a string "32" would have been read as (3, 2)
+        sides = tuple(map(whole_number, size)) if isinstance(size, (tuple, list)) else ()
+    if len(sides) != 2 or None in sides:
+        raise TypeError(f"size (--size) must be a whole number or an (h, w) pair of them, got {size!r}")
+    th, tw = sides
     if th < 1 or tw < 1:
         raise ValueError(f"size (--size) must be positive, got {size}")
     limit = resolve_max_pixels(None)
