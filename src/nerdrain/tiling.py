@@ -328,7 +328,8 @@ def run_with_oom_fallback(
     ``cfg.multiple``; a whole-image run starts from the image's longer side), the batch
     size halved (at least 1) and the overlap kept at most a quarter of the tile; this
     repeats down to ``min_tile`` (and no tile below ``cfg.multiple``), below which
-    ``torch.OutOfMemoryError`` is raised with a message saying what was tried.  Each retry is logged on the ``nerdrain`` logger.
+    ``torch.OutOfMemoryError`` is raised with a message saying what was tried.  Each retry
+    is logged on the ``nerdrain`` logger.
     """
     h, w = image.shape[-2:]
     cur = cfg

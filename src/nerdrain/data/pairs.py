@@ -263,8 +263,10 @@ def _unreadable(path: Path, err: BaseException) -> ValueError:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """uint8 RGB as MATLAB's imread sees 8-bit files: grey, palette and alpha images become RGB.
-    16-bit and float files are refused: MATLAB would read them at full depth, not as 8 bits."""
+    """uint8 RGB of an 8-bit file; grey, palette and alpha images become RGB as Pillow converts
+    them (MATLAB's imread gives grey and palette files as 2-D arrays instead, so their scores are
+    not the MATLAB scripts'; the benchmarks' files are all RGB). 16-bit and float files are
+    refused: MATLAB would read them at full depth, not as 8 bits."""
     try:
         with Image.open(path) as img:
             depth = "16-bit" if stores_16_bits(img) else f"32-bit {img.mode}" if img.mode in ("I", "F") else None
