@@ -227,8 +227,9 @@ def test_render_mixed(photos):
     only_heavy = [y_psnr(render_mixed(im, np.random.default_rng(k), weights=(0, 1)), im)
                   for k in range(3)]
     assert max(only_heavy) < 18
-    with pytest.raises(ValueError):
-        RainMixer(("light", "heavy"), weights=(0, 0))
+    for bad in ((0, 0), (float("nan"), 1), (float("inf"), 1), (-1, 2)):
+        with pytest.raises(ValueError, match="finite non-negative numbers"):
+            RainMixer(("light", "heavy"), weights=bad)
 
 
 def test_fast_enough_for_a_data_loader():

@@ -110,6 +110,8 @@ def test_config_validation_and_counts():
 
 def test_default_tile_on_cpu():
     assert default_tile_for_device("cpu") == 512
+    if not torch.cuda.is_available():  # "auto" is the CPU here, as resolve_device reads it
+        assert default_tile_for_device("auto") == 512
     assert default_tile_for_device(torch.device("cpu"), batch_size=8) == 512
 
 

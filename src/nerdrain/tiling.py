@@ -387,7 +387,7 @@ def default_tile_for_device(
     tile side.  CPU, MPS and anything else: ``fixed_tile`` (512).  Out-of-memory errors
     from a too-optimistic estimate are handled by :func:`run_with_oom_fallback`.
     """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = resolve_device(device) if device == "auto" else torch.device(device or "cpu")
     if dev.type != "cuda" or not torch.cuda.is_available():
         return fixed_tile
     try:

@@ -601,8 +601,8 @@ class RainMixer:
             raise ValueError("need at least one preset")
         self.synths = [RainSynthesizer(p, streak_dir) for p in presets]
         wts = np.ones(len(presets)) if weights is None else np.asarray(weights, dtype=np.float64)
-        if wts.shape != (len(presets),) or (wts < 0).any() or wts.sum() <= 0:
-            raise ValueError(f"weights must be {len(presets)} non-negative numbers, not all 0")
+        if wts.shape != (len(presets),) or not np.isfinite(wts).all() or (wts < 0).any() or wts.sum() <= 0:
+            raise ValueError(f"weights must be {len(presets)} finite non-negative numbers, not all 0, got {weights}")
         self.weights = wts / wts.sum()
 
     def render(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
