@@ -226,7 +226,8 @@ def test_evaluate_model_on_dataset(tmp_path, tiny_weights):
     assert (tmp_path / "pred" / "1.png").is_file()
 
 
-@pytest.mark.parametrize("extra", [["--layout", "did"], ["--save", "out"], ["--weights", "w.pth", "--layout", "did"]])
+@pytest.mark.parametrize("extra", [["--layout", "did"], ["--save", "out"], ["--weights", "w.pth", "--layout", "did"],
+                                   ["--released-windows"]])
 def test_evaluate_pred_refuses_options_of_a_model_run(tmp_path, capsys, extra):
     """--pred scores saved files: a --save that writes nothing or a --layout that splits nothing is an error."""
     for folder in ("pred", "gt"):
@@ -235,6 +236,24 @@ def test_evaluate_pred_refuses_options_of_a_model_run(tmp_path, capsys, extra):
     assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "-q", *extra]) == 2
     err = capsys.readouterr().err
     assert "only with --data" in err and all(flag in err for flag in extra if flag.startswith("--"))
+
+
+def test_evaluate_released_windows_on_a_dataset(tmp_path, tiny_weights, capsys):
+    """The released script's windows: a 256-pixel image runs, with --tile it is refused, and an
+    image under 256 is named in one line."""
+    for name, size in (("big", 256), ("small", 200)):
+        root = tmp_path / name
+        for folder, value in (("input", 90), ("target", 100)):
+            (root / folder).mkdir(parents=True)
+            Image.fromarray(np.full((size, 264, 3), value, np.uint8)).save(root / folder / "1.png")
+    common = ["evaluate", "--weights", str(tiny_weights), "--device", "cpu", "-q", "--released-windows"]
+    assert main([*common, "--data", str(tmp_path / "big")]) == 0
+    assert "rain200" in capsys.readouterr().out
+    assert main([*common, "--data", str(tmp_path / "big"), "--tile", "64"]) == 2
+    assert "give no tile" in capsys.readouterr().err
+    assert main([*common, "--data", str(tmp_path / "small")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "small" / "input" / "1.png") in err and "at least 256" in err
 
 
 def test_evaluate_needs_something_to_do(capsys):

@@ -280,6 +280,21 @@ def test_rain12_identity(data_dir: Path) -> None:
     assert report.ssim == pytest.approx(0.8552, abs=0.00015)
 
 
+def test_rain12_on_the_released_windows(data_dir: Path) -> None:
+    """The model sees only 256x256 windows; a pointwise one scores as on whole images."""
+    model = _Scale()
+    report = evaluate_model(model, data_dir / "rain12", released_windows=True)
+    assert {shape for shape, _ in model.calls} == {(4, 3, 256, 256)}  # 4 windows of 481 x 321, a batch
+    assert _rows(report) == _rows(evaluate_model(lambda x: x, data_dir / "rain12"))
+
+
+def test_released_windows_refuse_small_images_naming_them_and_a_tile(dataset: Path) -> None:
+    with pytest.raises(ValueError, match=r"input[/\\]a\.png: the released test script's 256x256 windows need"):
+        evaluate_model(lambda x: x, dataset, released_windows=True)
+    with pytest.raises(ValueError, match="give no tile"):
+        evaluate_model(lambda x: x, dataset, released_windows=True, tile=64)
+
+
 # --- output --------------------------------------------------------------------------------------
 
 

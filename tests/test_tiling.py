@@ -12,6 +12,8 @@ from nerdrain.tiling import (
     count_tiles,
     default_tile_for_device,
     is_oom_error,
+    released_window_starts,
+    run_released_windows,
     run_tiled,
     run_with_oom_fallback,
     tile_positions,
@@ -333,3 +335,38 @@ def test_oom_fallback_recognises_runtime_error_messages_and_passes_other_errors(
         run_with_oom_fallback(bad, x, TileConfig(tile=64), min_tile=16)
     assert len(bad.calls) == 1  # not retried
     assert is_oom_error(torch.OutOfMemoryError("x")) and not is_oom_error(ValueError("out of memory"))
+
+
+# --- the released test script's windows --------------------------------------------------------
+
+
+def test_released_windows_start_every_256_pixels_the_last_shifted_to_the_border():
+    assert released_window_starts(256) == [0]
+    assert released_window_starts(481) == [0, 225]
+    assert released_window_starts(512) == [0, 256]
+    assert released_window_starts(1000) == [0, 256, 512, 744]
+    with pytest.raises(ValueError, match="need sides of at least 256 pixels, got 255"):
+        released_window_starts(255)
+
+
+def test_released_windows_have_hard_seams_where_the_shifted_window_wins():
+    """Each window filled with its own number shows which one each pixel comes from: 300 x 520
+    has windows at rows 0, 44 and columns 0, 256, 264, numbered row by row; no blending."""
+    calls = []
+
+    def window_number(x: torch.Tensor) -> torch.Tensor:
+        first = sum(shape[0] for shape in calls) + 1
+        calls.append(tuple(x.shape))
+        return torch.stack([torch.full_like(window, first + k) for k, window in enumerate(x)])
+
+    out = run_released_windows(window_number, torch.rand(1, 3, 300, 520), batch_size=4)
+    assert calls == [(4, 3, 256, 256), (2, 3, 256, 256)]
+    expected = torch.empty(300, 520)
+    for rows, first in ((slice(0, 44), 1), (slice(44, 300), 4)):
+        expected[rows, :256], expected[rows, 256:264], expected[rows, 264:] = first, first + 1, first + 2
+    assert torch.equal(out[0, 0], expected) and torch.equal(out[0, 2], expected)
+
+
+def test_released_windows_of_a_pointwise_model_give_its_whole_image_result():
+    image = torch.rand(2, 3, 300, 520)
+    assert torch.equal(run_released_windows(pointwise, image, batch_size=3), pointwise(image))

@@ -73,8 +73,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("nothing to evaluate: give --pred DIR --gt DIR, or --data DIR")
     if (args.pred or args.gt) and (not (args.pred and args.gt) or args.data):
         raise ValueError("score saved predictions with --pred DIR --gt DIR, or run a model with --data DIR")
-    model_only = [flag for flag, value in (("--layout", args.layout), ("--save", args.save), ("--weights", args.weights))
-                  if value]
+    model_only = [flag for flag, value in (("--layout", args.layout), ("--save", args.save), ("--weights", args.weights),
+                                           ("--released-windows", args.released_windows)) if value]
     if args.pred and model_only:  # silently ignored, they would leave a wrong idea of what was scored
         raise ValueError(f"{', '.join(model_only)}: only with --data (a model run), not with --pred/--gt")
     for report_file in filter(None, (args.json, args.csv)):  # a bad path fails now, not after the scoring
@@ -90,7 +90,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         try:
             report = evaluate.evaluate_model(_model(args), args.data, args.protocol, layout=args.layout,
                                              save_dir=args.save, device=device, tile=args.tile,
-                                             overlap=args.overlap, progress=not args.quiet)
+                                             overlap=args.overlap, released_windows=args.released_windows,
+                                             progress=not args.quiet)
         except RuntimeError as err:  # torch.OutOfMemoryError is one (and only exists from torch 2.5)
             if not is_oom_error(err):
                 raise
@@ -215,7 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the scores as JSON")
     p.add_argument("--csv", help="write per-image scores as CSV")
     p.add_argument("--per-image", action="store_true", help="print a row per image")
-    model_options(p, 0, "0; the paper's test script cuts 256x256 windows with hard seams instead")
+    model_options(p, 0, "0; the paper's test script cuts 256x256 windows with hard seams instead: "
+                        "--released-windows")
+    p.add_argument("--released-windows", action="store_true",
+                   help="with --data: run the model as the released test script does, on 256x256 windows with "
+                        "hard seams, to score as the paper's figures were made (sides under 256 are refused)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train with a YAML config (works under torchrun)")

@@ -20,6 +20,7 @@ non-finite value a score can take); :func:`write_csv` writes ``inf``, which ``fl
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -37,7 +38,7 @@ from .devices import resolve_device
 from .files import atomic_write, check_output_folder, output_file
 from .imageio import save_png
 from .metrics import PROTOCOLS, score, to_uint8
-from .tiling import TileConfig, run_tiled
+from .tiling import TileConfig, run_released_windows, run_tiled
 
 __all__ = [
     "ImageScore",
@@ -122,7 +123,10 @@ def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "ra
                 continue
             # PIL-backed arrays are read-only; torch warns on (and must not share) them.
             x = torch.from_numpy(rainy.copy()).permute(2, 0, 1)[None].float().div(255).to(device)
-            y = restore(x)
+            try:
+                y = restore(x)
+            except ValueError as err:  # an image it cannot run on (a side under 256 for the released windows)
+                raise ValueError(f"{pair.input}: {err}") from None
             # An integer output (0..255, say) would pass .float() below and be clipped to [0, 1].
             if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape) or not y.is_floating_point():
                 got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
@@ -153,20 +157,28 @@ def _saver(folder: Path) -> Callable[[Pair, np.ndarray], None]:
 def evaluate_model(model_or_restore: Restorer, data_dir: str | Path, protocol: str = "rain200", *,
                    layout: str | None = None, save_dir: str | Path | None = None,
                    device: torch.device | str = "cpu", tile: int = 0, overlap: int = 32,
-                   progress: bool = False) -> EvalReport:
+                   released_windows: bool = False, progress: bool = False) -> EvalReport:
     """Derain every pair of ``data_dir`` (``find_pairs(data_dir, layout)``) and score the results.
 
     ``model_or_restore`` maps Bx3xHxW float tensors in [0, 1] to the same shape; an
     ``nn.Module`` is moved to ``device`` (in place) and run in eval mode, its training flag
     restored afterwards. ``tile`` > 0 runs it tile by tile (:func:`nerdrain.tiling.run_tiled`
-    with ``overlap``); 0 on the whole image. Each prediction is quantised to 8 bits
-    (:func:`to_uint8`) before scoring and, with ``save_dir``, saved as ``save_dir/<name>.png``.
+    with ``overlap``); 0 on the whole image; ``released_windows`` on the released test script's
+    256x256 windows with hard seams (:func:`nerdrain.tiling.run_released_windows`), as the
+    paper's figures were made. Each prediction is quantised to 8 bits (:func:`to_uint8`) before
+    scoring and, with ``save_dir``, saved as ``save_dir/<name>.png``.
     """
     _check_protocol(protocol)
     device = resolve_device(device)
     tiling = TileConfig(tile=tile, overlap=overlap)  # checks the values before any work
+    if released_windows and tile > 0:
+        raise ValueError("released_windows (--released-windows) runs the released script's 256x256 windows: "
+                         "give no tile (--tile) with it")
     pairs = find_pairs(data_dir, layout)
-    restore = _tiled(model_or_restore, tiling) if tile > 0 else model_or_restore
+    if released_windows:
+        restore = functools.partial(run_released_windows, model_or_restore)
+    else:
+        restore = _tiled(model_or_restore, tiling) if tile > 0 else model_or_restore
     on_prediction = None
     if save_dir is not None:
         out = Path(save_dir)

@@ -33,11 +33,14 @@ from .devices import resolve_device
 
 __all__ = [
     "DEFAULT_BYTES_PER_PIXEL",
+    "RELEASED_WINDOW",
     "TileConfig",
     "count_tiles",
     "default_tile_for_device",
     "is_oom_error",
     "model_device",
+    "released_window_starts",
+    "run_released_windows",
     "run_tiled",
     "run_with_oom_fallback",
     "tile_positions",
@@ -288,6 +291,54 @@ def _run_tiles(model: ModelLike, image: torch.Tensor, cfg: TileConfig, dev: torc
         if bar is not None:
             bar.close()
     out.div_(weight)
+    return out.to(image.device)
+
+
+# ------------------------------------------------------------------ the released test script
+
+#: Side of the windows the released test script runs the network on (``../shared/SPEC.md``).
+RELEASED_WINDOW = 256
+
+
+def released_window_starts(size: int, window: int = RELEASED_WINDOW) -> list[int]:
+    """Where the released test script's windows start along a side: every ``window`` pixels,
+    the last one shifted back to end at the border (the script fails on sides under ``window``)."""
+    if size < window:
+        raise ValueError(f"the released test script's {window}x{window} windows need sides of at least "
+                         f"{window} pixels, got {size}")
+    return [min(start, size - window) for start in range(0, size, window)]
+
+
+def run_released_windows(model: ModelLike, image: torch.Tensor, window: int = RELEASED_WINDOW, *,
+                         batch_size: int = 4, progress: bool = False) -> torch.Tensor:
+    """``model`` over ``image`` (Bx3xHxW float) as the released test script runs it, to score
+    as the paper did: ``window`` x ``window`` windows (:func:`released_window_starts`) with hard
+    seams, no blending. Where a border window was shifted onto its neighbour, the shifted one's
+    pixels are kept, as a script writing the windows in turn keeps them (SPEC.md does not say).
+    Returns float32 on the image's device; for reproducing scores, not for photos (see
+    :func:`run_tiled`)."""
+    if image.dim() != 4:
+        raise ValueError(f"expected a Bx3xHxW tensor, got shape {tuple(image.shape)}")
+    b, c, h, w = image.shape
+    boxes = [(i, y, x) for i in range(b) for y in released_window_starts(h, window)
+             for x in released_window_starts(w, window)]
+    dev = model_device(model) or image.device
+    out = torch.empty(b, c, h, w, dtype=torch.float32)
+    bar = _bar(len(boxes) if len(boxes) > 1 else 0, progress, "windows")
+    try:
+        with torch.no_grad():
+            for k in range(0, len(boxes), batch_size):
+                chunk = boxes[k : k + batch_size]  # in order: later windows overwrite earlier ones
+                x_in = torch.stack([image[i, :, y : y + window, x : x + window] for i, y, x in chunk])
+                x_in = x_in.to(dev, torch.float32)
+                y_out = _check_output(model(x_in), tuple(x_in.shape)).to("cpu", torch.float32)
+                for (i, y, x), window_out in zip(chunk, y_out):
+                    out[i, :, y : y + window, x : x + window] = window_out
+                if bar is not None:
+                    bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
     return out.to(image.device)
 
 
