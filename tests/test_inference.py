@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,18 @@ def test_pil_keeps_the_exif_orientation_it_does_not_apply(tmp_path):
     kept = Image.Exif()
     kept.load(out.info["exif"])
     assert kept.get(0x0112) == 6 and kept.get(0x010F) == "TestMake"
+
+
+def test_pil_says_what_it_could_not_keep_as_a_warning_at_the_callers_line():
+    """derain_files reports such notes per file; an in-memory image gets them as warnings."""
+    img = Image.new("CMYK", (16, 16), (10, 20, 30, 0))
+    img.info["icc_profile"] = b"not a profile"
+    with pytest.warns(UserWarning, match="the image: its CMYK colour profile could not be applied") as caught:
+        derain(img, identity)
+    assert [Path(w.filename).name for w in caught] == [Path(__file__).name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing lost, nothing said
+        derain(Image.new("RGB", (16, 16), (10, 20, 30)), identity)
 
 
 # --------------------------------------------------------------------------- derain(): numpy
