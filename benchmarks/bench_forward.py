@@ -22,6 +22,7 @@ over fp32 weights (no bf16 copy of the weights), the form before ``half_weights`
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -154,13 +155,13 @@ def main(argv=None) -> None:
             run, paths = make_runner(model, device, dtype, args)
             for size in args.sizes:
                 x = inputs(1, size, device, args.channels_last)
-                timing = common.time_fn(lambda: run(x), device, args.warmup, args.repeats)
+                timing = common.time_fn(functools.partial(run, x), device, args.warmup, args.repeats)
                 common.emit({"kind": "forward_latency", "variant": variant, "dtype": dtype, "size": size,
                              "batch": 1, **timing, "images_per_s": 1 / timing["median_s"], "paths": paths,
                              "settings": run_settings(args), "machine": info}, args.output)
             for batch in (b for b in args.tile_batch if b > 0):
                 x = inputs(batch, args.tile_size, device, args.channels_last)
-                timing = common.time_fn(lambda: run(x), device, args.warmup, args.repeats)
+                timing = common.time_fn(functools.partial(run, x), device, args.warmup, args.repeats)
                 common.emit({"kind": "tile_throughput", "variant": variant, "dtype": dtype,
                              "size": args.tile_size, "batch": batch, **timing,
                              "images_per_s": batch / timing["median_s"], "paths": paths,

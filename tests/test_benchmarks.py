@@ -173,3 +173,16 @@ def test_side_by_side_training_steps():
     base, ours = r["baseline_paths"], r["ours_paths"]
     assert base["released_form"] and not base["cpu_allocator_tuned"] and not base["channels_last"]
     assert not ours["released_form"] and ours["channels_last"]
+
+
+def test_derain_benchmark_times_a_whole_photo(tmp_path):
+    jsonl = tmp_path / "r.jsonl"
+    recs = records(run("bench_derain.py", "--device", "cpu", "--threads", "1", "--variant", "nerd_rain_s",
+                       "--photo-sizes", "40x72", "--tile", "32", "0", "--repeats", "1", "--warmup", "0",
+                       "--output", str(jsonl)))
+    tiled, whole = recs
+    # 40 x 72 in tiles of 32 overlapping by 16 (half a tile at most): 2 x 4 of them
+    assert (tiled["tiles"], tiled["tile_shape"], tiled["network_pixels"]) == (8, [32, 32], 8 * 32 * 32)
+    assert (whole["tiles"], whole["tile_shape"], whole["network_pixels"]) == (1, [40, 72], 40 * 72)
+    assert all(r["kind"] == "derain_photo" and r["median_s"] > 0 for r in recs)
+    run("summarize.py", str(jsonl))  # a record kind it does not tabulate is no error

@@ -17,6 +17,7 @@ from nerdrain.tiling import (
     run_tiled,
     run_with_oom_fallback,
     tile_positions,
+    tile_shape,
 )
 
 
@@ -296,7 +297,8 @@ def test_oom_fallback_halves_tile_until_it_fits(caplog):
         out = run_with_oom_fallback(model, x, TileConfig(tile=128, overlap=32, batch_size=4), min_tile=16)
     torch.testing.assert_close(out, pointwise(x), atol=1e-6, rtol=0)
     sizes = [max(c[-2:]) for c in model.calls]
-    assert sizes[0] == 128 and 64 in sizes and max(sizes[-1:]) <= 40
+    # tile 128 on 100 x 150: the whole 100-pixel side, and two tiles of 96 (not 128) across 150
+    assert model.calls[0][-2:] == (100, 96) and 64 in sizes and max(sizes[-1:]) <= 40
     assert max(c[0] for c in model.calls if max(c[-2:]) <= 40) <= 1  # batch halved 4 -> 2 -> 1
     assert "out of memory" in caplog.text and "retrying" in caplog.text
 
@@ -370,3 +372,28 @@ def test_released_windows_have_hard_seams_where_the_shifted_window_wins():
 def test_released_windows_of_a_pointwise_model_give_its_whole_image_result():
     image = torch.rand(2, 3, 300, 520)
     assert torch.equal(run_released_windows(pointwise, image, batch_size=3), pointwise(image))
+
+
+@pytest.mark.parametrize("size, tile, expected", [
+    ((520, 520), 512, (288, 288)),  # two tiles a side either way: 31 % of the pixels
+    ((768, 1024), 512, (400, 368)),  # 2 x 3 tiles
+    ((3024, 4032), 512, (464, 480)),  # a 12 MP photo: 7 x 9 tiles
+    ((300, 500), 512, (300, 500)),  # one tile: the image
+])
+def test_tiles_shrink_to_the_smallest_that_keeps_their_count(size, tile, expected):
+    """A side just over the tile size needs two tiles, but not two full ones: each is cut to the
+    smallest multiple of 16 that still covers the side overlapping by ``overlap``."""
+    seen = []
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape[-2:]))
+        return pointwise(x)
+
+    cfg = TileConfig(tile=tile, overlap=32, batch_size=64)
+    image = torch.rand(1, 3, *size)
+    out = run_tiled(recording, image, cfg)
+    assert set(seen) == {expected} == {tile_shape(*size, cfg)}
+    h, w = size
+    full = [len(tile_positions(side, min(tile, side), 32)) for side in (h, w)]
+    assert count_tiles(h, w, cfg) == full[0] * full[1]  # as many tiles as the full-size ones need
+    torch.testing.assert_close(out, pointwise(image), atol=1e-6, rtol=0)
