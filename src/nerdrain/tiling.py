@@ -2,7 +2,10 @@
 
 The image is covered by equally sized tiles on a regular grid (``n`` tiles per axis,
 spaced evenly so that neighbouring tiles overlap by at least ``overlap`` pixels and the
-last tile ends exactly at the border; no padding beyond the image).  Tiles are cut from
+last tile ends exactly at the border; no padding beyond the image).  ``n`` is what tiles of
+the configured size need; each is then cut to the smallest multiple of ``multiple`` that
+still covers the axis with ``n`` of them, so a side just over the tile size does not cost
+two full tiles.  Tiles are cut from
 the input where it lives (usually CPU memory), moved to the model's device
 ``batch_size`` at a time, and the results are blended on the CPU into a float32 output
 buffer and a float32 weight buffer, so device memory is bounded by one batch of tiles
