@@ -44,6 +44,7 @@ from .models import NeRDRain, create_model
 LAST = "last.pt"
 FINAL = "final.safetensors"
 BEST = "best.safetensors"
+RUN_FILES = (LAST, FINAL, BEST)  # what a run writes besides config.yaml and tb/
 
 
 @dataclass(frozen=True)
@@ -476,8 +477,8 @@ class Trainer:
 
     def _earlier_outputs(self) -> list[Path]:
         """What a fresh run here would overwrite (or, for TensorBoard, mix its logs with)."""
-        names = (LAST, FINAL, BEST)
-        return [p for p in (*(self.out / n for n in names), *self.out.glob("tb/events.out.tfevents.*")) if p.exists()]
+        return [p for p in (*(self.out / n for n in RUN_FILES), *self.out.glob("tb/events.out.tfevents.*"))
+                if p.exists()]
 
     def _initial_weights(self, source: str) -> dict[str, torch.Tensor]:
         start = load_default_model() if source == "default" else load_model(source)
@@ -586,7 +587,7 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
-            remove_stale_temporaries(self.out, [LAST, BEST, FINAL, "config.yaml"])  # of a killed run
+            remove_stale_temporaries(self.out, [*RUN_FILES, "config.yaml"])  # of a killed run
             for earlier in self._earlier_outputs() if self.overwrite else ():
                 earlier.unlink()
             with atomic_write(self.out / "config.yaml") as f:
