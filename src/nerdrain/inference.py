@@ -249,12 +249,10 @@ def _derain_pil(img: Image.Image, runner: _Runner, progress: bool) -> Image.Imag
         _check_float_image(np.array(img, dtype=np.float32))  # a writable copy, as torch.from_numpy wants
     photo = photo_from_pil(img, apply_exif_orientation=False)
     result = _derain_photo(photo, runner, progress)
-    # What the returned image could not keep, as derain_files reports it (a float image's
-    # clipping was already said by _check_float_image).
-    for note in result.notes if img.mode != "F" else ():
-        warnings.warn(f"the image: {note}", stacklevel=3)
-    if img.mode == "F":  # float image: stay float (values in [0, 1])
+    if img.mode == "F":  # float image: stay float (values in [0, 1]); its clipping was said above
         return Image.fromarray(np.clip(rgb_to_gray(result.rgb), 0.0, 1.0).astype(np.float32))
+    for note in result.notes:  # what the returned image could not keep, as derain_files reports it
+        warnings.warn(f"the image: {note}", stacklevel=3)
     out = photo_to_pil(result)
     if photo.alpha is not None and photo.bit_depth == 8 and out.mode in ("RGBA", "LA"):
         # Pass the original alpha band through bit-exactly.

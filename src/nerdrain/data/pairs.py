@@ -164,10 +164,11 @@ def _ddn_clean_stem(stem: str) -> str | None:
 
 
 def _prenet_pairs(root: Path) -> list[Pair]:
-    if not _prenet_files(root, "rain-") and not _prenet_files(root, "norain-"):  # else a NaN score of 0 images
+    rainy_files, clean_files = _prenet_files(root, "rain-"), _prenet_files(root, "norain-")
+    if not rainy_files and not clean_files:  # else a NaN score of 0 images
         raise ValueError(f"{root}: no rain-N / norain-N images for the prenet layout (in {root} or its rainy/)")
-    rainy = _by_key(_prenet_files(root, "rain-"), lambda s: s.removeprefix("rain-"), root)
-    clean = _by_key(_prenet_files(root, "norain-"), lambda s: s.removeprefix("norain-"), root)
+    rainy = _by_key(rainy_files, lambda s: s.removeprefix("rain-"), root)
+    clean = _by_key(clean_files, lambda s: s.removeprefix("norain-"), root)
     _check_partners(
         root,
         [p for k, p in rainy.items() if k not in clean]
