@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -285,6 +285,26 @@ def _bar(total: int, progress: bool, unit: str):
     return tqdm(total=total, unit=unit[:-1] if unit.endswith("s") else unit, desc=unit, leave=False, dynamic_ncols=True)
 
 
+def _box_outputs(model: ModelLike, image: torch.Tensor, boxes: list[tuple[int, int, int]], size: tuple[int, int],
+                 dev: torch.device, batch_size: int, progress: bool, unit: str) -> Iterator[torch.Tensor]:
+    """The model's float32 CPU output for each ``(image index, top, left)`` box of ``size``, in
+    order: cut from the image where it lives, sent to ``dev`` ``batch_size`` at a time."""
+    th, tw = size
+    bar = _bar(len(boxes) if len(boxes) > 1 else 0, progress, unit)
+    try:
+        for k in range(0, len(boxes), batch_size):
+            chunk = boxes[k : k + batch_size]
+            x_in = torch.stack([image[i, :, y : y + th, x : x + tw] for i, y, x in chunk]).to(dev, torch.float32)
+            y_out = _check_output(model(x_in), tuple(x_in.shape)).to("cpu", torch.float32)
+            del x_in
+            yield from y_out
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def _run_tiles(model: ModelLike, image: torch.Tensor, cfg: TileConfig, dev: torch.device, progress: bool) -> torch.Tensor:
     b, c, h, w = image.shape
     th, tw, ys, xs, _, _ = _grid(h, w, cfg)
@@ -298,22 +318,11 @@ def _run_tiles(model: ModelLike, image: torch.Tensor, cfg: TileConfig, dev: torc
     out = torch.zeros(b, c, h, w, dtype=torch.float32)
 
     jobs = [(bi, iy, ix) for bi in range(b) for iy in range(len(ys)) for ix in range(len(xs))]
-    bar = _bar(len(jobs) if len(jobs) > 1 else 0, progress, "tiles")
-    try:
-        for k in range(0, len(jobs), cfg.batch_size):
-            chunk = jobs[k : k + cfg.batch_size]
-            x_in = torch.stack([image[bi, :, ys[iy] : ys[iy] + th, xs[ix] : xs[ix] + tw] for bi, iy, ix in chunk])
-            x_in = x_in.to(dev, dtype=torch.float32)
-            y_out = _check_output(model(x_in), tuple(x_in.shape)).to("cpu", dtype=torch.float32)
-            for (bi, iy, ix), tile_out in zip(chunk, y_out):
-                y0, x0 = ys[iy], xs[ix]
-                out[bi, :, y0 : y0 + th, x0 : x0 + tw].addcmul_(tile_out, wy[iy][:, None] * wx[ix][None, :])
-            del x_in, y_out
-            if bar is not None:
-                bar.update(len(chunk))
-    finally:
-        if bar is not None:
-            bar.close()
+    boxes = [(bi, ys[iy], xs[ix]) for bi, iy, ix in jobs]
+    for (bi, iy, ix), tile_out in zip(jobs, _box_outputs(model, image, boxes, (th, tw), dev, cfg.batch_size,
+                                                          progress, "tiles")):
+        y0, x0 = ys[iy], xs[ix]
+        out[bi, :, y0 : y0 + th, x0 : x0 + tw].addcmul_(tile_out, wy[iy][:, None] * wx[ix][None, :])
     out.div_(weight)
     return out.to(image.device)
 
@@ -348,21 +357,10 @@ def run_released_windows(model: ModelLike, image: torch.Tensor, window: int = RE
              for x in released_window_starts(w, window)]
     dev = model_device(model) or image.device
     out = torch.empty(b, c, h, w, dtype=torch.float32)
-    bar = _bar(len(boxes) if len(boxes) > 1 else 0, progress, "windows")
-    try:
-        with torch.no_grad():
-            for k in range(0, len(boxes), batch_size):
-                chunk = boxes[k : k + batch_size]  # in order: later windows overwrite earlier ones
-                x_in = torch.stack([image[i, :, y : y + window, x : x + window] for i, y, x in chunk])
-                x_in = x_in.to(dev, torch.float32)
-                y_out = _check_output(model(x_in), tuple(x_in.shape)).to("cpu", torch.float32)
-                for (i, y, x), window_out in zip(chunk, y_out):
-                    out[i, :, y : y + window, x : x + window] = window_out
-                if bar is not None:
-                    bar.update(len(chunk))
-    finally:
-        if bar is not None:
-            bar.close()
+    with torch.no_grad():  # in order: later windows overwrite earlier ones
+        for (i, y, x), window_out in zip(boxes, _box_outputs(model, image, boxes, (window, window), dev,
+                                                             batch_size, progress, "windows")):
+            out[i, :, y : y + window, x : x + window] = window_out
     return out.to(image.device)
 
 
