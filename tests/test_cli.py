@@ -478,3 +478,21 @@ def test_fast_path_flags_on_other_devices_name_the_flag_given(flags, lines, monk
         warnings.simplefilter("always")
         _model(args)
     assert [str(w.message) for w in caught] == lines
+
+
+@pytest.mark.parametrize("csv_name", ["scores.txt", "./sub/../scores.txt"])
+def test_evaluate_refuses_one_file_for_json_and_csv(tmp_path, capsys, monkeypatch, csv_name):
+    """The CSV would silently replace the JSON (or the other way round): one of the two reports lost."""
+    from nerdrain import evaluate
+
+    for folder in ("pred", "gt"):
+        (tmp_path / folder).mkdir()
+        write_image(tmp_path / folder / "0.png", 0)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluate, "evaluate_folders", lambda *a, **k: pytest.fail("scored before the check"))
+    assert main(["evaluate", "--pred", "pred", "--gt", "gt", "--json", str(tmp_path / "scores.txt"),
+                 "--csv", csv_name, "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--json and --csv" in err and "scores.txt" in err
+    assert not (tmp_path / "scores.txt").exists()

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import warnings
+from pathlib import Path
 
 from . import __version__
 
@@ -79,6 +80,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"{', '.join(model_only)}: only with --data (a model run), not with --pred/--gt")
     for report_file in filter(None, (args.json, args.csv)):  # a bad path fails now, not after the scoring
         output_file(report_file)
+    if args.json and args.csv and Path(args.json).resolve() == Path(args.csv).resolve():
+        raise ValueError(f"--json and --csv name the same file {args.csv}: the second report would replace the "
+                         "first; give two paths")
 
     if args.pred:
         report = evaluate.evaluate_folders(args.pred, args.gt, args.protocol, progress=not args.quiet)
