@@ -114,6 +114,16 @@ def test_folders_unmatched_files_are_named(tmp_path: Path) -> None:
     assert "a.png" not in message.replace("extra_", "")
 
 
+def test_folders_refuse_one_folder_as_both_sides(tmp_path: Path) -> None:
+    """Every image scored against itself: an infinite PSNR that says nothing, as if it were a result."""
+    _save(_image(np.random.default_rng(3)), tmp_path / "gt" / "a.png")
+    (tmp_path / "link").symlink_to(tmp_path / "gt")
+    for pred in (tmp_path / "gt", tmp_path / "link", tmp_path / "gt" / ".." / "gt"):
+        with pytest.raises(ValueError, match="same folder") as err:
+            evaluate_folders(pred, tmp_path / "gt")
+        assert str(pred) in str(err.value)
+
+
 def test_folders_list_at_most_ten_names(tmp_path: Path) -> None:
     img = _image(np.random.default_rng(4), 16, 16)
     _save(img, tmp_path / "gt" / "0.png")

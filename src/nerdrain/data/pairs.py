@@ -240,6 +240,8 @@ def match_folders(pred_dir: Path, gt_dir: Path) -> list[Pair]:
             raise ValueError(f"{what} folder {folder} is not a folder")
         if not _images(folder):
             raise ValueError(f"no images in {what} folder {folder}")
+    if pred_dir.resolve() == gt_dir.resolve():  # every image against itself: an infinite PSNR
+        raise ValueError(f"prediction folder {pred_dir} and ground-truth folder {gt_dir} are the same folder")
     preds = _by_key(_images(pred_dir), str, pred_dir)
     gts = _by_key(_images(gt_dir), str, gt_dir)
     problems = []
