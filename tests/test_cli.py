@@ -496,3 +496,27 @@ def test_evaluate_refuses_one_file_for_json_and_csv(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--json and --csv" in err and "scores.txt" in err
     assert not (tmp_path / "scores.txt").exists()
+
+
+def test_evaluate_with_an_unreadable_file_names_it_and_keeps_the_other_scores(tmp_path, capsys):
+    """Exit 2 and no mean, but the images that were scored are written to --csv / --json, not lost."""
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir(), gt.mkdir()
+    for i in range(3):
+        write_image(gt / f"{i}.png", 30 + i)
+        write_image(pred / f"{i}.png", 40 + i)
+    (pred / "1.png").write_bytes(b"not a png")
+    out_json, out_csv = tmp_path / "s.json", tmp_path / "s.csv"
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--json", str(out_json), "--csv", str(out_csv),
+                 "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{pred / '1.png'}: cannot read the image" in err and "no mean" in err
+    expected = {f"{i}": score(np.asarray(Image.open(pred / f"{i}.png")), np.asarray(Image.open(gt / f"{i}.png")),
+                              "rain200") for i in (0, 2)}
+    rows = out_csv.read_text().splitlines()
+    assert rows[0] == "name,psnr,ssim" and len(rows) == 3
+    assert {name: (float(p), float(s)) for name, p, s in (r.split(",") for r in rows[1:])} == expected
+    report = json.loads(out_json.read_text())
+    assert report["mean"] == {"psnr": None, "ssim": None} and report["count"] == 2
+    assert {s["name"]: (s["psnr"], s["ssim"]) for s in report["images"]} == expected
+    assert len(report["failed"]) == 1 and str(pred / "1.png") in report["failed"][0]

@@ -163,10 +163,9 @@ def test_folders_go_on_past_bad_files_and_name_them_all(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     for name in ("1", "2", "3", "4", "5"):
         _save(_image(rng), tmp_path / "gt" / f"{name}.png")
-    _save(_image(rng), tmp_path / "pred" / "1.png")
+    good = {name: _save(_image(rng), tmp_path / "pred" / f"{name}.png") for name in ("1", "4")}
     (tmp_path / "pred" / "2.png").write_bytes(b"not a png")  # unreadable
     _save(_image(rng, 40, 40), tmp_path / "pred" / "3.png")  # wrong size
-    _save(_image(rng), tmp_path / "pred" / "4.png")
     _save(_image(rng)[:8], tmp_path / "gt" / "5.png")  # too small for SSIM (both sides)
     _save(_image(rng)[:8], tmp_path / "pred" / "5.png")
     with pytest.raises(ValueError, match=r"^3 of 5 image\(s\) could not be scored") as err:
@@ -176,6 +175,11 @@ def test_folders_go_on_past_bad_files_and_name_them_all(tmp_path: Path) -> None:
     for bad in ("2.png: cannot read", "3.png is 40x40", "5.png: SSIM needs images of at least 11x11"):
         assert bad in message
     assert "1.png" not in message and "4.png" not in message
+    report = err.value.report  # the others' scores are kept (the CLI still writes them), with no mean
+    assert _rows(report) == [(name, *score(_read(path), _read(tmp_path / "gt" / f"{name}.png"), "rain200"))
+                             for name, path in good.items()]
+    assert len(report.failed) == 3 and "2.png: cannot read" in report.failed[0]
+    assert math.isnan(report.psnr) and math.isnan(report.ssim)
 
 
 def test_model_goes_on_past_an_unreadable_input_and_saves_the_others(dataset: Path, tmp_path: Path) -> None:
@@ -327,6 +331,7 @@ def test_write_json_schema_and_infinity(tmp_path: Path) -> None:
         "count": 2,
         "images": [{"name": "rain-1", "psnr": 31.25, "ssim": 0.91},
                    {"name": "rain-2", "psnr": None, "ssim": 1.0}],
+        "failed": [],
     }
     finite = EvalReport("did_ddn", [ImageScore("x", 30.123456789012345, 0.5)])
     data = _strict_json(write_json(finite, tmp_path / "f.json").read_text())
@@ -368,3 +373,5 @@ def test_format_table() -> None:
     assert table[2].split() == ["rain-10", "29.000", "0.8000"]
     assert len({len(line) for line in table[:3]}) == 1  # aligned
     assert table[-1].split() == ["rain200", "2", "30.125", "0.8550"]
+    report.failed.append("rain-3.png: cannot read the image")
+    assert format_table(report).splitlines()[1].split() == ["rain200", "2", "of", "3", "nan", "nan"]

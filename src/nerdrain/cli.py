@@ -10,8 +10,12 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .evaluate import EvalReport
 
 
 def _model(args: argparse.Namespace):
@@ -84,15 +88,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--json and --csv name the same file {args.csv}: the second report would replace the "
                          "first; give two paths")
 
+    try:
+        report = _evaluation(args)
+    except evaluate.IncompleteEvaluation as err:  # the images that were scored are not lost
+        _report_scores(args, err.report)
+        raise
+    _report_scores(args, report)
+    return 0
+
+
+def _evaluation(args: argparse.Namespace) -> EvalReport:
+    """The scores ``nerd-rain evaluate`` asked for: saved predictions, or a model run."""
+    from . import evaluate
+
     if args.pred:
-        report = evaluate.evaluate_folders(args.pred, args.gt, args.protocol, progress=not args.quiet)
+        return evaluate.evaluate_folders(args.pred, args.gt, args.protocol, progress=not args.quiet)
     else:
         from .devices import resolve_device
         from .tiling import is_oom_error
 
         device = resolve_device(args.device)
         try:
-            report = evaluate.evaluate_model(_model(args), args.data, args.protocol, layout=args.layout,
+            return evaluate.evaluate_model(_model(args), args.data, args.protocol, layout=args.layout,
                                              save_dir=args.save, device=device, tile=args.tile,
                                              overlap=args.overlap, released_windows=args.released_windows,
                                              progress=not args.quiet)
@@ -101,12 +118,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 raise
             raise ValueError(f"out of memory on {device} with tile {args.tile or 'whole image'}: pass a smaller "
                              "--tile (scores change slightly with tiling)") from None
+
+
+def _report_scores(args: argparse.Namespace, report: EvalReport) -> None:
+    """The table on stdout, and the --json / --csv files asked for."""
+    from . import evaluate
+
     print(evaluate.format_table(report, per_image=args.per_image))
     if args.json:
         evaluate.write_json(report, args.json)
     if args.csv:
         evaluate.write_csv(report, args.csv)
-    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

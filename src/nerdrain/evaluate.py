@@ -13,8 +13,12 @@ numbers. Images are read as 8-bit RGB: grey, palette and alpha files are convert
 assumes 8-bit files and a silent conversion would score something else than what was submitted.
 
 Identical images have infinite PSNR, as in MATLAB, and a mean over a set containing one is
-infinite too. JSON has no infinity, so :func:`write_json` stores it as ``null`` (the only
-non-finite value a score can take); :func:`write_csv` writes ``inf``, which ``float()`` reads back.
+infinite too. JSON has no infinity, so :func:`write_json` stores it as ``null``; :func:`write_csv`
+writes ``inf``, which ``float()`` reads back.
+
+Images that cannot be read or scored do not stop a run: the others are scored, then
+:class:`IncompleteEvaluation` names them all and carries the others' scores (``report``), with
+no mean (NaN, ``null`` in JSON): a mean over the rest is not the dataset's score.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from .tiling import TileConfig, run_released_windows, run_tiled
 __all__ = [
     "ImageScore",
     "EvalReport",
+    "IncompleteEvaluation",
     "evaluate_pairs",
     "evaluate_model",
     "evaluate_folders",
@@ -61,27 +66,44 @@ class ImageScore:
 
 @dataclass
 class EvalReport:
-    """Per-image scores under one protocol; ``psnr`` / ``ssim`` are their means (NaN if empty)."""
+    """Per-image scores under one protocol; ``psnr`` / ``ssim`` are their means, NaN if there are
+    none or if ``failed`` names images that could not be scored (``"file: why"`` each)."""
 
     protocol: str
     images: list[ImageScore] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
 
     @property
     def count(self) -> int:
         return len(self.images)
 
+    def _mean(self, values: list[float]) -> float:
+        return float(np.mean(values)) if self.images and not self.failed else float("nan")
+
     @property
     def psnr(self) -> float:
-        return float(np.mean([s.psnr for s in self.images])) if self.images else float("nan")
+        return self._mean([s.psnr for s in self.images])
 
     @property
     def ssim(self) -> float:
-        return float(np.mean([s.ssim for s in self.images])) if self.images else float("nan")
+        return self._mean([s.ssim for s in self.images])
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON schema of :func:`write_json`, with raw floats (``inf`` kept)."""
+        """The JSON schema of :func:`write_json`, with raw floats (``inf`` and NaN kept)."""
         return {"protocol": self.protocol, "mean": {"psnr": self.psnr, "ssim": self.ssim},
-                "count": self.count, "images": [vars(s).copy() for s in self.images]}
+                "count": self.count, "images": [vars(s).copy() for s in self.images],
+                "failed": list(self.failed)}
+
+
+class IncompleteEvaluation(ValueError):
+    """Some images could not be scored; one line names them all, and ``report`` keeps the scores
+    of the others (with ``failed`` filled in and no mean) so that they can still be written out."""
+
+    def __init__(self, report: EvalReport) -> None:
+        self.report = report
+        failed = report.failed
+        super().__init__(f"{len(failed)} of {len(failed) + report.count} image(s) could not be scored, so no "
+                         f"mean is given: {shortened(failed, '; ')}")
 
 
 Restorer = Callable[[torch.Tensor], torch.Tensor]
@@ -96,12 +118,11 @@ def _size(img: np.ndarray) -> str:
     return f"{img.shape[1]}x{img.shape[0]}"
 
 
-def _check_all_scored(report: EvalReport, failed: list[str]) -> None:
+def _check_all_scored(report: EvalReport) -> None:
     """Raise one error naming every file that could not be scored (each tried in turn, so one run
     finds them all): a mean over the others would not be the dataset's score."""
-    if failed:
-        raise ValueError(f"{len(failed)} of {len(failed) + report.count} image(s) could not be scored, so no "
-                         f"mean is given: {shortened(failed, '; ')}")
+    if report.failed:
+        raise IncompleteEvaluation(report)
 
 
 def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "rain200",
@@ -110,16 +131,17 @@ def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "ra
     """Run ``restore`` (1x3xHxW float in [0, 1] on ``device`` -> same shape) over ``pairs``;
     score its 8-bit quantised output against the clean image. ``on_prediction(pair, uint8 HxWx3)``
     sees each prediction as scored (e.g. to save it). Pairs that cannot be read or scored are
-    named together in one ``ValueError`` once all were tried; errors of ``restore`` stop at once."""
+    named together in one :class:`IncompleteEvaluation` once all were tried; errors of ``restore``
+    stop at once."""
     _check_protocol(protocol)
     device = resolve_device(device)
-    report, failed = EvalReport(protocol), []
+    report = EvalReport(protocol)
     with torch.inference_mode():
         for pair in tqdm(pairs, desc="evaluate", disable=not progress, leave=False):
             try:
                 rainy, clean = load_pair(pair)
             except ValueError as err:  # a bad file: the others are still run (see _check_all_scored)
-                failed.append(str(err))
+                report.failed.append(str(err))
                 continue
             # PIL-backed arrays are read-only; torch warns on (and must not share) them.
             x = torch.from_numpy(rainy.copy()).permute(2, 0, 1)[None].float().div(255).to(device)
@@ -140,8 +162,8 @@ def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "ra
             try:
                 report.images.append(ImageScore(pair.name, *score(prediction, clean, protocol)))
             except ValueError as err:  # too small for SSIM
-                failed.append(f"{pair.input}: {err}")
-    _check_all_scored(report, failed)
+                report.failed.append(f"{pair.input}: {err}")
+    _check_all_scored(report)
     return report
 
 
@@ -207,17 +229,18 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, protocol: str = "
     Files are matched by name without extension (``x.png`` against ``x.jpg``); a prediction
     without ground truth, or ground truth without a prediction, is a ``ValueError`` naming
     the files. Images must be 8-bit (see the module doc); unreadable files, size mismatches and
-    images too small to score are named together in one ``ValueError`` once all were tried.
+    images too small to score are named together in one :class:`IncompleteEvaluation` once all
+    were tried.
     """
     _check_protocol(protocol)
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    report, failed = EvalReport(protocol), []
+    report = EvalReport(protocol)
     for pair in tqdm(match_folders(pred_dir, gt_dir), desc="evaluate", disable=not progress, leave=False):
         try:
             report.images.append(_score_files(pair, protocol))
         except ValueError as err:  # a bad file: the others are still scored (see _check_all_scored)
-            failed.append(str(err))
-    _check_all_scored(report, failed)
+            report.failed.append(str(err))
+    _check_all_scored(report)
     return report
 
 
@@ -246,14 +269,16 @@ def _align(rows: list[list[str]]) -> list[str]:
 
 def format_table(report: EvalReport, per_image: bool = False) -> str:
     """A small aligned text table: protocol, count, mean PSNR (dB, 3 decimals) and mean SSIM
-    (4 decimals); with ``per_image``, preceded by one row per image."""
+    (4 decimals); with ``per_image``, preceded by one row per image. Where images failed, the count
+    says of how many (``2 of 3``) and the means are ``nan``."""
     lines = []
+    count = f"{report.count} of {report.count + len(report.failed)}" if report.failed else str(report.count)
     if per_image:
         lines += _align([["image", "PSNR (dB)", "SSIM"]]
                         + [[s.name, _fmt(s.psnr, 3), _fmt(s.ssim, 4)] for s in report.images])
         lines.append("")
     lines += _align([["protocol", "images", "PSNR (dB)", "SSIM"],
-                     [report.protocol, str(report.count), _fmt(report.psnr, 3), _fmt(report.ssim, 4)]])
+                     [report.protocol, count, _fmt(report.psnr, 3), _fmt(report.ssim, 4)]])
     return "\n".join(lines)
 
 
@@ -262,8 +287,9 @@ def _json_float(value: float) -> float | None:
 
 
 def write_json(report: EvalReport, path: str | Path) -> Path:
-    """``{"protocol", "mean": {"psnr", "ssim"}, "count", "images": [{"name", "psnr", "ssim"}]}``;
-    an infinite PSNR (identical images) is written as ``null``, keeping the file standard JSON."""
+    """``{"protocol", "mean": {"psnr", "ssim"}, "count", "images": [{"name", "psnr", "ssim"}],
+    "failed": ["file: why"]}``; an infinite PSNR (identical images) and a mean not given (images
+    failed) are written as ``null``, keeping the file standard JSON."""
     data = report.to_dict()
     data["mean"] = {k: _json_float(v) for k, v in data["mean"].items()}
     for image in data["images"]:
@@ -275,7 +301,7 @@ def write_json(report: EvalReport, path: str | Path) -> Path:
 
 
 def write_csv(report: EvalReport, path: str | Path) -> Path:
-    """One ``name,psnr,ssim`` row per image under that header, full precision (``inf`` for
+    """One ``name,psnr,ssim`` row per scored image under that header, full precision (``inf`` for
     identical images)."""
     path = output_file(path)
     text = io.StringIO(newline="")
