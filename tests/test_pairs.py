@@ -47,13 +47,13 @@ def test_input_target(tmp_path: Path) -> None:
 
 def test_explicit_folders(tmp_path: Path) -> None:
     for i in (3, 20):
-        _write(tmp_path / "rain" / f"{i}.png", i)
-        _write(tmp_path / "norain" / f"{i}.png", i + CLEAN)
+        _write(tmp_path / "wet" / f"{i}.png", i)
+        _write(tmp_path / "dry" / f"{i}.png", i + CLEAN)
     with pytest.raises(ValueError, match="no known pair layout"):
         detect_layout(tmp_path)
-    pairs = find_pairs(tmp_path, input_dir="rain", target_dir="norain")
+    pairs = find_pairs(tmp_path, input_dir="wet", target_dir="dry")
     _assert_matched(pairs, {"3": 3, "20": 20})
-    absolute = find_pairs("/", input_dir=tmp_path / "rain", target_dir=tmp_path / "norain")
+    absolute = find_pairs("/", input_dir=tmp_path / "wet", target_dir=tmp_path / "dry")
     assert absolute == pairs
     with pytest.raises(ValueError, match="together"):
         find_pairs(tmp_path, input_dir="rain")
@@ -68,6 +68,25 @@ def test_prenet(tmp_path: Path, clean_in: str) -> None:
         _write(clean_dir / f"norain-{i}.png", i + CLEAN)
     assert detect_layout(tmp_path) == "prenet"
     _assert_matched(find_pairs(tmp_path), {f"rain-{i}": i for i in (1, 2, 10, 12)})
+
+
+@pytest.mark.parametrize("rainy_dir", ["rain/X2", "rain"])
+def test_jorder(tmp_path: Path, rainy_dir: str) -> None:
+    """JORDER's release of Rain100L/H and Rain200L/H: rain/X2/norain-Nx2.png (rain/ directly for the
+    light sets) beside norain/norain-N.png; rainstreak/ holds the streaks alone and is no pair."""
+    for i in (1, 2, 10):
+        _write(tmp_path / rainy_dir / f"norain-{i}x2.png", i)
+        _write(tmp_path / "norain" / f"norain-{i}.png", i + CLEAN)
+        _write(tmp_path / "rainstreak" / f"norain-{i}x2.png", 0)
+    assert detect_layout(tmp_path) == "jorder"
+    _assert_matched(find_pairs(tmp_path), {f"norain-{i}x2": i for i in (1, 2, 10)})
+
+
+def test_jorder_with_the_clean_names_on_both_sides(tmp_path: Path) -> None:
+    for i in (4, 11):
+        _write(tmp_path / "rain" / f"{i}.png", i)
+        _write(tmp_path / "norain" / f"{i}.png", i + CLEAN)
+    _assert_matched(find_pairs(tmp_path), {"4": 4, "11": 11})
 
 
 def test_ddn_several_rainy_versions_per_clean_image(tmp_path: Path) -> None:
@@ -149,6 +168,9 @@ def test_modes_converted_to_rgb(tmp_path: Path) -> None:
         ("ddn", ["rainy_image/1_1.png", "rainy_image/x.png", "ground_truth/1.png",
                  "ground_truth/3.png"],
          ["rainy_image/x.png", "ground_truth/3.png"]),
+        ("jorder", ["rain/X2/norain-1x2.png", "rain/X2/norain-2x2.png", "norain/norain-1.png",
+                    "norain/norain-3.png"],
+         ["rain/X2/norain-2x2.png", "norain/norain-3.png"]),
     ],
 )  # fmt: skip
 def test_missing_partner_names_the_files(

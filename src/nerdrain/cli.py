@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", help="folder of predictions to score against --gt")
     p.add_argument("--gt", help="folder of ground-truth images")
     p.add_argument("--data", help="paired dataset to run the model on")
-    p.add_argument("--layout", help="force the dataset layout (input_target, prenet, ddn, did)")
+    p.add_argument("--layout", help="force the dataset layout (input_target, prenet, ddn, jorder, did)")
     p.add_argument("--protocol", default="rain200", choices=["rain200", "did_ddn"])
     p.add_argument("--save", help="with --data: save the 8-bit PNG predictions here")
     p.add_argument("--json", help="write the scores as JSON")

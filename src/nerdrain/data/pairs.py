@@ -7,6 +7,9 @@ detected automatically (and can be forced). Layouts, in detection order:
                   other folder names via ``input_dir`` / ``target_dir``.
 ``ddn``           ``rainy_image/N_K.ext`` + ``ground_truth/N.ext`` (DDN-Data): several rainy
                   versions K share one clean image, each is a pair.
+``jorder``        ``rain/X2/NAMEx2.ext`` (or ``rain/NAMEx2.ext``) + ``norain/NAME.ext``: JORDER's
+                  release of Rain100L/H and Rain200L/H (``norain-12x2.png`` is the rainy
+                  ``norain-12.png``); a rainy name without ``x2`` pairs with the same clean name.
 ``prenet``        ``rainy/rain-N.ext`` + ``norain-N.ext`` beside ``rainy/`` or inside it, or
                   ``rain-N.ext`` + ``norain-N.ext`` in one folder (PReNet's Rain100H/L).
 ``did``           one file per pair, rainy and clean halves side by side (DID-MDN's Rain1200:
@@ -32,15 +35,17 @@ from ..imageio import DATASET_EXTENSIONS, stores_16_bits
 
 __all__ = ["LAYOUTS", "Pair", "detect_layout", "find_pairs", "load_pair", "match_folders", "read_rgb"]
 
-LAYOUTS: Final = ("input_target", "prenet", "ddn", "did")
+LAYOUTS: Final = ("input_target", "prenet", "ddn", "jorder", "did")
 
 _LAYOUT_HELP: Final = (
     "input_target (input/ + target/), "
     "ddn (rainy_image/N_K + ground_truth/N), "
+    "jorder (rain/X2/NAMEx2 or rain/NAMEx2 + norain/NAME), "
     "prenet (rainy/rain-N + norain-N, or rain-N + norain-N in one folder), "
     "did (side-by-side rainy|clean images, twice as wide as tall)"
 )
 _DDN_RAINY: Final = re.compile(r"(?P<clean>.+)_\d+")
+_JORDER_RAINY: Final = re.compile(r"(?P<clean>.+)x2")
 _SIDES: Final = ("left", "right")
 _MAX_LISTED: Final = 10
 
@@ -129,6 +134,8 @@ def detect_layout(root: str | Path) -> str:
         return "input_target"
     if _images(root / "rainy_image") and _images(root / "ground_truth"):
         return "ddn"
+    if _images(_jorder_rainy_dir(root)) and _images(root / "norain"):
+        return "jorder"
     if _prenet_files(root, "rain-") and _prenet_files(root, "norain-"):
         return "prenet"
     loose = _images(root)
@@ -142,9 +149,7 @@ def _two_folders(
 ) -> list[Pair]:
     """Pairs from a rainy folder and a clean folder; ``clean_key`` maps a rainy stem to the
     stem of its clean image."""
-    for folder in (input_dir, target_dir):
-        if not _images(folder):
-            raise ValueError(f"{root}: no images in {folder}")
+    _check_not_empty(root, (input_dir, target_dir))
     clean = _by_key(_images(target_dir), str, root)
     rainy = _by_key(_images(input_dir), str, root)
     keys = {stem: clean_key(stem) for stem in rainy}
@@ -157,6 +162,25 @@ def _two_folders(
     return [Pair(stem, rainy[stem], clean[keys[stem]]) for stem in rainy]
 
 
+def _check_not_empty(root: Path, folders: Iterable[Path]) -> None:
+    for folder in folders:
+        if not _images(folder):
+            raise ValueError(f"{root}: no images in {folder}")
+
+
+def _keyed_pairs(root: Path, rainy_files: list[Path], rainy_key: Callable[[str], str],
+                 clean_files: list[Path], clean_key: Callable[[str], str]) -> list[Pair]:
+    """One pair per rainy file, with the clean file whose stem gives the same key (one to one)."""
+    rainy = _by_key(rainy_files, rainy_key, root)
+    clean = _by_key(clean_files, clean_key, root)
+    _check_partners(
+        root,
+        [p for k, p in rainy.items() if k not in clean]
+        + [p for k, p in clean.items() if k not in rainy],
+    )
+    return [Pair(path.stem, path, clean[k]) for k, path in rainy.items()]
+
+
 def _ddn_clean_stem(stem: str) -> str | None:
     """``"12_3"`` -> ``"12"``: DDN's rainy version 3 of clean image 12."""
     match = _DDN_RAINY.fullmatch(stem)
@@ -167,14 +191,25 @@ def _prenet_pairs(root: Path) -> list[Pair]:
     rainy_files, clean_files = _prenet_files(root, "rain-"), _prenet_files(root, "norain-")
     if not rainy_files and not clean_files:  # else a NaN score of 0 images
         raise ValueError(f"{root}: no rain-N / norain-N images for the prenet layout (in {root} or its rainy/)")
-    rainy = _by_key(rainy_files, lambda s: s.removeprefix("rain-"), root)
-    clean = _by_key(clean_files, lambda s: s.removeprefix("norain-"), root)
-    _check_partners(
-        root,
-        [p for k, p in rainy.items() if k not in clean]
-        + [p for k, p in clean.items() if k not in rainy],
-    )
-    return [Pair(path.stem, path, clean[k]) for k, path in rainy.items()]
+    return _keyed_pairs(root, rainy_files, lambda s: s.removeprefix("rain-"),
+                        clean_files, lambda s: s.removeprefix("norain-"))
+
+
+def _jorder_rainy_dir(root: Path) -> Path:
+    """``rain/X2`` (the heavy sets) where it holds images, else ``rain`` (the light ones)."""
+    return root / "rain" / "X2" if _images(root / "rain" / "X2") else root / "rain"
+
+
+def _jorder_clean_stem(stem: str) -> str:
+    """``"norain-12x2"`` -> ``"norain-12"``; a name without ``x2`` is its clean image's own."""
+    match = _JORDER_RAINY.fullmatch(stem)
+    return match["clean"] if match else stem
+
+
+def _jorder_pairs(root: Path) -> list[Pair]:
+    rainy_dir, clean_dir = _jorder_rainy_dir(root), root / "norain"
+    _check_not_empty(root, (rainy_dir, clean_dir))
+    return _keyed_pairs(root, _images(rainy_dir), _jorder_clean_stem, _images(clean_dir), _jorder_clean_stem)
 
 
 def _did_pairs(root: Path, rainy_side: str) -> list[Pair]:
@@ -227,6 +262,8 @@ def find_pairs(
         )
     elif layout == "prenet":
         pairs = _prenet_pairs(root)
+    elif layout == "jorder":
+        pairs = _jorder_pairs(root)
     else:
         pairs = _did_pairs(root, did_rainy_side)
     return sorted(pairs, key=lambda pair: _natural_key(pair.name))
