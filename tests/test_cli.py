@@ -520,3 +520,27 @@ def test_evaluate_with_an_unreadable_file_names_it_and_keeps_the_other_scores(tm
     assert report["mean"] == {"psnr": None, "ssim": None} and report["count"] == 2
     assert {s["name"]: (s["psnr"], s["ssim"]) for s in report["images"]} == expected
     assert len(report["failed"]) == 1 and str(pred / "1.png") in report["failed"][0]
+
+
+def test_evaluate_saved_predictions_against_a_dataset_of_another_layout(tmp_path, tiny_weights, capsys):
+    """--save names predictions after the rainy files (rain-N); --pred with --data finds their clean images
+    (norain-N), where --pred with --gt matches nothing."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in (1, 2):
+        write_image(data / f"rain-{i}.png", 50 + i)
+        write_image(data / f"norain-{i}.png", 60 + i)
+    run = ["evaluate", "--data", str(data), "--weights", str(tiny_weights), "--device", "cpu", "-q"]
+    assert main([*run, "--save", str(tmp_path / "pred"), "--json", str(tmp_path / "run.json")]) == 0
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--data", str(data), "--layout", "prenet",
+                 "--json", str(tmp_path / "saved.json"), "-q"]) == 0
+    saved = json.loads((tmp_path / "saved.json").read_text())
+    expected = [score(np.asarray(Image.open(tmp_path / "pred" / f"rain-{i}.png")),
+                      np.asarray(Image.open(data / f"norain-{i}.png")), "rain200") for i in (1, 2)]
+    assert [(s["name"], s["psnr"], s["ssim"]) for s in saved["images"]] == [
+        (f"rain-{i}", *e) for i, e in zip((1, 2), expected)]
+    assert saved == json.loads((tmp_path / "run.json").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--data", str(data), "--gt", str(data), "-q"]) == 2
+    assert "either --gt DIR or --data DIR" in capsys.readouterr().err
+    assert main(["evaluate", "--gt", str(data), "-q"]) == 2

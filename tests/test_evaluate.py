@@ -22,6 +22,7 @@ from nerdrain.evaluate import (
     evaluate_folders,
     evaluate_model,
     evaluate_pairs,
+    evaluate_saved,
     format_table,
     write_csv,
     write_json,
@@ -189,6 +190,64 @@ def test_model_goes_on_past_an_unreadable_input_and_saves_the_others(dataset: Pa
         evaluate_model(lambda x: x, dataset, save_dir=out)
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "rain-10.png"]  # the one after it too
     assert np.array_equal(_read(out / "rain-10.png"), _read(dataset / "input" / "rain-10.png"))
+
+
+# --- evaluate_saved ------------------------------------------------------------------------------
+
+
+def _did_and_ddn(tmp_path: Path) -> dict[str, tuple[Path, dict[str, np.ndarray]]]:
+    """A DID folder (rainy | clean side by side) and a DDN one (two rainy versions of one clean
+    image), each with the clean image every pair is scored against, cut here with numpy."""
+    rng = np.random.default_rng(11)
+    did, ddn = tmp_path / "did", tmp_path / "ddn"
+    did_clean = {}
+    for name in ("7", "12"):
+        rainy, clean = _image(rng, 24, 24), _image(rng, 24, 24)  # DID's files are twice as wide as tall
+        _save(np.concatenate([rainy, clean], axis=1), did / f"{name}.png")
+        did_clean[name] = _read(did / f"{name}.png")[:, 24:]
+    clean = _image(rng, 24, 30)
+    _save(clean, ddn / "ground_truth" / "3.png")
+    for k in (1, 2):
+        _save(_image(rng, 24, 30), ddn / "rainy_image" / f"3_{k}.png")
+    return {"did": (did, did_clean), "ddn": (ddn, {"3_1": clean, "3_2": clean})}
+
+
+@pytest.mark.parametrize("layout", ["did", "ddn"])
+def test_saved_predictions_of_every_layout_score_against_the_datasets_clean_images(tmp_path: Path,
+                                                                                 layout: str) -> None:
+    """--pred with --gt cannot score DID (the ground truth is half of a file) nor DDN (named N, not N_K)."""
+    root, clean = _did_and_ddn(tmp_path)[layout]
+    rng = np.random.default_rng(12)
+    preds = {name: _save(_image(rng, *image.shape[:2]), tmp_path / "preds" / f"{name}.png")
+             for name, image in clean.items()}
+    report = evaluate_saved(tmp_path / "preds", root, "did_ddn")
+    assert report.protocol == "did_ddn" and not report.failed
+    assert _rows(report) == [(name, *score(_read(preds[name]), clean[name], "did_ddn"))
+                             for name in sorted(clean, key=int if layout == "did" else None)]
+
+
+def test_saved_predictions_missing_or_extra_are_named(tmp_path: Path) -> None:
+    root, _ = _did_and_ddn(tmp_path)["ddn"]
+    img = _image(np.random.default_rng(13), 24, 30)
+    for name in ("3_1", "3_9"):
+        _save(img, tmp_path / "preds" / f"{name}.png")
+    with pytest.raises(ValueError) as err:
+        evaluate_saved(tmp_path / "preds", root)
+    message = str(err.value)
+    assert "3_9.png" in message and "without a pair" in message
+    assert "3_2" in message and "without a prediction" in message and "3_1" not in message
+
+
+def test_saved_prediction_of_another_size_names_the_file_and_the_half(tmp_path: Path) -> None:
+    root, _ = _did_and_ddn(tmp_path)["did"]
+    rng = np.random.default_rng(14)
+    _save(_image(rng, 24, 24), tmp_path / "preds" / "7.png")
+    _save(_image(rng, 24, 48), tmp_path / "preds" / "12.png")  # the whole side-by-side file's size
+    with pytest.raises(ValueError) as err:
+        evaluate_saved(tmp_path / "preds", root)
+    assert f"prediction {tmp_path / 'preds' / '12.png'} is 48x24" in str(err.value)
+    assert f"ground truth {root / '12.png'} (right half) is 24x24" in str(err.value)
+    assert _rows(err.value.report)[0][0] == "7"
 
 
 # --- evaluate_model ------------------------------------------------------------------------------

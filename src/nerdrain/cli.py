@@ -75,10 +75,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .files import output_file
 
     if not (args.pred or args.gt or args.data):
-        raise ValueError("nothing to evaluate: give --pred DIR --gt DIR, or --data DIR")
-    if (args.pred or args.gt) and (not (args.pred and args.gt) or args.data):
-        raise ValueError("score saved predictions with --pred DIR --gt DIR, or run a model with --data DIR")
-    model_only = [flag for flag, value in (("--layout", args.layout), ("--save", args.save), ("--weights", args.weights),
+        raise ValueError("nothing to evaluate: give --pred DIR --gt DIR, --pred DIR --data DIR, or --data DIR")
+    if (args.pred or args.gt) and (not args.pred or bool(args.gt) == bool(args.data)):
+        raise ValueError("score saved predictions with --pred DIR and either --gt DIR or --data DIR (a dataset), "
+                         "or run a model with --data DIR")
+    model_only = [flag for flag, value in (("--layout", args.layout and args.gt), ("--save", args.save),
+                                           ("--weights", args.weights),
                                            ("--released-windows", args.released_windows)) if value]
     if args.pred and model_only:  # silently ignored, they would leave a wrong idea of what was scored
         raise ValueError(f"{', '.join(model_only)}: only with --data (a model run), not with --pred/--gt")
@@ -101,23 +103,24 @@ def _evaluation(args: argparse.Namespace) -> EvalReport:
     """The scores ``nerd-rain evaluate`` asked for: saved predictions, or a model run."""
     from . import evaluate
 
-    if args.pred:
+    if args.pred and args.gt:
         return evaluate.evaluate_folders(args.pred, args.gt, args.protocol, progress=not args.quiet)
-    else:
-        from .devices import resolve_device
-        from .tiling import is_oom_error
+    if args.pred:
+        return evaluate.evaluate_saved(args.pred, args.data, args.protocol, layout=args.layout,
+                                       progress=not args.quiet)
+    from .devices import resolve_device
+    from .tiling import is_oom_error
 
-        device = resolve_device(args.device)
-        try:
-            return evaluate.evaluate_model(_model(args), args.data, args.protocol, layout=args.layout,
-                                             save_dir=args.save, device=device, tile=args.tile,
-                                             overlap=args.overlap, released_windows=args.released_windows,
-                                             progress=not args.quiet)
-        except RuntimeError as err:  # torch.OutOfMemoryError is one (and only exists from torch 2.5)
-            if not is_oom_error(err):
-                raise
-            raise ValueError(f"out of memory on {device} with tile {args.tile or 'whole image'}: pass a smaller "
-                             "--tile (scores change slightly with tiling)") from None
+    device = resolve_device(args.device)
+    try:
+        return evaluate.evaluate_model(_model(args), args.data, args.protocol, layout=args.layout,
+                                       save_dir=args.save, device=device, tile=args.tile, overlap=args.overlap,
+                                       released_windows=args.released_windows, progress=not args.quiet)
+    except RuntimeError as err:  # torch.OutOfMemoryError is one (and only exists from torch 2.5)
+        if not is_oom_error(err):
+            raise
+        raise ValueError(f"out of memory on {device} with tile {args.tile or 'whole image'}: pass a smaller "
+                         "--tile (scores change slightly with tiling)") from None
 
 
 def _report_scores(args: argparse.Namespace, report: EvalReport) -> None:
@@ -235,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="PSNR/SSIM as the paper's MATLAB scripts compute them")
     p.add_argument("--pred", help="folder of predictions to score against --gt")
     p.add_argument("--gt", help="folder of ground-truth images")
-    p.add_argument("--data", help="paired dataset to run the model on")
+    p.add_argument("--data", help="paired dataset to run the model on; with --pred, whose clean images to score "
+                                  "predictions saved by --save against (any layout)")
     p.add_argument("--layout", help="force the dataset layout (input_target, prenet, ddn, jorder, did)")
     p.add_argument("--protocol", default="rain200", choices=["rain200", "did_ddn"])
     p.add_argument("--save", help="with --data: save the 8-bit PNG predictions here")

@@ -1,6 +1,7 @@
 """Scoring derained images the way the paper's MATLAB scripts do (see :mod:`nerdrain.metrics`).
 
 * :func:`evaluate_folders` -- saved predictions against ground truth, matched by file name.
+* :func:`evaluate_saved` -- saved predictions against a paired dataset's clean images, in any layout.
 * :func:`evaluate_model` -- run a model (or any restore callable) over a paired dataset
   (:func:`nerdrain.data.pairs.find_pairs`), score its 8-bit predictions, optionally save them.
 * :func:`evaluate_pairs` -- the loop behind :func:`evaluate_model`, also used by training.
@@ -37,7 +38,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.pairs import Pair, find_pairs, load_pair, match_folders, read_rgb, shortened
+from .data.pairs import (
+    Pair,
+    clean_label,
+    find_pairs,
+    load_clean,
+    load_pair,
+    match_folders,
+    match_predictions,
+    read_rgb,
+    shortened,
+)
 from .devices import resolve_device
 from .files import atomic_write, check_output_folder, output_file
 from .imageio import save_png
@@ -51,6 +62,7 @@ __all__ = [
     "evaluate_pairs",
     "evaluate_model",
     "evaluate_folders",
+    "evaluate_saved",
     "format_table",
     "write_json",
     "write_csv",
@@ -234,22 +246,40 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, protocol: str = "
     """
     _check_protocol(protocol)
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    matched = [(pair.input, pair) for pair in match_folders(pred_dir, gt_dir)]  # load_clean reads the target
+    return _score_saved(matched, protocol, progress)
+
+
+def evaluate_saved(pred_dir: str | Path, data_dir: str | Path, protocol: str = "rain200", *,
+                   layout: str | None = None, progress: bool = False) -> EvalReport:
+    """Score the predictions :func:`evaluate_model` saved in ``pred_dir`` (or any named alike:
+    ``<pair name>.<image extension>``) against the clean images of ``data_dir``'s pairs
+    (``find_pairs(data_dir, layout)``): the same scores as the model run that saved them, in every
+    layout, DID's side-by-side halves and DDN's shared ground truth included. Missing or extra
+    predictions are a ``ValueError`` naming them; bad files as in :func:`evaluate_folders`."""
+    _check_protocol(protocol)
+    data_dir = Path(data_dir)
+    return _score_saved(match_predictions(Path(pred_dir), find_pairs(data_dir, layout), data_dir), protocol,
+                        progress)
+
+
+def _score_saved(matched: list[tuple[Path, Pair]], protocol: str, progress: bool) -> EvalReport:
+    """Score each saved prediction against its pair's clean image; bad files are collected."""
     report = EvalReport(protocol)
-    for pair in tqdm(match_folders(pred_dir, gt_dir), desc="evaluate", disable=not progress, leave=False):
+    for pred_path, pair in tqdm(matched, desc="evaluate", disable=not progress, leave=False):
         try:
-            report.images.append(_score_files(pair, protocol))
+            report.images.append(_score_file(pred_path, pair, protocol))
         except ValueError as err:  # a bad file: the others are still scored (see _check_all_scored)
             report.failed.append(str(err))
     _check_all_scored(report)
     return report
 
 
-def _score_files(pair: Pair, protocol: str) -> ImageScore:
-    pred_path, gt_path = pair.input, pair.target
-    pred, gt = read_rgb(pred_path), read_rgb(gt_path)
+def _score_file(pred_path: Path, pair: Pair, protocol: str) -> ImageScore:
+    pred, gt = read_rgb(pred_path), load_clean(pair)
     if pred.shape != gt.shape:
         raise ValueError(f"size mismatch: prediction {pred_path} is {_size(pred)} "
-                         f"but ground truth {gt_path} is {_size(gt)}")
+                         f"but ground truth {clean_label(pair)} is {_size(gt)}")
     try:
         return ImageScore(pair.name, *score(pred, gt, protocol))
     except ValueError as err:  # too small for SSIM

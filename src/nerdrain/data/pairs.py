@@ -33,7 +33,17 @@ from PIL import Image
 
 from ..imageio import DATASET_EXTENSIONS, stores_16_bits
 
-__all__ = ["LAYOUTS", "Pair", "detect_layout", "find_pairs", "load_pair", "match_folders", "read_rgb"]
+__all__ = [
+    "LAYOUTS",
+    "Pair",
+    "detect_layout",
+    "find_pairs",
+    "load_clean",
+    "load_pair",
+    "match_folders",
+    "match_predictions",
+    "read_rgb",
+]
 
 LAYOUTS: Final = ("input_target", "prenet", "ddn", "jorder", "did")
 
@@ -269,18 +279,29 @@ def find_pairs(
     return sorted(pairs, key=lambda pair: _natural_key(pair.name))
 
 
+def _image_folder(folder: Path, what: str) -> list[Path]:
+    """The images of ``folder``; a missing or empty folder is an error."""
+    if not folder.is_dir():
+        raise ValueError(f"{what} folder {folder} is not a folder")
+    if not (images := _images(folder)):
+        raise ValueError(f"no images in {what} folder {folder}")
+    return images
+
+
+def _check_matched(problems: list[str]) -> None:
+    """One error for the files left without a partner (``problems``: one phrase per side)."""
+    if problems:
+        raise ValueError("; ".join(problems) + " (files are matched by name without extension)")
+
+
 def match_folders(pred_dir: Path, gt_dir: Path) -> list[Pair]:
     """Saved predictions (``input``) and their ground truth (``target``), matched by file stem and
     naturally sorted; unmatched files on either side are an error naming them."""
-    for folder, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
-        if not folder.is_dir():
-            raise ValueError(f"{what} folder {folder} is not a folder")
-        if not _images(folder):
-            raise ValueError(f"no images in {what} folder {folder}")
+    pred_images, gt_images = _image_folder(pred_dir, "prediction"), _image_folder(gt_dir, "ground-truth")
     if pred_dir.resolve() == gt_dir.resolve():  # every image against itself: an infinite PSNR
         raise ValueError(f"prediction folder {pred_dir} and ground-truth folder {gt_dir} are the same folder")
-    preds = _by_key(_images(pred_dir), str, pred_dir)
-    gts = _by_key(_images(gt_dir), str, gt_dir)
+    preds = _by_key(pred_images, str, pred_dir)
+    gts = _by_key(gt_images, str, gt_dir)
     problems = []
     if missing_gt := [p for stem, p in preds.items() if stem not in gts]:
         problems.append(f"{len(missing_gt)} prediction(s) in {pred_dir} without ground truth in "
@@ -288,9 +309,25 @@ def match_folders(pred_dir: Path, gt_dir: Path) -> list[Pair]:
     if missing_pred := [p for stem, p in gts.items() if stem not in preds]:
         problems.append(f"{len(missing_pred)} ground-truth image(s) in {gt_dir} without a prediction "
                         f"in {pred_dir}: {_listing(missing_pred, gt_dir)}")
-    if problems:
-        raise ValueError("; ".join(problems) + " (files are matched by name without extension)")
+    _check_matched(problems)
     return [Pair(stem, preds[stem], gts[stem]) for stem in sorted(preds, key=_natural_key)]
+
+
+def match_predictions(pred_dir: Path, pairs: Sequence[Pair], data_dir: Path) -> list[tuple[Path, Pair]]:
+    """Each pair of ``data_dir`` (``find_pairs``) with its saved prediction ``pred_dir/<pair.name>.*``,
+    the name ``evaluate --save`` gives it, in the pairs' order; a pair without a prediction or a
+    prediction without a pair is an error naming them."""
+    preds = _by_key(_image_folder(pred_dir, "prediction"), str, pred_dir)
+    names = {pair.name for pair in pairs}
+    problems = []
+    if extra := [p for stem, p in preds.items() if stem not in names]:
+        problems.append(f"{len(extra)} prediction(s) in {pred_dir} without a pair in {data_dir}: "
+                        f"{_listing(extra, pred_dir)}")
+    if missing := [pair.name for pair in pairs if pair.name not in preds]:
+        problems.append(f"{len(missing)} pair(s) of {data_dir} without a prediction in {pred_dir}: "
+                        f"{shortened(missing)}")
+    _check_matched(problems)
+    return [(preds[pair.name], pair) for pair in pairs]
 
 
 # Truncated or corrupt files, and ones over Pillow's pixel limit: its messages omit the file.
@@ -322,6 +359,17 @@ def _half(img: np.ndarray, side: str, path: Path) -> np.ndarray:
     if width % 2:
         raise ValueError(f"{path}: side-by-side image has odd width {width}")
     return img[:, : width // 2] if side == "left" else img[:, width // 2 :]
+
+
+def clean_label(pair: Pair) -> str:
+    """Where the clean image of ``pair`` is, for messages: its file, and which half of it."""
+    return f"{pair.target} ({pair.crop[1]} half)" if pair.crop is not None else str(pair.target)
+
+
+def load_clean(pair: Pair) -> np.ndarray:
+    """The clean image of ``pair`` alone, as uint8 RGB HxWx3 (its rainy file is not read)."""
+    clean = read_rgb(pair.target)
+    return _half(clean, pair.crop[1], pair.target) if pair.crop is not None else clean
 
 
 def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
