@@ -238,6 +238,13 @@ def test_saved_predictions_missing_or_extra_are_named(tmp_path: Path) -> None:
     assert "3_2" in message and "without a prediction" in message and "3_1" not in message
 
 
+def test_saved_predictions_in_the_clean_folder_are_refused(dataset: Path) -> None:
+    """The clean images scored against themselves: an infinite PSNR that says nothing."""
+    with pytest.raises(ValueError, match="holds the clean images"):
+        evaluate_saved(dataset / "target", dataset)
+    assert evaluate_saved(dataset / "input", dataset).count == len(NAMES)  # the rainy inputs' own score
+
+
 def test_saved_prediction_of_another_size_names_the_file_and_the_half(tmp_path: Path) -> None:
     root, _ = _did_and_ddn(tmp_path)["did"]
     rng = np.random.default_rng(14)

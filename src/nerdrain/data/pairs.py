@@ -317,7 +317,10 @@ def match_predictions(pred_dir: Path, pairs: Sequence[Pair], data_dir: Path) -> 
     """Each pair of ``data_dir`` (``find_pairs``) with its saved prediction ``pred_dir/<pair.name>.*``,
     the name ``evaluate --save`` gives it, in the pairs' order; a pair without a prediction or a
     prediction without a pair is an error naming them."""
-    preds = _by_key(_image_folder(pred_dir, "prediction"), str, pred_dir)
+    pred_images = _image_folder(pred_dir, "prediction")
+    if pred_dir.resolve() in {pair.target.parent.resolve() for pair in pairs}:
+        raise ValueError(f"prediction folder {pred_dir} holds the clean images of {data_dir}")
+    preds = _by_key(pred_images, str, pred_dir)
     names = {pair.name for pair in pairs}
     problems = []
     if extra := [p for stem, p in preds.items() if stem not in names]:
