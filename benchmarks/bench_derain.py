@@ -2,15 +2,20 @@
 """Time to derain a whole photo with ``nerdrain.derain``, tiles and blending included: what a user
 of ``nerd-rain derain`` waits for, where ``bench_forward.py`` times the network alone.
 
-One JSON line (``derain_photo``) per variant, photo size and tile size, with the tile count and
-the pixels the network ran on (the tiles' area, overlaps counted each time)::
+One JSON line (``derain_photo``) per variant, precision, photo size and tile size, with the tile
+count and the pixels the network ran on (the tiles' area, overlaps counted each time). The model
+runs through :func:`nerdrain.accel.optimize_for_inference` with the flags given
+(``--channels-last``, ``--dtype``, ``--compile``, ``--cuda-graphs``); ``nerd-rain derain`` runs it
+channels-last, in fp32 unless ``--half``::
 
-    python benchmarks/bench_derain.py --device cpu --variant nerd_rain_s --photo-sizes 768x1024 --tile 512
+    python benchmarks/bench_derain.py --device cpu --variant nerd_rain_s --photo-sizes 768x1024 --tile 512 \
+        --channels-last
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -43,14 +48,14 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = common.setup(args)
     import nerdrain
-    from nerdrain.accel import tune_cpu_allocator
+    from nerdrain.accel import optimize_for_inference
     from nerdrain.tiling import TileConfig, count_tiles, tile_shape
 
-    if device.type == "cpu":
-        tune_cpu_allocator()
-    rng = np.random.default_rng(args.seed)
-    for variant in args.variant:
-        model = common.build_model(variant, device, args.seed).eval()
+    for variant, dtype in itertools.product(args.variant, args.dtype):
+        model = optimize_for_inference(common.build_model(variant, device, args.seed), device,
+                                       channels_last=args.channels_last, compile=args.compile,
+                                       cuda_graphs=args.cuda_graphs, dtype=common.INFERENCE_DTYPES[dtype])
+        rng = np.random.default_rng(args.seed)  # the same photos for every variant and precision
         for h, w in args.photo_sizes:
             photo = (rng.random((h, w, 3)) * 255).astype(np.uint8)
             for tile in args.tile:
@@ -60,8 +65,9 @@ def main(argv=None) -> None:
                     timing = common.time_fn(lambda: nerdrain.derain(photo, model, tile=tile, overlap=args.overlap,
                                                                     batch_size=args.batch_size, device=device),
                                             device, args.warmup, args.repeats)
-                common.emit({"kind": "derain_photo", "variant": variant, "photo": [h, w], "tile": tile,
-                             "tile_shape": [th, tw], "tiles": tiles, "network_pixels": tiles * th * tw, **timing,
+                common.emit({"kind": "derain_photo", "variant": variant, "precision": dtype, "paths": model.paths,
+                             "photo": [h, w], "tile": tile, "tile_shape": [th, tw], "tiles": tiles,
+                             "network_pixels": tiles * th * tw, **timing,
                              "machine": common.machine_info(device), "settings": common.settings(args)},
                             args.output)
 

@@ -31,9 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-_DTYPE_ARG = {"fp32": None, "tf32": "tf32", "bf16": torch.bfloat16}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(p)
@@ -66,7 +63,7 @@ def make_runner(model: torch.nn.Module, device: torch.device, dtype: str, args: 
     from nerdrain.accel import optimize_for_inference
 
     fast = optimize_for_inference(model, device, compile=args.compile, cuda_graphs=args.cuda_graphs,
-                                  channels_last=args.channels_last, dtype=_DTYPE_ARG[dtype],
+                                  channels_last=args.channels_last, dtype=common.INFERENCE_DTYPES[dtype],
                                   cpu_allocator=False if args.no_alloc_tune else None,
                                   half_weights=not args.fp32_weights)
     return fast, dict(fast.paths)

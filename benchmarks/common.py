@@ -135,6 +135,10 @@ def add_common_args(parser: argparse.ArgumentParser, released_form: bool = True)
                                  "bare, NCHW, no allocator tuning, plain Adam")
 
 
+# --dtype to optimize_for_inference's dtype argument
+INFERENCE_DTYPES = {"fp32": None, "tf32": "tf32", "bf16": torch.bfloat16}
+
+
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -186,3 +186,24 @@ def test_derain_benchmark_times_a_whole_photo(tmp_path):
     assert (whole["tiles"], whole["tile_shape"], whole["network_pixels"]) == (1, [40, 72], 40 * 72)
     assert all(r["kind"] == "derain_photo" and r["median_s"] > 0 for r in recs)
     run("summarize.py", str(jsonl))  # a record kind it does not tabulate is no error
+
+
+def test_derain_benchmark_runs_the_model_as_asked(monkeypatch):
+    """--channels-last and --dtype reach the model derain runs (they were accepted, recorded in the
+    settings and ignored: the stop-16 records ran NCHW fp32 whatever the flags said)."""
+    spec = importlib.util.spec_from_file_location("bench_derain", BENCH / "bench_derain.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    import nerdrain
+
+    seen = []
+
+    def fake_derain(photo, model, **kwargs):
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+        seen.append((conv.weight.is_contiguous(memory_format=torch.channels_last), conv.weight.dtype))
+        return photo
+
+    monkeypatch.setattr(nerdrain, "derain", fake_derain)
+    bench.main(["--device", "cpu", "--variant", "nerd_rain_s", "--photo-sizes", "32x32",
+                "--tile", "0", "--repeats", "1", "--warmup", "0", "--channels-last", "--dtype", "fp32", "bf16"])
+    assert seen == [(True, torch.float32), (True, torch.bfloat16)]
