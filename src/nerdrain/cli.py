@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("derain", help="derain photos (files, folders, globs)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    p.add_argument("-o", "--output", help="output file or folder (default: beside each input, *_derained.png)")
+    p.add_argument("-o", "--output", help="output file or folder (default: beside each input, *_derained.png, or the --format's "
+                                           "extension)")
     model_options(p, None, "512 on CPU/MPS; on CUDA by free memory")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default: 4)")
     p.add_argument("--half", action="store_true",
@@ -241,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="paired dataset to run the model on; with --pred, whose clean images to score "
                                   "predictions saved by --save against (any layout)")
     p.add_argument("--layout", help="force the dataset layout (input_target, prenet, ddn, jorder, did)")
-    p.add_argument("--protocol", default="rain200", choices=["rain200", "did_ddn"])
+    p.add_argument("--protocol", default="rain200", choices=["rain200", "did_ddn"],
+                   help="rain200: Rain200L/H, SPA-Data; did_ddn: DID-Data, DDN-Data (default: rain200)")
     p.add_argument("--save", help="with --data: save the 8-bit PNG predictions here")
     p.add_argument("--json", help="write the scores as JSON")
     p.add_argument("--csv", help="write per-image scores as CSV")
