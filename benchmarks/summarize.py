@@ -13,6 +13,7 @@ of their own: the baseline timed beside ours, round by round, next to the issue'
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -122,5 +123,11 @@ def side_by_side(records: list[dict]) -> None:
               f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {issue} | {vs_issue} |")
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="+", metavar="FILE.jsonl", help="benchmark records, one JSON object a line")
+    return p.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(parse_args(sys.argv[1:]).files)

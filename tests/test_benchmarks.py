@@ -207,3 +207,11 @@ def test_derain_benchmark_runs_the_model_as_asked(monkeypatch):
     bench.main(["--device", "cpu", "--variant", "nerd_rain_s", "--photo-sizes", "32x32",
                 "--tile", "0", "--repeats", "1", "--warmup", "0", "--channels-last", "--dtype", "fp32", "bf16"])
     assert seen == [(True, torch.float32), (True, torch.bfloat16)]
+
+
+def test_summarize_has_a_help_and_wants_a_file():
+    """``--help`` prints the usage (it was opened as a records file: FileNotFoundError); no file
+    at all is a usage error, not an empty table."""
+    assert run("summarize.py", "--help").startswith("usage: summarize.py")
+    out = subprocess.run([sys.executable, str(BENCH / "summarize.py")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "required" in out.stderr and not out.stdout
