@@ -550,6 +550,84 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path, data_ro
     assert (ddp_out / "config.yaml").is_file() and no_tmp_files(ddp_out)
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("case", ["config", "folder"])
+def test_a_setup_error_under_torchrun_is_printed_once(tmp_path, data_root, case):
+    """An error every process meets alike (a bad config key, read before the processes meet; an
+    earlier run in --out, found after) is one line for the job, from rank 0, not one per process."""
+    cfg_path, out = tmp_path / "cfg.yaml", tmp_path / "run"
+    cfg_path.write_text(yaml.safe_dump(config_dict(data_root)))
+    out.mkdir()
+    (out / LAST).write_bytes(b"an earlier run's checkpoint")
+    extra = ["--set", "optim.lrr=1"] if case == "config" else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           "--max-restarts", "0", "-m", "nerdrain.cli", "train", str(cfg_path), "--out", str(out), "-q", *extra]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
+    expected = ("error: config.optim: unknown key(s) lrr (did you mean lr?)" if case == "config" else
+                f"error: {out} holds an earlier run (last.pt)")
+    assert len(errors) == 1 and errors[0].startswith(expected), result.stderr[-3000:]
+    assert result.returncode != 0
+    root_cause = result.stderr.partition("Root Cause")[2]  # torchrun's summary names the process that reported
+    assert re.search(r"rank\s*: (\d+)", root_cause)[1] == "0", result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("rank, own, rank0, raised", [
+    (1, "same", "same", "quiet"),  # rank 0 reports it
+    (1, "mine", "theirs", "own"),  # an error of this process alone: it reports it
+    (1, None, "theirs", "quiet"),  # failed elsewhere: this process ends too, without a word
+    (0, "mine", None, "own"),
+    (0, None, None, None),  # nobody failed: go on
+])
+def test_setup_errors_are_reported_by_the_first_process_that_has_them(monkeypatch, rank, own, rank0, raised):
+    import nerdrain.training as training
+
+    messages = {0: rank0, 1: own} if rank == 1 else {0: own, 1: None}
+
+    def all_gather_object(out, obj, group=None):
+        assert obj == messages[rank]
+        out[:] = [messages[0], messages[1]]
+
+    monkeypatch.setattr(training.dist, "all_gather_object", all_gather_object)
+    trainer = Trainer.__new__(Trainer)
+    trainer.dist, trainer.control_group = training.DistInfo(rank=rank, world_size=2), None
+
+    def set_up():
+        with trainer._errors_reported_once():
+            if own is not None:
+                raise ValueError(own)
+
+    if raised is None:
+        set_up()
+        return
+    with pytest.raises(ValueError if raised == "own" else training.ReportedElsewhere) as err:
+        set_up()
+    if raised == "quiet":
+        failed = 0 if rank0 is not None else 1
+        assert str(err.value).startswith(f"process {failed} ") and str(err.value).endswith(messages[failed])
+
+
+def test_the_cli_leaves_an_error_another_process_reports_unprinted(tmp_path, data_root, monkeypatch, capsys):
+    import nerdrain.cli as cli
+    import nerdrain.training as training
+
+    def failed_elsewhere(*args, **kwargs):
+        raise training.ReportedElsewhere("process 0 reports it: something")
+
+    monkeypatch.setattr(training, "train", failed_elsewhere)
+    monkeypatch.setattr(cli, "_REPORT_GRACE_S", 0.0)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(config_dict(data_root)))
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "-q"]) == 2
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a config error: the first process on the machine reports it
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "-q", "--set", "optim.lrr=1"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "-q", "--set", "optim.lrr=1"]) == 2
+    assert capsys.readouterr().err.startswith("error: config.optim: unknown key(s) lrr")
+
+
 # -- learning -----------------------------------------------------------------------------------
 
 
@@ -811,6 +889,7 @@ def test_resume_steps_with_the_optimiser_settings_of_the_new_config(tmp_path, da
     trainer.train()
     assert seen and all((tuple(g["betas"]), g["eps"], g["weight_decay"]) == ((0.5, 0.6), 1e-3, 0.25)
                         for g in seen)
+
 
 
 @pytest.mark.parametrize("overrides", [{"bogus": 3}, {"dim": 7}, {"dim": -1}, {"depths": [1]}])

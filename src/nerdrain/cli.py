@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -134,14 +135,33 @@ def _report_scores(args: argparse.Namespace, report: EvalReport) -> None:
         evaluate.write_csv(report, args.csv)
 
 
+_REPORT_GRACE_S = 10.0
+
+
+def _leave_the_report() -> int:
+    """Exit without a word, after a moment: under ``torchrun`` the process that reports the error
+    exits first, so that the job ends with its message and torchrun names it as the root cause
+    (it then ends this one)."""
+    time.sleep(_REPORT_GRACE_S)
+    return 2
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .training import TrainingInterrupted, train
+    from .training import ReportedElsewhere, TrainingInterrupted, train
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one line for the whole job
     try:
-        final = train(load_config(args.config, args.set), args.out, resume=args.resume or False,
-                      progress=not args.quiet, overwrite=args.overwrite)
+        cfg = load_config(args.config, args.set)
+    except (ValueError, OSError):
+        # Every process on a machine reads the same file and options: its first one reports.
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            return _leave_the_report()
+        raise
+    try:
+        final = train(cfg, args.out, resume=args.resume or False, progress=not args.quiet, overwrite=args.overwrite)
+    except ReportedElsewhere:
+        return _leave_the_report()
     except TrainingInterrupted as stop:
         if main_rank:
             print(stop, file=sys.stderr)

@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,24 +72,33 @@ def _changed_keys(old: dict, new: dict, ignore: set[str], prefix: str = "") -> l
     return changed
 
 
-def setup_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
+def _uses_cuda(device_pref: str) -> bool:
+    return torch.cuda.is_available() and device_pref in ("auto", "cuda")
+
+
+def join_process_group(device_pref: str) -> DistInfo:
     """Join the process group ``torchrun`` describes in the environment (``LOCAL_RANK`` etc.)."""
-    if device_pref not in ("auto", "cpu"):
-        resolve_device(device_pref)  # one line for a device this machine lacks
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    info = DistInfo(dist.get_rank() if world_size > 1 else 0, world_size, local_rank)
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    elif device_pref in ("auto", "cpu"):
-        device = torch.device("cpu")
-    else:
-        device = torch.device(device_pref)
-    return info, device
+        dist.init_process_group("nccl" if _uses_cuda(device_pref) else "gloo")
+    return DistInfo(dist.get_rank() if world_size > 1 else 0, world_size, local_rank)
+
+
+def training_device(device_pref: str, info: DistInfo) -> torch.device:
+    """This process's device: under ``torchrun`` on GPUs, the one of its local rank."""
+    if device_pref not in ("auto", "cpu"):
+        resolve_device(device_pref)  # one line for a device this machine lacks
+    if _uses_cuda(device_pref):
+        torch.cuda.set_device(info.local_rank)
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu" if device_pref == "auto" else device_pref)
+
+
+class ReportedElsewhere(RuntimeError):
+    """Setting up the run failed, and another process of the job reports why: under ``torchrun``
+    an error that every process meets alike (a bad folder, a model that does not build) is
+    reported by the first of them only, not once per process."""
 
 
 def build_model(cfg: TrainConfig) -> NeRDRain:
@@ -408,15 +417,41 @@ class Trainer:
                              "choose one")
         self.cfg = cfg
         self.out = Path(out_dir)
-        self.resumed_from = self._checkpoint_to_resume(resume)
         self.overwrite = overwrite
-        if not resume and not overwrite and (earlier := self._earlier_outputs()):
+        self.dist = join_process_group(cfg.device)
+        self.progress = progress and self.dist.is_main
+        # Collectives on the host (gloo): the setup's error exchange, and the per-iteration
+        # stop-signal vote, which under NCCL would read a GPU tensor back, a sync that keeps the
+        # host from queuing the next step ahead.
+        self.control_group = (dist.new_group(backend="gloo")
+                              if self.dist.world_size > 1 and dist.get_backend() != "gloo" else None)
+        with self._errors_reported_once():
+            self._set_up(resume)
+
+        wrapped: nn.Module = AllOutputs(self.model)
+        if self.dist.world_size > 1:  # wrap AllOutputs, not the model: DDP must see the training forward
+            # Depthwise-conv weight grads differ from their bucket views only in the stride of a
+            # size-1 dim; DDP copies them correctly but warns on every rank.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            wrapped = DistributedDataParallel(
+                wrapped, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.step_model = torch.compile(wrapped) if cfg.compile else wrapped
+        self.graph_step: CudaGraphStep | None = None
+        self.use_graphs = cfg.cuda_graphs and self._graphs_possible()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolutions once
+        if not self.dist.is_main:
+            self.val_pairs = []  # only the main process validates
+
+    def _set_up(self, resume: bool | str | Path) -> None:
+        """Everything that may fail for a reason in the config, the files or the machine."""
+        cfg = self.cfg
+        self.resumed_from = self._checkpoint_to_resume(resume)
+        if not resume and not self.overwrite and (earlier := self._earlier_outputs()):
             names = dict.fromkeys("TensorBoard logs" if p.parent.name == "tb" else p.name for p in earlier)
             raise FileExistsError(f"{self.out} holds an earlier run ({', '.join(names)}): continue it with --resume, "
                                   "replace it with --overwrite, or choose another --out")
-        self.dist, self.device = setup_distributed(cfg.device)
-        self.progress = progress and self.dist.is_main
-
+        self.device = training_device(cfg.device, self.dist)
         # Listed on every process, so that a bad folder stops all of them here, not rank 0 alone.
         self.val_pairs = find_pairs(cfg.val.root)[: cfg.val.max_images] if cfg.val.root else []
         torch.manual_seed(cfg.seed)  # identical initial weights in every process
@@ -434,28 +469,34 @@ class Trainer:
         self.loss = NeRDRainLoss(**vars(cfg.loss))
         self.iteration = 0
         self.best_psnr = -math.inf
-
-        wrapped: nn.Module = AllOutputs(self.model)
-        if self.dist.world_size > 1:  # wrap AllOutputs, not the model: DDP must see the training forward
-            # Depthwise-conv weight grads differ from their bucket views only in the stride of a
-            # size-1 dim; DDP copies them correctly but warns on every rank.
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-            wrapped = DistributedDataParallel(
-                wrapped, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.step_model = torch.compile(wrapped) if cfg.compile else wrapped
-        # The per-iteration stop-signal vote runs on the host (gloo): under NCCL it would read a
-        # GPU tensor back, a sync that keeps the host from queuing the next step ahead.
-        self.control_group = (dist.new_group(backend="gloo")
-                              if self.dist.world_size > 1 and dist.get_backend() != "gloo" else None)
-        self.graph_step: CudaGraphStep | None = None
-        self.use_graphs = cfg.cuda_graphs and self._graphs_possible()
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolutions once
-
-        if not self.dist.is_main:
-            self.val_pairs = []  # only the main process validates
         if self.resumed_from is not None:
             self.load_state_dict(load_training_checkpoint(self.resumed_from, self.device))
+
+    @contextmanager
+    def _errors_reported_once(self) -> Iterator[None]:
+        """Run a setup step on every process; under DDP, each then learns whether any failed.
+
+        Of the processes that failed with the same message, the lowest rank raises its error and
+        the others, and those that did not fail, raise :class:`ReportedElsewhere` (which the CLI
+        leaves unprinted): one line for an error all meet alike, one per process for those that
+        differ. Left alone, a process that failed would exit and those that did not would wait in
+        their next collective until ``torchrun`` ends them.
+        """
+        error: Exception | None = None
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - exchanged, then raised again below
+            error = err
+        if self.dist.world_size > 1:
+            messages: list[str | None] = [None] * self.dist.world_size
+            dist.all_gather_object(messages, None if error is None else str(error), group=self.control_group)
+            failed = [rank for rank, message in enumerate(messages) if message is not None]
+            if error is not None and messages.index(str(error)) != self.dist.rank:
+                raise ReportedElsewhere(f"process {messages.index(str(error))} reports it: {error}") from error
+            if error is None and failed:
+                raise ReportedElsewhere(f"process {failed[0]} failed: {messages[failed[0]]}")
+        if error is not None:
+            raise error
 
     def _graphs_possible(self) -> bool:
         why = ("they need a CUDA device" if self.device.type != "cuda" else
@@ -585,22 +626,23 @@ class Trainer:
 
     def train(self) -> Path:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.dist.is_main:
-            remove_stale_temporaries(self.out, [*RUN_FILES, "config.yaml"])  # of a killed run
-            for earlier in self._earlier_outputs() if self.overwrite else ():
-                earlier.unlink()
-            with atomic_write(self.out / "config.yaml") as f:
-                f.write(yaml.safe_dump(to_dict(cfg)).encode())
-        loader = DataLoader(
-            build_stream(cfg), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-            sampler=StreamSampler(cfg.data.batch_size, self.dist.rank, self.dist.world_size, self.iteration),
-            pin_memory=self.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
-            worker_init_fn=_ignore_stop_signals,
-            # its own generator: starting the iterator must not draw from the global RNG, whose
-            # state is checkpointed (samples themselves are a pure function of the sample number)
-            generator=torch.Generator().manual_seed(cfg.seed))
-        writer = self._writer()
+        with self._errors_reported_once():
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.dist.is_main:
+                remove_stale_temporaries(self.out, [*RUN_FILES, "config.yaml"])  # of a killed run
+                for earlier in self._earlier_outputs() if self.overwrite else ():
+                    earlier.unlink()
+                with atomic_write(self.out / "config.yaml") as f:
+                    f.write(yaml.safe_dump(to_dict(cfg)).encode())
+            loader = DataLoader(
+                build_stream(cfg), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                sampler=StreamSampler(cfg.data.batch_size, self.dist.rank, self.dist.world_size, self.iteration),
+                pin_memory=self.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
+                worker_init_fn=_ignore_stop_signals,
+                # its own generator: starting the iterator must not draw from the global RNG, whose
+                # state is checkpointed (samples themselves are a pure function of the sample number)
+                generator=torch.Generator().manual_seed(cfg.seed))
+            writer = self._writer()
         self.model.train()
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not self.progress, desc="train",
                    dynamic_ncols=True)
