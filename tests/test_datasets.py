@@ -197,10 +197,10 @@ def test_sampler_ranks_interleave_to_the_single_process_sequence(batch, world):
     assert sorted(n for rank in per_rank for n in rank) == single  # no sample twice, none skipped
 
 
-def test_sampler_start_iteration_resumes_the_sequence():
+def test_sampler_start_sample_resumes_the_sequence():
     for rank in range(2):
         full = list(itertools.islice(iter(StreamSampler(3, rank, 2)), 30))
-        resumed = list(itertools.islice(iter(StreamSampler(3, rank, 2, start_iteration=4)), 18))
+        resumed = list(itertools.islice(iter(StreamSampler(3, rank, 2, start_sample=24)), 18))  # iteration 4
         assert resumed == full[12:]
 
 
@@ -209,7 +209,7 @@ def test_dataloader_batches_follow_the_sampler():
         def __getitem__(self, n):
             return torch.tensor(n)
 
-    loader = DataLoader(Numbers(), batch_size=2, sampler=StreamSampler(2, rank=1, world_size=3, start_iteration=1))
+    loader = DataLoader(Numbers(), batch_size=2, sampler=StreamSampler(2, rank=1, world_size=3, start_sample=6))
     batches = [b.tolist() for b in itertools.islice(iter(loader), 2)]
     assert batches == [[8, 9], [14, 15]]
 

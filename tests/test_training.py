@@ -505,7 +505,7 @@ def free_port() -> int:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path, data_root):
+def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path, data_root, capsys):
     """torchrun, 2 gloo processes x batch 1 == 1 process x batch 2: same samples, averaged gradients.
 
     Adam is nearly invariant to the scale of the gradient, which would hide a summed-instead-of-averaged
@@ -548,6 +548,16 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path, data_ro
     # Only rank 0 writes: one TensorBoard event file, no stray temporary files.
     assert len(list((ddp_out / "tb").glob("events.out.tfevents.*"))) == 1
     assert (ddp_out / "config.yaml").is_file() and no_tmp_files(ddp_out)
+
+    # Resumed in one process at batch 2 (the same global batch): no note, and it goes on as the
+    # single-process run does.
+    longer = {**base, "iterations": 5, "data": {**base["data"], "batch_size": 2}}
+    capsys.readouterr()
+    train(from_dict(TrainConfig, longer), ddp_out, resume=True, progress=False)
+    assert "note:" not in capsys.readouterr().out
+    train(from_dict(TrainConfig, longer), single_out, resume=True, progress=False)
+    ddp_final, single_final = load_file(ddp_out / "final.safetensors"), load_file(single_out / "final.safetensors")
+    assert max((ddp_final[k] - single_final[k]).abs().max().item() for k in single_final) < 1e-5
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -890,6 +900,26 @@ def test_resume_steps_with_the_optimiser_settings_of_the_new_config(tmp_path, da
     assert seen and all((tuple(g["betas"]), g["eps"], g["weight_decay"]) == ((0.5, 0.6), 1e-3, 0.25)
                         for g in seen)
 
+
+def test_resume_with_another_global_batch_reads_on_from_the_next_sample(tmp_path, data_root, monkeypatch, capsys):
+    """The stream is numbered by sample: 2 iterations at batch 2 read samples 0-3, so the resumed
+    run at batch 1 reads 4, 5 (not 2, 3 again), and says that the global batch changed."""
+    from nerdrain.data.datasets import TrainingStream
+
+    drawn = []
+    real_getitem = TrainingStream.__getitem__
+    monkeypatch.setattr(TrainingStream, "__getitem__", lambda self, n: drawn.append(n) or real_getitem(self, n))
+    out = tmp_path / "run"
+    train(make_config(data_root, iterations=2, data={"batch_size": 2}), out, progress=False)
+    assert drawn == [0, 1, 2, 3]
+    drawn.clear()
+    capsys.readouterr()
+    train(make_config(data_root, iterations=4), out, progress=False, resume=True)
+    assert drawn == [4, 5]
+    assert load_ckpt(out / LAST)["samples"] == 6
+    note = capsys.readouterr().out
+    assert "note: the global batch changes from 2 (2 per process x 1 process) to 1 (1 x 1)" in note
+    assert "batch_size" not in note  # said once, as the global batch
 
 
 @pytest.mark.parametrize("overrides", [{"bogus": 3}, {"dim": 7}, {"dim": -1}, {"depths": [1]}])

@@ -468,6 +468,7 @@ class Trainer:
         self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.loss = NeRDRainLoss(**vars(cfg.loss))
         self.iteration = 0
+        self.samples = 0  # of the data stream read so far, all processes together: where it goes on
         self.best_psnr = -math.inf
         if self.resumed_from is not None:
             self.load_state_dict(load_training_checkpoint(self.resumed_from, self.device))
@@ -536,6 +537,8 @@ class Trainer:
     def state_dict(self) -> dict:
         state = {
             "iteration": self.iteration,
+            "samples": self.samples,
+            "world_size": self.dist.world_size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -558,16 +561,21 @@ class Trainer:
             raise CheckpointError(f"{self.resumed_from}: trained as {trained.get('name')} with overrides "
                                   f"{trained.get('overrides')}, but the config builds {builds['name']} with "
                                   f"{builds['overrides']}; resume with the config it was trained with")
+        self.iteration = int(state["iteration"])
+        self.samples = int(state.get("samples", self.iteration * self.cfg.data.batch_size * self.dist.world_size))
         if saved is not None and self.dist.is_main:
             # Length, validation, logging and the device may change freely; anything else makes
             # the resumed run differ from an uninterrupted one, which deserves a word.
+            # The batch counts across processes (older checkpoints do not say how many there were).
+            split = {"data.batch_size"} if "world_size" in state else set()
             changed = _changed_keys(saved, current, ignore={"iterations", "val", "log_every", "checkpoint_every",
                                                             "device", "model.weights", "data.num_workers",
-                                                            "data.cache_mb"})
+                                                            "data.cache_mb", *split})
             if changed:
                 tqdm.write(f"note: resuming with changed settings ({', '.join(changed)}): the run goes on "
                            "differently from one that was never interrupted")
-        self.iteration = int(state["iteration"])
+            if split:
+                self._note_global_batch(saved["data"]["batch_size"], int(state["world_size"]))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # the saved groups carry the old config's values
@@ -595,6 +603,16 @@ class Trainer:
                 self.ema = WeightEMA(self.model, self.cfg.ema_decay)
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+    def _note_global_batch(self, batch_size: int, world_size: int) -> None:
+        """Say so where the resumed run's global batch (per process x processes) differs from the checkpoint's."""
+        now = self.cfg.data.batch_size * self.dist.world_size
+        if batch_size * world_size != now:
+            processes = "process" if world_size == 1 else "processes"
+            tqdm.write(f"note: the global batch changes from {batch_size * world_size} ({batch_size} per process x "
+                       f"{world_size} {processes}) to {now} ({self.cfg.data.batch_size} x {self.dist.world_size}): "
+                       f"the data goes on from sample {self.samples}, and the learning rate follows the iteration "
+                       "as before, so the run differs from one that was never interrupted")
 
     def save(self) -> None:
         if self.dist.is_main:
@@ -636,7 +654,7 @@ class Trainer:
                     f.write(yaml.safe_dump(to_dict(cfg)).encode())
             loader = DataLoader(
                 build_stream(cfg), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                sampler=StreamSampler(cfg.data.batch_size, self.dist.rank, self.dist.world_size, self.iteration),
+                sampler=StreamSampler(cfg.data.batch_size, self.dist.rank, self.dist.world_size, self.samples),
                 pin_memory=self.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
                 worker_init_fn=_ignore_stop_signals,
                 # its own generator: starting the iterator must not draw from the global RNG, whose
@@ -667,7 +685,7 @@ class Trainer:
 
     def _loop(self, batches: Iterator, writer, bar, signals: StopSignals) -> None:
         cfg = self.cfg
-        started, samples = time.perf_counter(), 0
+        started, first_sample = time.perf_counter(), self.samples
         checkpointed = self.iteration  # a fresh run's 0 or the resumed checkpoint's
         while self.iteration < cfg.iterations:
             try:
@@ -694,11 +712,11 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
             self.iteration += 1
-            samples += rainy.shape[0] * self.dist.world_size
+            self.samples += cfg.data.batch_size * self.dist.world_size
 
             if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
                 logged = self._mean_across_ranks(parts)
-                rate = samples / (time.perf_counter() - started)
+                rate = (self.samples - first_sample) / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{logged['total']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.2f}")
                 if writer is not None:
                     for key, value in logged.items():

@@ -150,17 +150,18 @@ class TrainingStream(Dataset):
 class StreamSampler(Sampler[int]):
     """Sample numbers for one process: iteration ``i`` of rank ``r`` reads its slice of the global batch.
 
-    The global batch of iteration ``i`` is samples ``[i*B*W, (i+1)*B*W)``; rank ``r`` takes
-    ``B`` of them. One process with batch ``B*W`` therefore sees exactly what ``W`` processes see.
+    From ``start_sample`` ``S``, the global batch of iteration ``i`` is samples
+    ``[S + i*B*W, S + (i+1)*B*W)``; rank ``r`` takes ``B`` of them. One process with batch ``B*W``
+    therefore sees exactly what ``W`` processes see, and a run resumed from the samples read so far
+    neither repeats nor skips any, whatever its batch.
     """
 
-    def __init__(self, batch_size: int, rank: int = 0, world_size: int = 1, start_iteration: int = 0):
+    def __init__(self, batch_size: int, rank: int = 0, world_size: int = 1, start_sample: int = 0):
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.start_iteration = start_iteration
+        self.start_sample = start_sample
 
     def __iter__(self) -> Iterator[int]:
-        iteration = self.start_iteration
+        first = self.start_sample + self.rank * self.batch_size
         while True:
-            first = (iteration * self.world_size + self.rank) * self.batch_size
             yield from range(first, first + self.batch_size)
-            iteration += 1
+            first += self.world_size * self.batch_size
