@@ -243,3 +243,23 @@ def test_unreadable_config_file_is_one_line_naming_it(tmp_path, content, problem
     with pytest.raises(ConfigError, match=problem) as err:
         load_config(path)
     assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, key, line", [
+    ("optim:\n  lr: 1.0e-4\n  warmup_iters: 10\noptim:\n  min_lr: 0.0\n", "optim", 4),  # a section twice
+    ("iterations: 10\nlog_every: 2\niterations: 20\n", "iterations", 3),
+    ("data:\n  sources:\n    - {kind: paired, root: a, root: b}\n", "root", 3),
+])
+def test_a_key_given_twice_is_refused_naming_it(tmp_path, text, key, line):
+    """YAML keeps the last of two equal keys without a word: the first section's values would be
+    lost (here the learning rate and warm-up)."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: key {key!r} given twice (again at line {line})"
+
+
+def test_an_override_with_a_key_given_twice_is_refused():
+    with pytest.raises(ConfigError, match=r"override 'loss=\{fft_weight: 1, fft_weight: 2\}': .*'fft_weight' given twice"):
+        load_config(None, ["loss={fft_weight: 1, fft_weight: 2}"])

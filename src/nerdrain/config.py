@@ -1,6 +1,7 @@
 """Typed experiment configuration: frozen dataclasses filled from YAML, with ``key=value`` overrides.
 
-YAML is read with ``yaml.safe_load``; every key is checked against the dataclass fields, every value
+YAML is read as ``yaml.safe_load`` reads it, except that a key given twice is refused (YAML would
+keep the last one silently); every key is checked against the dataclass fields, every value
 against its type, and names and numbers against what they may be (a protocol, a preset, a positive
 size) in ``__post_init__``, so a typo fails at start-up with the key's name instead of hours into a run.
 """
@@ -13,6 +14,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,32 @@ from .models import list_models
 
 class ConfigError(ValueError):
     """A bad configuration: unknown key, wrong type or malformed override; the message names the key."""
+
+
+class _KeyTwice(yaml.YAMLError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping: YAML keeps the last
+    without a word, so a section written twice would lose the first one's values."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" may be overridden key by key
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # super() says what is wrong with it
+                continue
+            if key in seen:
+                raise _KeyTwice(f"key {key!r} given twice (again at line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
 
 
 def _require(ok: bool, key: str, what: str, value: Any) -> None:
@@ -240,7 +268,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
         try:
-            value = yaml.safe_load(raw)
+            value = _load_yaml(raw)
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML "
                               f"({getattr(err, 'problem', None) or ' '.join(str(err).split())})") from None
@@ -269,7 +297,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
+        data = _load_yaml(Path(path).read_text(encoding="utf-8")) if path else {}
+    except _KeyTwice as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
