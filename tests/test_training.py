@@ -638,6 +638,20 @@ def test_the_cli_leaves_an_error_another_process_reports_unprinted(tmp_path, dat
     assert capsys.readouterr().err.startswith("error: config.optim: unknown key(s) lrr")
 
 
+def test_a_bad_command_line_under_torchrun_is_reported_by_the_first_process(monkeypatch, capsys):
+    import nerdrain.cli as cli
+
+    monkeypatch.setattr(cli, "_REPORT_GRACE_S", 0.0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert main(["train", "cfg.yaml"]) == 2  # no --out
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "cfg.yaml"])
+    assert stop.value.code == 2
+    assert "the following arguments are required: --out" in capsys.readouterr().err
+
+
 # -- learning -----------------------------------------------------------------------------------
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import signal
@@ -138,6 +140,12 @@ def _report_scores(args: argparse.Namespace, report: EvalReport) -> None:
 _REPORT_GRACE_S = 10.0
 
 
+def _not_first_on_machine() -> bool:
+    """Under ``torchrun``, every process runs the command: an error they all meet alike (a bad
+    option, a bad config file) is reported by the first process on each machine only."""
+    return os.environ.get("LOCAL_RANK", "0") != "0"
+
+
 def _leave_the_report() -> int:
     """Exit without a word, after a moment: under ``torchrun`` the process that reports the error
     exits first, so that the job ends with its message and torchrun names it as the root cause
@@ -154,8 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.set)
     except (ValueError, OSError):
-        # Every process on a machine reads the same file and options: its first one reports.
-        if os.environ.get("LOCAL_RANK", "0") != "0":
+        if _not_first_on_machine():
             return _leave_the_report()
         raise
     try:
@@ -350,7 +357,14 @@ _show_warning = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) if _not_first_on_machine() else contextlib.nullcontext():
+            args = parser.parse_args(argv)
+    except SystemExit as stop:
+        if stop.code and _not_first_on_machine():  # a bad command line: the first process said what is wrong
+            return _leave_the_report()
+        raise
     on_term = args.func is not cmd_train and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_term else None
     try:
