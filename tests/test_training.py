@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -411,6 +412,26 @@ def test_cuda_graphs_without_cuda_warn_and_train_exactly_as_eager(tmp_path, data
     with pytest.warns(UserWarning, match="cuda_graphs: they need a CUDA device"):
         train(make_config(data_root, cuda_graphs=True), tmp_path, progress=False)
     assert_same_runs(straight_run, tmp_path)
+
+
+def test_cuda_graphs_unavailable_is_one_warning_line_from_the_first_process(tmp_path, data_root, capsys):
+    """The fallback is the same on every process: under torchrun only rank 0 says so, and the CLI
+    says it in one line, as for the other fast paths."""
+    import nerdrain.training as training
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.device = torch.device("cpu")
+    trainer.dist = training.DistInfo(rank=1, world_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert trainer._graphs_possible() is False
+    if torch.cuda.is_available():
+        return
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(config_dict(data_root, iterations=1, cuda_graphs=True)))
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "-q"]) == 0
+    assert [line for line in capsys.readouterr().err.splitlines() if "cuda_graphs" in line] == [
+        "warning: cuda_graphs: they need a CUDA device; training without them"]
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

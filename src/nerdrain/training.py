@@ -30,6 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .accel import FastPathWarning
 from .checkpoint import TORCH_MAGIC, CheckpointError, load_default_model, load_model, save_model, torch_load
 from .config import ConfigError, TrainConfig, to_dict
 from .data.augment import AugmentConfig
@@ -502,8 +503,8 @@ class Trainer:
     def _graphs_possible(self) -> bool:
         why = ("they need a CUDA device" if self.device.type != "cuda" else
                "DDP's gradient all-reduce is not captured" if self.dist.world_size > 1 else None)
-        if why is not None:
-            warnings.warn(f"cuda_graphs: {why}; training without them", stacklevel=3)
+        if why is not None and self.dist.is_main:  # the same on every process: said once
+            warnings.warn(f"cuda_graphs: {why}; training without them", FastPathWarning, stacklevel=3)
         return why is None
 
     def _checkpoint_to_resume(self, resume: bool | str | Path) -> Path | None:
@@ -761,7 +762,7 @@ class Trainer:
             except Exception as err:  # noqa: BLE001 - any capture failure: train eagerly
                 torch.cuda.synchronize(self.device)
                 warnings.warn(f"cuda_graphs: capturing the training step failed ({type(err).__name__}: {err}); "
-                              "training without them", stacklevel=2)
+                              "training without them", FastPathWarning, stacklevel=2)
                 self.use_graphs = False
                 return None
         return self.graph_step(rainy, clean)
