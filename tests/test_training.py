@@ -895,6 +895,37 @@ def test_a_bad_file_found_mid_run_keeps_the_iterations_done(tmp_path, capsys):
     assert load_ckpt(out / LAST)["iteration"] == cfg.iterations
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_under_torchrun_a_process_that_loses_another_says_so_in_one_line(tmp_path):
+    """Rank 1 draws a bad file: it reports it; rank 0, whose next collective then fails, says in
+    one line that another process stopped, instead of a traceback from inside DDP."""
+    root = make_pairs(tmp_path / "pairs", count=3)
+    base = config_dict(root, iterations=12, checkpoint_every=100)
+    stream = build_stream(from_dict(TrainConfig, base))
+    first_draw = {}
+    for n in range(2 * base["iterations"]):  # 2 processes x batch 1: rank n % 2 reads sample n
+        first_draw.setdefault(stream.choose(n)[1], n)
+    bad = next((item for item, n in first_draw.items() if n % 2 == 1 and n >= 3), None)
+    assert bad is not None, "rank 1 draws no pair first: pick another seed"
+    names = [pair.name for pair in stream.sources[0].pairs]
+    image = root / "input" / f"{names[bad]}.png"
+    image.write_bytes(image.read_bytes()[:120])  # truncated
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(base))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           "--max-restarts", "0", "-m", "nerdrain.cli", "train", str(cfg_path), "--out", str(tmp_path / "run"), "-q"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode != 0
+    ours = result.stderr.split("torch/distributed/elastic")[0]  # before torchrun's own report
+    errors = [line for line in ours.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in ours and len(errors) == 2, result.stderr[-3000:]
+    assert errors[0].startswith("error: training data: ") or str(image) in errors[0], errors
+    iteration = first_draw[bad] // 2 + 1
+    assert errors[1] == (f"error: another process of the job stopped during iteration {iteration} (its message "
+                         "says why); this one stops too: continue from the last checkpoint with --resume")
+
+
 @pytest.mark.parametrize("content, problem", [
     (b"PK\x03\x04 and then nothing", "not a readable training checkpoint"),
     (b"garbage", "not a training checkpoint of nerd-rain train"),

@@ -322,6 +322,12 @@ def _next_batch(batches: Iterator):
         raise
 
 
+def _lost_a_process(err: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the job ended: gloo (DDP on CPUs, and
+    the host-side vote under NCCL) finds its connection closed."""
+    return isinstance(err, dist.DistError) or re.search(r"Connection (closed|reset) by peer", str(err)) is not None
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Data workers leave Ctrl-C and SIGTERM to the training process, which stops them itself;
     on their own they would exit and the loader would fail the run mid-iteration."""
@@ -669,6 +675,12 @@ class Trainer:
         try:
             with StopSignals(announce=self.dist.is_main) as signals:
                 self._loop(batches, writer, bar, signals)
+        except RuntimeError as err:
+            if self.dist.world_size > 1 and _lost_a_process(err):  # its own error is the news, not this one's
+                raise ConnectionError(f"another process of the job stopped during iteration {self.iteration + 1} "
+                                      "(its message says why); this one stops too: continue from the last "
+                                      "checkpoint with --resume") from None
+            raise
         finally:
             # Stop the data workers now: left to the garbage collector after an error, they outlive
             # it to interpreter exit, where a SIGTERM they ignore is all they would get.
