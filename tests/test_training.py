@@ -856,6 +856,20 @@ def test_a_fresh_run_does_not_overwrite_an_earlier_one(tmp_path, data_root, caps
     assert [e.step for e in acc.Scalars("train/total")] == [1]  # the earlier run logged 1 and 2
 
 
+def test_resuming_another_runs_checkpoint_into_a_run_folder_is_refused(tmp_path, data_root, straight_run):
+    """--resume PATH continues that checkpoint's run in --out: where --out holds another run, its
+    checkpoint and weights would be replaced without a word, so it is refused as a fresh run is."""
+    out = tmp_path / "other"
+    train(make_config(data_root, iterations=1), out, progress=False)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError) as err:
+        train(make_config(data_root, iterations=6), out, resume=straight_run / LAST, progress=False)
+    assert str(err.value).startswith(f"{out} holds an earlier run (last.pt, final.safetensors, TensorBoard logs): ")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    train(make_config(data_root, iterations=2), out, resume=out / ".." / out.name / LAST, progress=False)  # its own
+    assert load_ckpt(out / LAST)["iteration"] == 2
+
+
 def test_a_data_worker_error_is_one_line_and_the_run_exits(tmp_path):
     """An unreadable training image in a worker process: one line naming it, exit 2, no hang (the
     workers, which ignore SIGTERM, are shut down by the trainer, not left to interpreter exit)."""

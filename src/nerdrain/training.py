@@ -38,7 +38,7 @@ from .data.datasets import DecodedImages, PairedSource, StreamSampler, Synthetic
 from .data.pairs import find_pairs
 from .devices import resolve_device
 from .evaluate import evaluate_pairs
-from .files import atomic_write, remove_stale_temporaries
+from .files import atomic_write, remove_stale_temporaries, same_file
 from .losses import NeRDRainLoss
 from .models import NeRDRain, create_model
 
@@ -454,10 +454,14 @@ class Trainer:
         """Everything that may fail for a reason in the config, the files or the machine."""
         cfg = self.cfg
         self.resumed_from = self._checkpoint_to_resume(resume)
-        if not resume and not self.overwrite and (earlier := self._earlier_outputs()):
+        # Another run's checkpoint continues here: in a folder holding a run, it would replace that one.
+        elsewhere = self.resumed_from is not None and not same_file(self.resumed_from, self.out / LAST)
+        if (not resume or elsewhere) and not self.overwrite and (earlier := self._earlier_outputs()):
             names = dict.fromkeys("TensorBoard logs" if p.parent.name == "tb" else p.name for p in earlier)
-            raise FileExistsError(f"{self.out} holds an earlier run ({', '.join(names)}): continue it with --resume, "
-                                  "replace it with --overwrite, or choose another --out")
+            what_to_do = (f"--resume {self.resumed_from} would replace it; resume that run in another --out, or "
+                          "this one with --resume" if elsewhere else
+                          "continue it with --resume, replace it with --overwrite, or choose another --out")
+            raise FileExistsError(f"{self.out} holds an earlier run ({', '.join(names)}): {what_to_do}")
         self.device = training_device(cfg.device, self.dist)
         # Listed on every process, so that a bad folder stops all of them here, not rank 0 alone.
         self.val_pairs = find_pairs(cfg.val.root)[: cfg.val.max_images] if cfg.val.root else []
