@@ -675,3 +675,23 @@ def test_same_names_from_different_folders_get_distinct_outputs(tmp_path):
     names = [out.name for _, out, problem in plan]
     assert all(problem is None for _, _, problem in plan)
     assert names == ["x_1_jpg.png", "y_1_jpg.png", "1_png.png", "2.png"]
+
+
+def test_phone_formats_in_a_folder_are_derained_or_named_not_skipped(tmp_path):
+    """An iPhone export (HEIC, which Pillow cannot read) or AVIF photos beside JPEGs: each is
+    derained or named with its problem; none is passed over unsaid, as if the folder held only JPEGs."""
+    from PIL import features
+
+    Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    (tmp_path / "b.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    expected_outputs = ["a.png"]
+    if features.check("avif"):  # Pillow 11.2 and later, built with libavif
+        Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "c.avif")
+        expected_outputs.append("c.png")
+    s = derain_files([str(tmp_path)], str(tmp_path / "out"), identity, tile=0, progress=False)
+    assert sorted(p.name for p in s.outputs) == expected_outputs
+    assert s.failed == [(str(tmp_path / "b.heic"), "cannot read .heic files: this Pillow has no reader for them "
+                                                   "(convert them to JPEG or PNG)")]
+    with pytest.raises(ValueError, match="cannot write .heic files"):  # not a folder named out.heic
+        derain_files([str(tmp_path / "a.jpg")], str(tmp_path / "out.heic"), identity, tile=0, progress=False)
+    assert not (tmp_path / "out.heic").exists()

@@ -93,8 +93,11 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: Extensions of the files taken as photos when a folder is given to derain (case-insensitive).
+#: Phone formats Pillow may lack a reader for (HEIC, AVIF before Pillow 11.2) are listed too: such
+#: a photo is named with its problem, not passed over as if the folder held none.
 IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pnm", ".tga"}
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pnm", ".tga",
+     ".apng", ".avif", ".heic", ".heif"}
 )
 #: Those of dataset folders (pairs, clean photos, predictions): the formats benchmarks come in.
 #: Narrower on purpose: a stray ``a.gif`` preview beside ``a.png`` must not make pairs ambiguous.
@@ -633,6 +636,10 @@ def _read_open(fh, p: Path, path: PathLike, limit: int) -> Photo:
         if fh.read(4) in _TIFF_MAGIC:  # a TIFF, but of a sample layout Pillow has no mode for
             raise ImageReadError(path, "a TIFF whose pixel format cannot be read (floating-point colour, say): "
                                        "save it with 8 or 16 bits per sample") from None
+        suffix = p.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS and suffix not in Image.registered_extensions():
+            raise ImageReadError(path, f"cannot read {suffix} files: this Pillow has no reader for them "
+                                       "(convert them to JPEG or PNG)") from None
         raise ImageReadError(path, "not an image (cannot identify image file)") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as e:
         raise ImageReadError(path, _decode_reason(e)) from None
