@@ -664,3 +664,29 @@ def test_a_tiff_pillow_cannot_decode_is_named_as_such(tmp_path):
     (tmp_path / "junk.tif").write_bytes(b"not a TIFF at all")
     with pytest.raises(ImageReadError, match="not an image"):
         read_photo(tmp_path / "junk.tif")
+
+
+def _jpeg_with_cut_exif(path: Path) -> np.ndarray:
+    """A JPEG whose EXIF directory promises 5 entries and holds less than one: Pillow warns."""
+    a = RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, 5) + b"\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00"
+    Image.fromarray(a).save(path, quality=100, exif=exif)
+    with pytest.warns(UserWarning, match="Corrupt EXIF data"):
+        return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_what_pillow_warns_about_a_file_becomes_a_note_on_it(tmp_path):
+    """Pillow's warnings name its own source line, not the photo: in a batch no one could tell which
+    file was meant. They become the photo's notes (derain_files prints 'note: <file>: ...')."""
+    import warnings
+
+    expected = _jpeg_with_cut_exif(tmp_path / "cut.jpg")
+    (tmp_path / "cut.tif").write_bytes(b"II*\x00" + b"\xff" * 50)  # Pillow warns, then fails
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning that escapes fails the test
+        ph = read_photo(tmp_path / "cut.jpg")
+        with pytest.raises(ImageReadError):
+            read_photo(tmp_path / "cut.tif")
+    np.testing.assert_array_equal(_u8(ph.rgb), expected)
+    assert ph.notes == ("the image library warned: Corrupt EXIF data. Expecting to read 12 bytes but only got 10.",)
+

@@ -604,11 +604,31 @@ def read_photo(path: PathLike, *, max_pixels: int | None = None) -> Photo:
         old_limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None  # our own limit below replaces Pillow's bomb guard
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                return _read_locked(p, path, limit)
+                photo = _read_locked(p, path, limit)
         finally:
             Image.MAX_IMAGE_PIXELS = old_limit
+    return _warnings_as_notes(photo, caught)
+
+
+_CODE_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def _warnings_as_notes(photo: Photo, caught: list[warnings.WarningMessage]) -> Photo:
+    """What Pillow warned while reading a file (corrupt EXIF, say) as the photo's notes: a warning
+    names Pillow's source line, not the photo, so in a batch no one could tell which file it meant.
+    Warnings about code, not the file, are passed on as they came."""
+    notes = []
+    for w in caught:
+        if issubclass(w.category, _CODE_WARNINGS):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        else:
+            notes.append("the image library warned: " + " ".join(str(w.message).split()))
+    if not notes:
+        return photo
+    return dataclasses.replace(photo, notes=tuple(dict.fromkeys((*photo.notes, *notes))))
 
 
 def _read_locked(p: Path, path: PathLike, limit: int) -> Photo:
