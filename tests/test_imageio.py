@@ -690,3 +690,9 @@ def test_what_pillow_warns_about_a_file_becomes_a_note_on_it(tmp_path):
     np.testing.assert_array_equal(_u8(ph.rgb), expected)
     assert ph.notes == ("the image library warned: Corrupt EXIF data. Expecting to read 12 bytes but only got 10.",)
 
+
+def test_a_broken_tiff_is_not_blamed_on_its_pixel_format(tmp_path):
+    (tmp_path / "cut.tif").write_bytes(b"II*\x00" + b"\xff" * 50)
+    with pytest.raises(ImageReadError) as err:
+        read_photo(tmp_path / "cut.tif")
+    assert str(err.value) == f"{tmp_path / 'cut.tif'}: a damaged TIFF (Missing dimensions)"

@@ -648,14 +648,29 @@ def _read_locked(p: Path, path: PathLike, limit: int) -> Photo:
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")  # little- and big-endian
 
 
+def _tiff_problem(fh) -> str:
+    """Why Pillow could not open a file that starts as a TIFF: a sample layout it has no mode for,
+    or a damaged file (which no re-saving with other samples would mend)."""
+    from PIL import TiffImagePlugin
+
+    fh.seek(0)
+    try:
+        TiffImagePlugin.TiffImageFile(fh).close()
+        problem = "cannot identify image file"
+    except Exception as e:  # noqa: BLE001 - what the TIFF reader says is the reason, whatever its type
+        problem = " ".join(str(e).split()) or type(e).__name__
+    if problem == "unknown pixel mode":
+        return "a TIFF whose pixel format cannot be read (floating-point colour, say): save it with 8 or 16 bits per sample"
+    return f"a damaged TIFF ({problem})"
+
+
 def _read_open(fh, p: Path, path: PathLike, limit: int) -> Photo:
     try:
         img = Image.open(fh)
     except UnidentifiedImageError:
         fh.seek(0)
-        if fh.read(4) in _TIFF_MAGIC:  # a TIFF, but of a sample layout Pillow has no mode for
-            raise ImageReadError(path, "a TIFF whose pixel format cannot be read (floating-point colour, say): "
-                                       "save it with 8 or 16 bits per sample") from None
+        if fh.read(4) in _TIFF_MAGIC:
+            raise ImageReadError(path, _tiff_problem(fh)) from None
         suffix = p.suffix.lower()
         if suffix in IMAGE_EXTENSIONS and suffix not in Image.registered_extensions():
             raise ImageReadError(path, f"cannot read {suffix} files: this Pillow has no reader for them "
