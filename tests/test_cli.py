@@ -196,6 +196,22 @@ def test_bad_weights_is_one_line_error(tmp_path, capsys):
     assert err.count("\n") == 0 and str(bogus) in err
 
 
+
+def test_weights_with_nan_are_refused_before_any_output(tmp_path, capsys):
+    """A diverged training run saves NaN weights: every photo would come out black (NaN written
+    as 0), with exit 0. They are refused in one line naming the file and a tensor."""
+    torch.manual_seed(0)
+    model = create_model("nerd_rain_s", dim=8, depths=(1, 1, 1), inr_hidden=(16, 16, 16))
+    with torch.no_grad():
+        model.embed[2].weight[0, 0, 0, 0] = float("nan")
+    weights = save_model(model, tmp_path / "diverged.safetensors")
+    write_image(tmp_path / "x.png", 3)
+    assert main(["derain", str(tmp_path / "x.png"), "--weights", str(weights), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {weights}: NaN or infinite values in 1 (patch_embed_max.proj.weight); "
+                   "the network would output nothing usable (saved from a diverged training run?)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diverged.safetensors", "x.png"]
+
 def test_evaluate_folders_writes_json_and_csv(tmp_path, capsys):
     pred, gt = tmp_path / "pred", tmp_path / "gt"
     pred.mkdir(), gt.mkdir()

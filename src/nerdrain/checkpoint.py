@@ -335,6 +335,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ne
     if _is_official(state):
         state = from_official_state_dict(state, skeleton)
     _check_tensors(skeleton, state, path)
+    _check_finite(state, path)
     model = NeRDRain(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.eval()
@@ -368,6 +369,15 @@ def _check_tensors(model: NeRDRain, state: Mapping[str, torch.Tensor], path: Pat
         problems.append(f"not floating-point {_summarise(integral, 2)}")
     if problems:
         raise CheckpointError(f"{path}: does not match NeRD-Rain dim={model.cfg.dim}: " + "; ".join(problems))
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """One NaN weight spreads through the convolutions to every pixel, which is then written as
+    black: such weights are refused, naming the tensors, rather than loaded to make black photos."""
+    bad = [official_key(k) for k, v in state.items() if not torch.isfinite(v.float()).all()]
+    if bad:
+        raise CheckpointError(f"{path}: NaN or infinite values in {_summarise(bad)}; the network would output "
+                              "nothing usable (saved from a diverged training run?)")
 
 
 def _weight_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
