@@ -695,3 +695,36 @@ def test_phone_formats_in_a_folder_are_derained_or_named_not_skipped(tmp_path):
     with pytest.raises(ValueError, match="cannot write .heic files"):  # not a folder named out.heic
         derain_files([str(tmp_path / "a.jpg")], str(tmp_path / "out.heic"), identity, tile=0, progress=False)
     assert not (tmp_path / "out.heic").exists()
+
+
+def _two_photos(folder: Path) -> list[str]:
+    for name in ("a.png", "b.png"):
+        Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / name)
+    return [str(folder / "a.png"), str(folder / "b.png")]
+
+
+def _never(x):
+    raise AssertionError("the network ran")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="the superuser may write in a read-only folder")
+def test_a_read_only_folder_beside_the_inputs_fails_its_photos_before_the_network_runs(tmp_path):
+    """Photos on a read-only card or a shared folder, no -o: each is named with the reason, and
+    none is run through the network only for its result to have nowhere to go."""
+    inputs = _two_photos(tmp_path)
+    tmp_path.chmod(0o555)
+    try:
+        s = derain_files(inputs, None, _never, tile=0, progress=False)
+    finally:
+        tmp_path.chmod(0o755)
+    assert s.ok == 0 and [reason for _, reason in s.failed] == [
+        f"output {tmp_path / f'{n}_derained.png'}: cannot write in {tmp_path} (Permission denied)" for n in "ab"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self") or os.geteuid() != 0,
+                    reason="needs Linux's /proc, where the superuser passes the permission check but cannot write")
+def test_an_output_folder_that_cannot_be_made_fails_its_photos_before_the_network_runs(tmp_path):
+    out = Path("/proc/nerdrain-no-such-folder")
+    s = derain_files(_two_photos(tmp_path), str(out), _never, tile=0, progress=False)
+    assert s.ok == 0 and [reason for _, reason in s.failed] == [
+        f"output {out / f'{n}.png'}: cannot write in {out} (No such file or directory)" for n in "ab"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,6 +79,20 @@ def check_output_folder(folder: str | Path, names: Iterable[str] = ()) -> None:
         path = folder / name
         if path.exists() and not path.is_file():
             raise ValueError(f"{path}: exists and is not a file")
+
+
+def write_problem(folder: str | Path) -> str | None:
+    """Why files cannot be written in ``folder`` (made where missing), found by making one there
+    and removing it: a permission check alone passes the superuser, and read-only mounts or
+    network file systems that refuse root only say so when asked to write. None where they can."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        return f"cannot write in {folder} ({err.strerror or err})"
+    return None
 
 
 def output_file(path: str | Path) -> Path:

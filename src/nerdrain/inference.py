@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from nerdrain.devices import resolve_device
-from nerdrain.files import same_file
+from nerdrain.files import same_file, write_problem
 from nerdrain.imageio import (
     IMAGE_EXTENSIONS,
     WRITE_FORMATS,
@@ -624,7 +624,7 @@ def derain_files(
     plan = plan_outputs(files, in_strs, out_str, suffix=suffix, fmt=fmt)
     runner = _prepare(model, tile=tile, overlap=overlap, batch_size=batch_size, device=device, half=half)
     all_inputs = list(files)
-    made_dirs: set[Path] = set()
+    folder_problems: dict[Path, str | None] = {}  # each output folder tried once, before its first photo runs
 
     bar = None
     if progress:
@@ -640,15 +640,16 @@ def derain_files(
                     report(str(src), problem)
                     continue
                 assert dst is not None
+                if dst.parent not in folder_problems:
+                    folder_problems[dst.parent] = write_problem(dst.parent)
+                if folder_problems[dst.parent] is not None:
+                    report(str(src), f"output {dst}: {folder_problems[dst.parent]}")
+                    continue
                 photo = read_photo(src, max_pixels=max_pixels)
                 check_writable_size(dst, *photo.size)  # before the network runs, not after
                 h, w = photo.rgb.shape[:2]
                 tile_bar = progress and runner.n_tiles(h, w) >= _TILE_BAR_MIN_TILES
                 result = _derain_photo(photo, runner, tile_bar)
-                parent = dst.parent
-                if parent not in made_dirs and not parent.is_dir():
-                    parent.mkdir(parents=True, exist_ok=True)
-                    made_dirs.add(parent)
                 result = fit_metadata(result, dst)
                 write_photo(dst, result, overwrite_guard_path=all_inputs)
                 summary.ok += 1
