@@ -728,3 +728,11 @@ def test_an_output_folder_that_cannot_be_made_fails_its_photos_before_the_networ
     s = derain_files(_two_photos(tmp_path), str(out), _never, tile=0, progress=False)
     assert s.ok == 0 and [reason for _, reason in s.failed] == [
         f"output {out / f'{n}.png'}: cannot write in {out} (No such file or directory)" for n in "ab"]
+
+
+def test_an_input_name_too_long_for_the_file_system_fails_alone(tmp_path):
+    good = _two_photos(tmp_path)[0]
+    too_long = str(tmp_path / ("x" * 300 + ".png"))  # a name over the 255 bytes file systems allow
+    s = derain_files([too_long, good], str(tmp_path / "out"), identity, tile=0, progress=False)
+    assert s.ok == 1 and [p.name for p in s.outputs] == ["a.png"]
+    assert s.failed == [(too_long, "File name too long")]

@@ -379,37 +379,43 @@ def expand_inputs(
             seen.add(key)
             files.append(p)
 
+    for item in inputs:
+        s = os.fspath(item)
+        try:
+            found, problem = _expand_one(s, skip_suffix)
+        except OSError as err:  # a folder that cannot be listed, a name too long: that input fails, not the batch
+            found, problem = [], err.strerror or str(err)
+        if problem is not None:
+            problems.append((s, problem))
+        for f in found:
+            add(f)
+    return files, problems
+
+
+def _expand_one(s: str, skip_suffix: str | None) -> tuple[list[Path], str | None]:
+    """One input of :func:`expand_inputs`: (its files, or the problem where it gives none)."""
+
     def ours(p: Path) -> bool:
         return bool(skip_suffix) and p.stem.endswith(skip_suffix)
 
-    for item in inputs:
-        s = os.fspath(item)
-        p = Path(s)
-        if p.is_dir():
-            found = sorted(
-                (c for c in p.iterdir() if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS and not c.name.startswith(".")),
-                key=lambda c: c.name,
-            )
-            inputs_here = [c for c in found if not ours(c)]
-            if not inputs_here:
-                problems.append((s, f"only earlier outputs (*{skip_suffix}) in this folder" if found else
-                                 "no image files in this folder"))
-            found = inputs_here
-            for c in found:
-                add(c)
-        elif p.exists():
-            add(p)
-        elif _has_glob(s):
-            matches = [Path(m) for m in sorted(glob.glob(s)) if Path(m).is_file()]
-            matches = [m for m in matches if not ours(m)]
-            if not matches:
-                problems.append((s, "no files match this pattern"))
-            for m in matches:
-                add(m)
-        else:
-            problems.append((s, "no such file or directory"))
-    return files, problems
-
+    p = Path(s)
+    if p.is_dir():
+        found = sorted(
+            (c for c in p.iterdir() if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS and not c.name.startswith(".")),
+            key=lambda c: c.name,
+        )
+        inputs_here = [c for c in found if not ours(c)]
+        if not inputs_here:
+            return [], (f"only earlier outputs (*{skip_suffix}) in this folder" if found else
+                        "no image files in this folder")
+        return inputs_here, None
+    if p.exists():
+        return [p], None
+    if _has_glob(s):
+        matches = [Path(m) for m in sorted(glob.glob(s)) if Path(m).is_file()]
+        matches = [m for m in matches if not ours(m)]
+        return matches, None if matches else "no files match this pattern"
+    return [], "no such file or directory"
 
 def _ext_for(fmt: str) -> str:
     ext = "." + fmt.lower().lstrip(".")
