@@ -613,19 +613,17 @@ def read_photo(path: PathLike, *, max_pixels: int | None = None) -> Photo:
     return _warnings_as_notes(photo, caught)
 
 
-_CODE_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
-
-
 def _warnings_as_notes(photo: Photo, caught: list[warnings.WarningMessage]) -> Photo:
-    """What Pillow warned while reading a file (corrupt EXIF, say) as the photo's notes: a warning
-    names Pillow's source line, not the photo, so in a batch no one could tell which file it meant.
-    Warnings about code, not the file, are passed on as they came."""
+    """What Pillow warned while reading a file (corrupt EXIF, say: plain ``UserWarning``s) as the
+    photo's notes: a warning names Pillow's source line, not the photo, so in a batch no one could
+    tell which file it meant. Other warnings (about code, or an unclosed file the garbage collector
+    came upon meanwhile) are passed on as they came, to the usual filters."""
     notes = []
     for w in caught:
-        if issubclass(w.category, _CODE_WARNINGS):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        else:
+        if issubclass(w.category, UserWarning):
             notes.append("the image library warned: " + " ".join(str(w.message).split()))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not notes:
         return photo
     return dataclasses.replace(photo, notes=tuple(dict.fromkeys((*photo.notes, *notes))))
