@@ -193,6 +193,17 @@ def test_a_plain_function_is_refused_as_not_a_module():
         optimize_for_inference(lambda x: x, "cpu")
 
 
+def test_inputs_follow_the_model_when_the_wrapper_is_moved():
+    """``fast.to(device)`` (as ``derain(..., device=...)`` does) moves the weights; the inputs must
+    go where the weights now are, not where they were at wrapping time."""
+    net = torch.nn.Conv2d(3, 3, 1)
+    fast = optimize_for_inference(net, "cpu")
+    fast.to("meta")  # a second device that every machine has
+    assert fast.device == torch.device("meta") and net.weight.is_meta
+    y = fast(torch.rand(1, 3, 8, 8))
+    assert y.is_meta and y.shape == (1, 3, 8, 8)
+
+
 def test_tune_cpu_allocator_is_idempotent():
     first = tune_cpu_allocator()
     assert isinstance(first, bool)

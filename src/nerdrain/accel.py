@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .devices import resolve_device
+from .tiling import model_device
 
 __all__ = ["FastInference", "FastPathWarning", "optimize_for_inference", "tune_cpu_allocator"]
 
@@ -148,7 +149,8 @@ class FastInference(nn.Module):
     """``x -> y`` like the wrapped model, through the fast paths that are active (see ``paths``).
 
     Inputs may live on any device and have any floating dtype; the output has the input's dtype,
-    the standard (contiguous NCHW) layout and lives on the model's device. Runs without autograd.
+    the standard (contiguous NCHW) layout and lives on the model's device (where ``.to()`` last
+    moved it). Runs without autograd.
     With a half precision and ``half_weights``, it runs a copy of the model whose weights are
     stored in that precision (``model`` itself is left in fp32).
     """
@@ -159,7 +161,7 @@ class FastInference(nn.Module):
         super().__init__()
         copied = _half_weights_copy(model, _HALF[precision]) if half_weights and precision in _HALF else None
         self.model = copied if copied is not None else model
-        self.device = device
+        self._device = device  # for a model without weights, which cannot say where it runs
         self.precision = precision
         self.channels_last = channels_last
         self.max_graphs = max(1, int(max_graphs))
@@ -190,6 +192,11 @@ class FastInference(nn.Module):
                 _warn(f"CUDA graphs need a CUDA device, not {device}; running without them")
             else:
                 self.paths["cuda_graphs"] = True
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are now: ``.to()`` after wrapping moves them, and the inputs follow."""
+        return model_device(self.model) or self._device
 
     # The function the graphs capture: compiled if compile works, else the plain model.
     def _run(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,7 +248,7 @@ class FastInference(nn.Module):
         out_dtype = x.dtype
         with torch.no_grad():
             x = self._prepare(x)
-            y = self._graphed(x) if self.paths["cuda_graphs"] else None
+            y = self._graphed(x) if self.paths["cuda_graphs"] and x.device.type == "cuda" else None
             if y is None:
                 with _precision_context(self.precision, self.device):
                     y = self._run(x)
