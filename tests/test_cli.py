@@ -316,6 +316,25 @@ def test_convert_keeps_the_stored_precision_unless_told(tmp_path, flags, expecte
     assert {v.dtype for v in load_file(str(tmp_path / "ours.safetensors")).values()} == {expected}
 
 
+def test_convert_reads_its_input_once(tmp_path, monkeypatch):
+    """An authors' fp16 .pth -> ours: one read of the input gives both the weights and their type."""
+    from nerdrain import checkpoint, load_model
+
+    torch.manual_seed(0)
+    model = create_model("nerd_rain_s", dim=8, depths=(1, 1, 1), inr_hidden=(16,))
+    official = checkpoint.export_official(model, tmp_path / "authors.pth", dtype=torch.float16)
+    reads = []
+    real_read = checkpoint._read_tensors
+    monkeypatch.setattr(checkpoint, "_read_tensors", lambda path: reads.append(path) or real_read(path))
+    assert main(["convert", str(official), str(tmp_path / "ours.safetensors")]) == 0
+    assert reads == [official]
+    monkeypatch.undo()
+    assert checkpoint.stored_dtype(tmp_path / "ours.safetensors") == torch.float16
+    back = load_model(tmp_path / "ours.safetensors")
+    for key, value in model.state_dict().items():  # the fp16 rounding of each weight, nothing more
+        assert torch.equal(back.state_dict()[key], value.half().float()), key
+
+
 def test_convert_refuses_a_pth_name_for_our_format(tmp_path, tiny_weights, capsys):
     assert main(["convert", str(tiny_weights), str(tmp_path / "ours.pth")]) == 2
     err = capsys.readouterr().err

@@ -308,9 +308,19 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ne
     width are read off the tensor shapes. The format is told from the file's first bytes, so a
     renamed file loads too. The model is returned in eval mode, fp32.
     """
+    model, _ = read_checkpoint(path)
+    if device is None:
+        return model
+    return model.to(resolve_device(device))
+
+
+def read_checkpoint(path: str | Path) -> tuple[NeRDRain, torch.dtype]:
+    """:func:`load_model` on the CPU, with the floating-point type the weights were stored in,
+    from one read of the file (a conversion keeps that type)."""
     path = Path(path)
     state, metadata = _read_tensors(path)
     state = _unprefixed(state, path)
+    stored = _first_float_dtype(state)  # the network's own: a wrapper's other tensors may differ
     if metadata.get("format") == FORMAT_TAG and "config" in metadata:
         try:
             settings = json.loads(metadata["config"])
@@ -338,10 +348,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ne
     _check_finite(state, path)
     model = NeRDRain(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    model.eval()
-    if device is None:
-        return model
-    return model.to(resolve_device(device))
+    return model.eval(), stored
 
 
 def _check_tensors(model: NeRDRain, state: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -413,7 +420,10 @@ def _cpu_tensors(state: Mapping[str, torch.Tensor], dtype: torch.dtype | str | N
 
 def stored_dtype(path: str | Path) -> torch.dtype:
     """The floating-point type a checkpoint's weights are stored in, so that a conversion can keep it."""
-    state, _ = _read_tensors(Path(path))
+    return _first_float_dtype(_read_tensors(Path(path))[0])
+
+
+def _first_float_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
     return next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
 
 

@@ -203,13 +203,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import export_official, load_model, save_model, stored_dtype
+    from .checkpoint import export_official, read_checkpoint, save_model
     from .files import same_file
 
     if same_file(args.output, args.input):  # a conversion may lose precision: the input stays as it is
         raise ValueError(f"{args.output}: is the input file; write the conversion to another file")
-    model = load_model(args.input)
-    dtype = stored_dtype(args.input) if args.dtype == "same" else getattr(torch, args.dtype)
+    model, stored = read_checkpoint(args.input)
+    dtype = stored if args.dtype == "same" else getattr(torch, args.dtype)
     out = (export_official(model, args.output, dtype) if args.to_official
            else save_model(model, args.output, dtype=dtype))
     print(f"{args.input} -> {out} (dim={model.cfg.dim}, {str(dtype).removeprefix('torch.')})")
