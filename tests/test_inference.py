@@ -203,6 +203,17 @@ def test_module_runs_in_eval_mode_and_flag_is_restored():
     torch.testing.assert_close(out, x, atol=1e-6, rtol=0)
 
 
+def test_each_submodules_training_flag_is_restored():
+    """Fine-tuning with a frozen BatchNorm (eval inside a training model): a preview through derain
+    must not unfreeze it."""
+    net = torch.nn.Sequential(TinyNet(), torch.nn.BatchNorm2d(3), TinyNet()).train()
+    net[1].eval()
+    net[2].eval()
+    derain(torch.rand(1, 3, 8, 8), net, tile=0)
+    assert net[0].modes == [False] and net[2].modes == [False]
+    assert [m.training for m in net.modules()] == [True, True, True, False, False, False]  # as they were
+
+
 def test_half_autocast_on_cpu():
     net = TinyNet()
     x = torch.rand(1, 3, 24, 24)

@@ -53,7 +53,7 @@ from .devices import resolve_device
 from .files import atomic_write, check_output_folder, output_file
 from .imageio import save_png
 from .metrics import PROTOCOLS, score, to_uint8
-from .tiling import TileConfig, run_released_windows, run_tiled
+from .tiling import TileConfig, eval_mode, run_released_windows, run_tiled
 
 __all__ = [
     "ImageScore",
@@ -195,8 +195,8 @@ def evaluate_model(model_or_restore: Restorer, data_dir: str | Path, protocol: s
     """Derain every pair of ``data_dir`` (``find_pairs(data_dir, layout)``) and score the results.
 
     ``model_or_restore`` maps Bx3xHxW float tensors in [0, 1] to the same shape; an
-    ``nn.Module`` is moved to ``device`` (in place) and run in eval mode, its training flag
-    restored afterwards. ``tile`` > 0 runs it tile by tile (:func:`nerdrain.tiling.run_tiled`
+    ``nn.Module`` is moved to ``device`` (in place) and run in eval mode, each submodule's
+    training flag restored afterwards. ``tile`` > 0 runs it tile by tile (:func:`nerdrain.tiling.run_tiled`
     with ``overlap``); 0 on the whole image; ``released_windows`` on the released test script's
     256x256 windows with hard seams (:func:`nerdrain.tiling.run_released_windows`), as the
     paper's figures were made. Each prediction is quantised to 8 bits (:func:`to_uint8`) before
@@ -223,15 +223,10 @@ def evaluate_model(model_or_restore: Restorer, data_dir: str | Path, protocol: s
         out.mkdir(parents=True, exist_ok=True)
         on_prediction = _saver(out)
 
-    module = model_or_restore if isinstance(model_or_restore, torch.nn.Module) else None
-    was_training = module is not None and module.training
-    if module is not None:
-        module.to(device).eval()
-    try:
+    if isinstance(model_or_restore, torch.nn.Module):
+        model_or_restore.to(device)
+    with eval_mode(model_or_restore):
         return evaluate_pairs(restore, pairs, protocol, device, progress, on_prediction)
-    finally:
-        if was_training:
-            module.train(True)
 
 
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, protocol: str = "rain200",

@@ -49,6 +49,7 @@ from nerdrain.tiling import (
     TileConfig,
     count_tiles,
     default_tile_for_device,
+    eval_mode,
     model_device,
     run_with_oom_fallback,
 )
@@ -130,15 +131,8 @@ class _Runner:
             net = _Precision(self.model, self.device.type, half_dtype(self.device))
         elif stored is not None and stored != torch.float32:
             net = _Precision(self.model, self.device.type, stored, autocast=False)
-        module = self.model if isinstance(self.model, torch.nn.Module) else None
-        was_training = module.training if module is not None else False
-        if module is not None:
-            module.eval()
-        try:
+        with eval_mode(self.model):
             y = run_with_oom_fallback(net, x, self.config(), progress=progress, device=self.device)
-        finally:
-            if module is not None and was_training:
-                module.train(True)
         return y.clamp_(0.0, 1.0)
 
     def n_tiles(self, height: int, width: int) -> int:
@@ -207,8 +201,8 @@ def derain(
 
     ``model``: any module/callable mapping Bx3xHxW [0, 1] float tensors to the same
     shape, or a checkpoint path for :func:`nerdrain.load_model` (None: the project's default
-    NeRD-Rain-S weights, loaded on ``device``).  A module is run in eval mode (its training flag
-    is restored afterwards); one whose weights are half precision gets its input in that type.
+    NeRD-Rain-S weights, loaded on ``device``).  A module is run in eval mode (each submodule's
+    training flag is restored afterwards); one whose weights are half precision gets its input in that type.
     Float images must be finite (``ValueError`` otherwise; values outside [0, 1] are clipped,
     with a warning where far outside).  With an explicit
     ``device`` it is moved there (in place).  ``device=None`` with a model: the model's

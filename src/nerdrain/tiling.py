@@ -24,6 +24,7 @@ convolutional ones.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ __all__ = [
     "TileConfig",
     "count_tiles",
     "default_tile_for_device",
+    "eval_mode",
     "is_oom_error",
     "model_device",
     "released_window_starts",
@@ -104,6 +106,20 @@ def model_device(model: ModelLike) -> torch.device | None:
         for t in model.buffers():
             return t.device
     return None
+
+
+@contextlib.contextmanager
+def eval_mode(model: ModelLike) -> Iterator[None]:
+    """A module in eval mode for the block, then each of its submodules as it was: ``train(True)``
+    would also unfreeze the parts a fine-tuning run keeps in eval mode (a frozen BatchNorm)."""
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+    if modes:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _tile_side(cfg: TileConfig) -> int:
