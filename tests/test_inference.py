@@ -304,6 +304,15 @@ def test_non_finite_float_images_are_refused_and_0_255_floats_warned():
     assert out.max() <= 1.0
 
 
+def test_a_minus_one_to_one_image_is_told_how_to_map_it_not_to_divide_by_255():
+    """Normalised with mean 0.5 and std 0.5, as many torch pipelines do: dividing by 255 would be
+    wrong advice."""
+    t = torch.rand(3, 6, 7) * 2 - 1
+    with pytest.warns(UserWarning, match=r"not \[0, 1\].*x \* 0\.5 \+ 0\.5") as record:
+        derain(t, identity)
+    assert len(record) == 1 and "255" not in str(record[0].message)
+
+
 def test_float_pil_images_are_checked_as_float_arrays_are():
     f = RNG.random((6, 7), dtype=np.float32)
     f[2, 3] = np.nan
