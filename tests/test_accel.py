@@ -193,6 +193,19 @@ def test_a_plain_function_is_refused_as_not_a_module():
         optimize_for_inference(lambda x: x, "cpu")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_model_stored_in_another_precision_gets_its_input_in_that_type(dtype):
+    """``model.half()`` (or ``.double()``) before wrapping: the model runs in its own type, as
+    derain runs such a module, and the output comes back in the input's type."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 3, 3, padding=1).to(dtype)
+    fast = optimize_for_inference(net, "cpu")
+    x = torch.rand(1, 3, 8, 8)
+    y = fast(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, net(x.to(dtype)).detach().float(), atol=0, rtol=0)
+
+
 def test_inputs_follow_the_model_when_the_wrapper_is_moved():
     """``fast.to(device)`` (as ``derain(..., device=...)`` does) moves the weights; the inputs must
     go where the weights now are, not where they were at wrapping time."""

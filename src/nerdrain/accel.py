@@ -148,7 +148,8 @@ def _half_weights_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module | None
 class FastInference(nn.Module):
     """``x -> y`` like the wrapped model, through the fast paths that are active (see ``paths``).
 
-    Inputs may live on any device and have any floating dtype; the output has the input's dtype,
+    Inputs may live on any device and have any floating dtype (the model gets them in the type its
+    weights are stored in, float32 under half autocast); the output has the input's dtype,
     the standard (contiguous NCHW) layout and lives on the model's device (where ``.to()`` last
     moved it). Runs without autograd.
     With a half precision and ``half_weights``, it runs a copy of the model whose weights are
@@ -217,11 +218,17 @@ class FastInference(nn.Module):
         x = x.to(self.device, non_blocking=True)
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point image tensor, got {x.dtype}")
-        if x.dtype != torch.float32:
-            x = x.float()
+        x = x.to(self._input_dtype())
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def _input_dtype(self) -> torch.dtype:
+        """float32 under half autocast, which casts for itself; else the type the weights are stored
+        in, as a model made ``.half()`` or ``.double()`` before wrapping needs."""
+        if self.precision in _HALF:
+            return torch.float32
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
     def _graphed(self, x: torch.Tensor) -> torch.Tensor | None:
         key = (tuple(x.shape), x.stride(), x.dtype, x.device)
