@@ -88,6 +88,20 @@ def test_inputs_that_are_not_a_batch_of_rgb_images_are_refused_in_words(shape):
             forward(torch.rand(shape))
 
 
+def test_inputs_not_in_the_weights_type_are_refused_in_words():
+    """A uint8 batch (0-255, not [0, 1]) or a float64 one from numpy, outside autocast: one line
+    saying what to convert, not a scalar-type error from a kernel several layers in."""
+    model = create_model("nerd_rain_s", dim=8, depths=(1, 1, 1), inr_hidden=(16,)).eval()
+    for forward in (model, model.forward_all):
+        with pytest.raises(TypeError, match=r"float images in \[0, 1\], got torch.uint8"):
+            forward(torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8))
+        with pytest.raises(TypeError, match=r"the input is torch.float64 but the weights are torch.float32"):
+            forward(torch.rand(1, 3, 16, 16, dtype=torch.float64))
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for itself
+        assert model.to(torch.bfloat16)(x).shape == x.shape
+
+
 @pytest.mark.parametrize("case", ["case0", "case1"])
 def test_forward_all_matches_golden_outputs(golden_model, golden_io, case):
     with torch.no_grad():

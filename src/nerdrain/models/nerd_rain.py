@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import whole_number
+from ..torch_compat import autocast_enabled
 from .blocks import Downsample, TransformerBlock, Upsample, conv1x1, conv3x3, transformer_stage
 from .fusion import FeedbackFusion
 from .inr import ImplicitDecoder
@@ -148,11 +149,16 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
             x = F.pad(x, (0, step_w, 0, step_h), mode="reflect")
 
 
-def _check_batch(x: torch.Tensor) -> None:
-    """A wrong input fails here in words, not as a shape error several layers in."""
+def _check_batch(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """A wrong input fails here in words, not as a shape or scalar-type error several layers in."""
     if x.dim() != 4 or x.shape[1] != 3 or 0 in x.shape:
         raise ValueError(f"expected a batch of RGB images, B x 3 x H x W with none of them 0, got shape "
                          f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected float images in [0, 1], got {x.dtype} (divide 8-bit values by 255)")
+    if x.dtype != weight.dtype and not autocast_enabled(x.device.type):  # autocast casts for itself
+        raise TypeError(f"the input is {x.dtype} but the weights are {weight.dtype}; convert one to the other "
+                        f"(x.to({weight.dtype}) or model.to({x.dtype}))")
 
 
 class NeRDRain(nn.Module):
@@ -192,12 +198,12 @@ class NeRDRain(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Derained image for any H, W >= 1 (reflect-padded internally, cropped back)."""
-        _check_batch(x)
+        _check_batch(x, self.embed[0].weight)
         h, w = x.shape[-2:]
         return self.forward_all(pad_to_multiple(x, SIZE_MULTIPLE)).full[..., :h, :w]
 
     def forward_all(self, x: torch.Tensor) -> NeRDRainOutputs:
-        _check_batch(x)
+        _check_batch(x, self.embed[0].weight)
         h, w = x.shape[-2:]
         if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
             raise ValueError(f"forward_all needs H and W divisible by {SIZE_MULTIPLE}, got {h}x{w}; "
