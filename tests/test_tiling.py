@@ -86,17 +86,30 @@ def test_tile_positions_cover_and_overlap(size, tile, overlap):
     assert tile_positions(10, 32, 8) == [0]
 
 
-def test_weights_positive_and_ramps_only_towards_neighbours():
+def test_weights_ramp_only_towards_neighbours():
     pos = tile_positions(131, 32, 8)
     ws = tiling._axis_weights(pos, 32)
-    assert all((w > 0).all() for w in ws)
+    assert all(((w >= 0) & (w <= 1)).all() for w in ws)
     assert ws[0][0] == 1.0 and ws[-1][-1] == 1.0  # image borders keep full weight
-    assert ws[0][-1] < 0.01 and ws[-1][0] < 0.01  # tile borders facing a neighbour fade out
+    assert ws[0][-1] == 0 and ws[-1][0] == 0  # tile borders facing a neighbour are left to it
     # Complementary ramps: weights of two neighbours sum to ~1 across the middle of their overlap.
     a, b = pos[0], pos[1]
     ov = a + 32 - b
     s = ws[0][32 - ov :] + ws[1][:ov]
     assert torch.allclose(s[ov // 4 : ov - ov // 4], torch.ones(ov - 2 * (ov // 4)), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [1, 15, 16, 17, 48, 49, 50, 63, 64, 65, 97, 131, 520, 1000])
+@pytest.mark.parametrize("tile, overlap", [(16, 0), (32, 8), (50, 4), (64, 32), (64, 40), (48, 100), (512, 32)])
+def test_every_pixel_is_covered_by_a_tile_that_weighs_at_least_a_half(size, tile, overlap):
+    """The blend divides by the summed weight: along each axis some tile must count at every pixel
+    (images smaller than a tile, sides of a pixel, overlap 0 or over half a tile alike)."""
+    cfg = TileConfig(tile=tile, overlap=overlap)
+    th, _, ys, _, _, _ = tiling._grid(size, 1, cfg)
+    best = torch.zeros(size)
+    for y, w in zip(ys, tiling._axis_weights(ys, th)):
+        best[y : y + th] = torch.maximum(best[y : y + th], w)
+    assert ys[0] == 0 and ys[-1] + th == size and best.min() >= 0.5
 
 
 def test_config_validation_and_counts():
@@ -397,3 +410,30 @@ def test_tiles_shrink_to_the_smallest_that_keeps_their_count(size, tile, expecte
     full = [len(tile_positions(side, min(tile, side), 32)) for side in (h, w)]
     assert count_tiles(h, w, cfg) == full[0] * full[1]  # as many tiles as the full-size ones need
     torch.testing.assert_close(out, pointwise(image), atol=1e-6, rtol=0)
+
+
+# --- exactness for local models ---------------------
+
+
+def receptive_field_model(radius: int) -> torch.nn.Module:
+    """``radius`` zero-padded 3x3 convs: each output pixel sees exactly ``radius`` pixels around it."""
+    return conv_stack(seed=4, layers=radius)
+
+
+@pytest.mark.parametrize("h, w, tile, overlap", [
+    (200, 260, 64, 24),  # outer quarter of each overlap (6) >= the radius (5)
+    (97, 131, 50, 40),  # a tile side that is not a multiple of 16, rounded down to 48
+    (160, 64, 64, 32),  # a side equal to the tile; overlap clamped to half a tile
+    (300, 45, 96, 64),  # overlap over half the tile
+    (257, 1, 64, 24),  # one pixel wide
+])
+def test_tiles_give_the_whole_image_result_of_a_local_model_when_overlaps_cover_its_reach(h, w, tile, overlap):
+    """Pixels within ``radius`` of a tile's border facing a neighbour are wrong (zero padding); with the
+    outer quarter of every overlap at least that wide, blending must leave none of them in the result."""
+    model = receptive_field_model(radius=5)
+    image = smooth_image(h, w)
+    with torch.no_grad():
+        whole = model(image)
+    cfg = TileConfig(tile=tile, overlap=overlap, batch_size=3)
+    assert count_tiles(h, w, cfg) > 1
+    torch.testing.assert_close(run_tiled(model, image, cfg), whole, atol=2e-6, rtol=0)

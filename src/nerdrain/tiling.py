@@ -13,13 +13,14 @@ and host memory by about twice the image.
 
 Blending window (separable, per axis): weight 1 in a tile's interior and on sides that
 are image borders; on each side that has a neighbour, across the whole overlap with it,
-a ramp that is nearly 0 (:data:`EDGE_WEIGHT`) over the outer quarter -- the tile's own
-border pixels, degraded by padding and missing context -- then a raised cosine over
-the middle half and 1 over the inner quarter.  The neighbours' ramps are complementary,
-so the prediction cross-fades smoothly from one tile to the next.  Every weight is
-strictly positive and the accumulated output is divided by the accumulated weight, so
-the blend is exact for pointwise models (tiled == untiled) and seam-free for
-convolutional ones.
+a ramp that is 0 over the outer quarter -- the tile's own border pixels, degraded by
+padding and missing context, which the neighbour's inner quarter (weight 1) covers --
+then a raised cosine over the middle half and 1 over the inner quarter.  The neighbours'
+ramps are complementary, so the prediction cross-fades smoothly from one tile to the
+next.  The accumulated output is divided by the accumulated weight (at least 1/2 per
+axis at every pixel), so the blend is exact for pointwise models (tiled == untiled),
+exact for a model that sees ``r`` pixels around each one when the outer quarter of
+every overlap is at least ``r`` wide, and seam-free for convolutional ones.
 """
 
 from __future__ import annotations
@@ -182,12 +183,13 @@ def tile_shape(height: int, width: int, cfg: TileConfig) -> tuple[int, int]:
 
 
 #: Weight given to the outer quarter of an overlap (the tile's own border pixels, where
-#: zero padding and the missing context hurt most); small but never zero.
-EDGE_WEIGHT = 1e-3
+#: zero padding and the missing context hurt most): none, as the neighbour's inner quarter
+#: covers them with weight 1; any share of those pixels would stay in the result.
+EDGE_WEIGHT = 0.0
 
 
 def _ramp(n: int) -> torch.Tensor:
-    """Raised-cosine ramp of n strictly positive values rising towards 1."""
+    """Raised-cosine ramp of n strictly positive values rising towards 1 (complementary to its reverse)."""
     i = torch.arange(n, dtype=torch.float64)
     return (0.5 - 0.5 * torch.cos(math.pi * (i + 0.5) / n)).float()
 
@@ -203,7 +205,7 @@ def _overlap_ramp(n: int) -> torch.Tensor:
     core = n - 2 * m
     r = torch.ones(n)
     r[:m] = EDGE_WEIGHT
-    r[m : m + core] = torch.clamp(_ramp(core), min=EDGE_WEIGHT)
+    r[m : m + core] = _ramp(core)
     return r
 
 
