@@ -412,7 +412,38 @@ def test_tiles_shrink_to_the_smallest_that_keeps_their_count(size, tile, expecte
     torch.testing.assert_close(out, pointwise(image), atol=1e-6, rtol=0)
 
 
-# --- exactness for local models ---------------------
+# --- progress, exactness for local models, out-of-memory retries by batch ---------------------
+
+
+class _CountingBar:
+    """Stands in for tqdm: records each bar's total and how far it got."""
+
+    bars: list[list[int]] = []
+
+    def __init__(self, total, **_):
+        self.state = [total, 0]
+        _CountingBar.bars.append(self.state)
+
+    def update(self, n):
+        self.state[1] += n
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("run, unit_total", [
+    (lambda: run_tiled(pointwise, torch.rand(3, 3, 100, 150), TileConfig(tile=48, overlap=8, batch_size=4),
+                       progress=True), 3 * 12),  # 3 x 4 tiles of 48 per image
+    (lambda: run_released_windows(pointwise, torch.rand(2, 3, 300, 520), batch_size=4, progress=True), 2 * 6),
+    (lambda: run_tiled(pointwise, torch.rand(3, 3, 40, 50), TileConfig(tile=0, batch_size=2), progress=True), 3),
+])
+def test_progress_bars_end_at_their_total(monkeypatch, run, unit_total):
+    import tqdm.auto
+
+    _CountingBar.bars = []
+    monkeypatch.setattr(tqdm.auto, "tqdm", _CountingBar)
+    run()
+    assert _CountingBar.bars == [[unit_total, unit_total]]
 
 
 def receptive_field_model(radius: int) -> torch.nn.Module:

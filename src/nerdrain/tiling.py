@@ -315,9 +315,9 @@ def _box_outputs(model: ModelLike, image: torch.Tensor, boxes: list[tuple[int, i
             x_in = torch.stack([image[i, :, y : y + th, x : x + tw] for i, y, x in chunk]).to(dev, torch.float32)
             y_out = _check_output(model(x_in), tuple(x_in.shape)).to("cpu", torch.float32)
             del x_in
-            yield from y_out
-            if bar is not None:
+            if bar is not None:  # before handing them out: the caller stops asking after the last one
                 bar.update(len(chunk))
+            yield from y_out
     finally:
         if bar is not None:
             bar.close()
