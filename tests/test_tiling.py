@@ -468,3 +468,29 @@ def test_tiles_give_the_whole_image_result_of_a_local_model_when_overlaps_cover_
     cfg = TileConfig(tile=tile, overlap=overlap, batch_size=3)
     assert count_tiles(h, w, cfg) > 1
     torch.testing.assert_close(run_tiled(model, image, cfg), whole, atol=2e-6, rtol=0)
+
+
+class BatchOOM:
+    """A pointwise model that runs out of memory for more than ``limit`` tiles at once."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.calls: list[tuple[int, ...]] = []
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(t.shape))
+        if t.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return pointwise(t)
+
+
+@pytest.mark.parametrize("tile", [64, 0])
+def test_oom_fallback_first_lowers_the_batch_keeping_the_tile(tile):
+    """Fewer tiles per call give the same result; smaller tiles do not (less context, more seams).
+    So memory is first saved on the batch, down to one tile, also at the smallest tile."""
+    x = torch.rand(3, 3, 100, 150)
+    model = BatchOOM(limit=1)
+    out = run_with_oom_fallback(model, x, TileConfig(tile=tile, overlap=16, batch_size=8), min_tile=64)
+    torch.testing.assert_close(out, pointwise(x), atol=1e-6, rtol=0)
+    fitting = {c[-2:] for c in model.calls if c[0] == 1}
+    assert fitting == {tile_shape(100, 150, TileConfig(tile=tile, overlap=16))}  # the tile asked for

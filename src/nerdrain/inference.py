@@ -209,7 +209,7 @@ def derain(
     device.  ``tile``: tile side (None: chosen for the device, 0: whole image at once);
     ``overlap``/``batch_size``: see :class:`nerdrain.tiling.TileConfig`.  ``half``:
     autocast (bfloat16 on CUDA/CPU, float16 on MPS or pre-Ampere CUDA); the output is
-    float32 either way.  Out-of-memory errors are retried with smaller tiles.
+    float32 either way.  Out-of-memory errors are retried with fewer tiles at a time, then smaller ones.
     """
     fallback = image.device if isinstance(image, torch.Tensor) else None
     runner = _prepare(

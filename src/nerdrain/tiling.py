@@ -415,10 +415,11 @@ def run_with_oom_fallback(
 ) -> torch.Tensor:
     """:func:`run_tiled`, retrying with smaller tiles when memory runs out.
 
-    On an out-of-memory error the tile side is halved (rounded down to
-    ``cfg.multiple``; a whole-image run starts from the image's longer side), the batch
-    size halved (at least 1) and the overlap kept at most a quarter of the tile; this
-    repeats down to ``min_tile`` (and no tile below ``cfg.multiple``), below which
+    On an out-of-memory error the batch is halved first, while it held more than one tile
+    (or image): that saves memory without changing the result.  At one a call, the tile
+    side is halved (rounded down to ``cfg.multiple``; a whole-image run starts from the
+    image's longer side) and the overlap kept at most a quarter of the tile; this repeats
+    down to ``min_tile`` (and no tile below ``cfg.multiple``), below which
     ``torch.OutOfMemoryError`` is raised with a message saying what was tried.  Each retry
     is logged on the ``nerdrain`` logger.
     """
@@ -436,6 +437,13 @@ def run_with_oom_fallback(
         _release_device_memory()
         side = _tile_side(cur)
         eff = min(side, max(h, w)) if side > 0 else max(h, w)
+        per_call = min(cur.batch_size, max(1, image.shape[0] * (count_tiles(h, w, cur) if side > 0 else 1)))
+        if per_call > 1:  # the same tiles, fewer at a time: the same result
+            new = replace(cur, batch_size=per_call // 2)
+            log.warning("out of memory with %d %s at a time; retrying with %d",
+                        per_call, "tiles" if side > 0 else "images", new.batch_size)
+            cur = new
+            continue
         new_tile = eff // 2
         if new_tile >= cur.multiple:
             new_tile -= new_tile % cur.multiple
@@ -444,18 +452,13 @@ def run_with_oom_fallback(
         if eff <= min_tile or new_tile < cur.multiple:
             where = f"tile {eff}x{eff}" if side > 0 else "the whole image"
             raise torch.OutOfMemoryError(
-                f"out of memory even with {where} and batch size {cur.batch_size} "
+                f"out of memory even with {where}, one at a time "
                 f"(smallest tile tried: {eff}; last error: {failed_msg}). "
                 "Try a smaller --tile, --half, or --device cpu."
             )
-        new = replace(cur, tile=new_tile, batch_size=max(1, cur.batch_size // 2), overlap=min(cur.overlap, new_tile // 4))
-        log.warning(
-            "out of memory with %s (batch %d); retrying with tile %d (batch %d)",
-            f"tile {eff}" if side > 0 else "the whole image",
-            cur.batch_size,
-            new.tile,
-            new.batch_size,
-        )
+        new = replace(cur, tile=new_tile, batch_size=1, overlap=min(cur.overlap, new_tile // 4))
+        log.warning("out of memory with %s; retrying with tile %d",
+                    f"tile {eff}" if side > 0 else "the whole image", new.tile)
         cur = new
 
 
