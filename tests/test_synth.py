@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -479,3 +481,32 @@ def test_resume_keeps_complete_pairs_and_makes_the_rest(tmp_path, photos, monkey
         for name in names[1:] if sub == "input" else names:
             assert (out / sub / name).read_bytes() == (ref / sub / name).read_bytes()
     assert not _leftovers(out)
+
+
+def test_rain_depends_on_the_name_not_its_unicode_spelling(tmp_path, photos):
+    """macOS writes 'é' decomposed (NFD), Linux tools composed (NFC): one photo name, one rain."""
+    import unicodedata
+
+    renders = []
+    for form in ("NFC", "NFD"):
+        clean = tmp_path / form
+        clean.mkdir()
+        Image.fromarray((photos[0][:40, :50] * 255).round().astype(np.uint8)).save(
+            clean / unicodedata.normalize(form, "café.png"))
+        assert synthesize_folder(clean, tmp_path / f"out_{form}", preset="heavy").written == 1
+        (rainy,) = (tmp_path / f"out_{form}" / "input").iterdir()
+        renders.append(np.asarray(Image.open(rainy)))
+    assert np.array_equal(renders[0], renders[1])
+
+
+@pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="file names there are always Unicode")
+def test_photo_named_in_another_encoding_is_rendered(tmp_path, photos):
+    """A Latin-1 name from an old archive is not UTF-8: Python holds it with a surrogate escape."""
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    pixels = (photos[0][:40, :50] * 255).round().astype(np.uint8)
+    Image.fromarray(pixels).save(os.fsdecode(bytes(clean) + b"/caf\xe9.png"))
+    summary = synthesize_folder(clean, tmp_path / "out", log=pytest.fail)
+    assert (summary.written, summary.failed) == (1, [])
+    target = os.fsdecode(bytes(tmp_path / "out" / "target") + b"/caf\xe9.png")
+    assert np.array_equal(np.asarray(Image.open(target)), pixels)

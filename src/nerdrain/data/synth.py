@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import unicodedata
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -677,6 +678,13 @@ class SynthSummary:
     """(photo, reason) for each photo that did not give all of its pairs."""
 
 
+def _name_seed(name: str) -> int:
+    """A photo's name as a number for its seed: the same for the same name spelt in either Unicode
+    form (macOS writes 'é' decomposed, Linux tools composed) and for names that are not UTF-8 (an
+    old Latin-1 archive's, held by Python with surrogate escapes)."""
+    return zlib.crc32(unicodedata.normalize("NFC", name).encode("utf-8", "surrogateescape"))
+
+
 def _failure(err: Exception, src: Path) -> str:
     """Why ``src`` gave no pair, for a line that already names it."""
     if isinstance(err, ImageReadError) and err.path == str(src):
@@ -756,7 +764,7 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
         try:
             photo = _load_rgb(src)
             for k, name in pairs:
-                rng = np.random.default_rng([seed, zlib.crc32(src.name.encode("utf-8")), k])
+                rng = np.random.default_rng([seed, _name_seed(src.name), k])
                 clean_u8 = quantize(photo if crop is None else _crop(photo, crop, rng), 8)
                 rainy = synth.render(clean_u8.astype(np.float32) / 255.0, rng)
                 save_png(clean_u8, tg_dir / name)
