@@ -510,3 +510,13 @@ def test_photo_named_in_another_encoding_is_rendered(tmp_path, photos):
     assert (summary.written, summary.failed) == (1, [])
     target = os.fsdecode(bytes(tmp_path / "out" / "target") + b"/caf\xe9.png")
     assert np.array_equal(np.asarray(Image.open(target)), pixels)
+
+
+def test_report_of_a_photo_whose_name_holds_a_line_break_is_one_line(tmp_path, photos):
+    clean = tmp_path / "clean"
+    _write_clean_folder(clean, photos[:1])
+    (clean / "bad\nname.png").write_bytes(b"not a png")
+    lines: list[str] = []
+    summary = synthesize_folder(clean, tmp_path / "out", log=lines.append)
+    assert summary.written == 1 and [path for path, _ in summary.failed] == [str(clean / "bad\nname.png")]
+    assert lines == [f"error: {clean}/bad\\nname.png: not an image (cannot identify image file)"]

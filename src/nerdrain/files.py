@@ -15,6 +15,11 @@ from typing import BinaryIO
 _TOKEN_BYTES = 4  # of the random part of a temporary file's name
 
 
+def one_line(text: str) -> str:
+    """A file name may hold line breaks; a report stays one line per file (escaped as ``\\n``)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _naming(err: OSError, path: Path) -> OSError:
     """The same error about ``path``: the hidden temporary name would mean nothing to the user."""
     return OSError(err.errno, err.strerror, os.fspath(path))

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from nerdrain.devices import resolve_device
-from nerdrain.files import same_file, write_problem
+from nerdrain.files import one_line, same_file, write_problem
 from nerdrain.imageio import (
     IMAGE_EXTENSIONS,
     WRITE_FORMATS,
@@ -552,11 +552,6 @@ def _unique_names(files: Sequence[Path]) -> list[str]:
     return unique
 
 
-def _one_line(text: str) -> str:
-    """A file name may hold line breaks; the report stays one line per file (escaped as ``\\n``)."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
-
-
 def _reason(err: BaseException) -> str:
     if isinstance(err, ImageWriteError):  # the file that failed is the output, not the input named first
         return f"output {err.path}: {err.reason}"
@@ -607,7 +602,7 @@ def derain_files(
     def report(path: str, reason: str, kind: str = "error") -> None:
         if kind == "error":
             summary.failed.append((path, reason))
-        line = f"{kind}: {_one_line(path)}: {_one_line(reason)}"
+        line = f"{kind}: {one_line(path)}: {one_line(reason)}"
         if log is not None:
             log(line)
         elif progress:

@@ -34,7 +34,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..checks import whole_number
-from ..files import check_output_folder, remove_stale_temporaries
+from ..files import check_output_folder, one_line, remove_stale_temporaries
 from ..imageio import (DATASET_EXTENSIONS, ImageReadError, quantize, read_photo, resolve_max_pixels,
                        rgb_to_gray, save_png)
 
@@ -776,7 +776,7 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
                 summary.written += 1
         except Exception as err:  # noqa: BLE001 - one bad photo must not stop the batch
             summary.failed.append((str(src), _failure(err, src)))
-            line = f"error: {src}: {summary.failed[-1][1]}"
+            line = f"error: {one_line(str(src))}: {one_line(summary.failed[-1][1])}"
             if log is not None:
                 log(line)
             else:
