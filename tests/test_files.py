@@ -85,3 +85,31 @@ def test_what_a_killed_writer_left_is_found_and_removed_and_nothing_else(tmp_pat
     assert remove_stale_temporaries(tmp_path, ["a.png"]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     assert remove_stale_temporaries(tmp_path / "missing", ["a.png"]) == 0
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a 255-byte name limit (ext4, APFS, tmpfs)")
+def test_a_name_that_fits_the_file_system_is_written_though_its_temporary_name_would_not(tmp_path):
+    """The temporary name adds a dot, a token and '.tmp' to the file's: a 250-byte name fits the
+    file system's 255 bytes, so the file is written (and a killed writer's leftover still found)."""
+    name = "é" * 122 + "xy.png"  # 250 bytes in UTF-8
+    assert len(os.fsencode(name)) == 250
+    with atomic_write(tmp_path / name) as f:
+        f.write(b"data")
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_bytes() == b"data"
+
+    with pytest.raises(KeyboardInterrupt):  # what the temporary file was called: a leftover of a kill
+        with atomic_write(tmp_path / name) as f:
+            left = next(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
+            raise KeyboardInterrupt
+    assert len(os.fsencode(left)) <= 255
+    (tmp_path / left).write_bytes(b"half")
+    assert remove_stale_temporaries(tmp_path, [name]) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_name_problem_counts_bytes_against_the_file_systems_limit(tmp_path):
+    from nerdrain.files import name_problem
+
+    assert name_problem(tmp_path / ("x" * 251 + ".png")) is None
+    assert name_problem(tmp_path / "missing" / "folder" / ("x" * 251 + ".png")) is None
+    assert name_problem(tmp_path / ("é" * 126 + ".png")) == "name too long for the file system (256 bytes, at most 255)"

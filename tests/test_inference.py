@@ -756,3 +756,27 @@ def test_an_input_name_too_long_for_the_file_system_fails_alone(tmp_path):
     s = derain_files([too_long, good], str(tmp_path / "out"), identity, tile=0, progress=False)
     assert s.ok == 1 and [p.name for p in s.outputs] == ["a.png"]
     assert s.failed == [(too_long, "File name too long")]
+
+
+@pytest.mark.parametrize("to_own_folder", [False, True])
+def test_an_output_name_too_long_for_the_file_system_fails_alone_before_the_network_runs(tmp_path, to_own_folder):
+    """A 250-byte photo name fits, but beside it <stem>_derained.png (246 + 13 = 259 bytes) does
+    not: that photo fails in one line before its pixels are run, and the batch goes on. In another
+    folder its output <stem>.png (250 bytes) fits and is written."""
+    good = _two_photos(tmp_path)[0]
+    long_in = tmp_path / ("x" * 246 + ".png")
+    Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(long_in)
+    ran = []
+
+    def counting(x):
+        ran.append(x.shape)
+        return x
+
+    out = str(tmp_path) if to_own_folder else None  # the inputs' own folder: <stem>_derained.png there too
+    s = derain_files([str(long_in), good], out, counting, tile=0, progress=False)
+    target = tmp_path / ("x" * 246 + "_derained.png")
+    assert s.ok == 1 and [p.name for p in s.outputs] == ["a_derained.png"] and len(ran) == 1
+    assert s.failed == [(str(long_in), f"output {target}: name too long for the file system (259 bytes, at most 255)")]
+
+    s = derain_files([str(long_in)], str(tmp_path / "out"), identity, tile=0, progress=False)
+    assert s.ok == 1 and not s.failed and [p.name for p in (tmp_path / "out").iterdir()] == ["x" * 246 + ".png"]

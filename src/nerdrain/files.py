@@ -13,6 +13,35 @@ from typing import BinaryIO
 
 
 _TOKEN_BYTES = 4  # of the random part of a temporary file's name
+_DEFAULT_NAME_MAX = 255  # bytes in a name: ext4, XFS, APFS, NTFS (in UTF-16 units), tmpfs
+_TEMPORARY_EXTRA = len(f"..{'0' * 2 * _TOKEN_BYTES}.tmp")  # what a temporary name adds to the file's
+
+
+def name_max(folder: str | Path) -> int:
+    """The longest name, in bytes, the file system of ``folder`` (or of the nearest folder above
+    it that exists) allows."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if os.path.isdir(p)), Path("."))
+    try:
+        return int(os.pathconf(existing, "PC_NAME_MAX"))
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or no answer
+        return _DEFAULT_NAME_MAX
+
+
+def name_problem(path: str | Path) -> str | None:
+    """Why ``path``'s name could not be created, found without creating it: more bytes than its
+    file system allows (a long photo name with a suffix added, say). None where it fits."""
+    path = Path(path)
+    size, limit = len(os.fsencode(path.name)), name_max(path.parent)
+    return f"name too long for the file system ({size} bytes, at most {limit})" if size > limit else None
+
+
+def _temporary_stem(name: str, limit: int) -> str:
+    """``name``, shortened where needed so that the temporary name built on it stays within
+    ``limit`` bytes: a name that fits its file system is written, however little room it leaves."""
+    while len(os.fsencode(name)) > limit - _TEMPORARY_EXTRA:
+        name = name[:-1]
+    return name
 
 
 def one_line(text: str) -> str:
@@ -36,7 +65,7 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     be created or renamed (``path`` is a folder, say), the ``OSError`` names ``path``.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(_TOKEN_BYTES)}.tmp")
+    tmp = path.with_name(f".{_temporary_stem(path.name, name_max(path.parent))}.{secrets.token_hex(_TOKEN_BYTES)}.tmp")
     try:
         f = open(tmp, "xb")
     except OSError as err:
@@ -59,13 +88,14 @@ def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> int:
     """Remove the temporary files that :func:`atomic_write` left in ``folder`` for files named
     ``names`` when its process was killed outright (SIGKILL, power loss: no clean-up could run);
     how many went. Only for a caller that knows no other process is writing them (a resumed run)."""
-    folder, names = Path(folder), set(names)
+    folder = Path(folder)
+    stems = {_temporary_stem(name, name_max(folder)) for name in names}
     pattern = re.compile(rf"\.(.+)\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp")
     removed = 0
     if folder.is_dir():
         for entry in os.scandir(folder):
             match = pattern.fullmatch(entry.name)
-            if match and match.group(1) in names and entry.is_file(follow_symlinks=False):
+            if match and match.group(1) in stems and entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
                 removed += 1
     return removed

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from nerdrain.devices import resolve_device
-from nerdrain.files import one_line, same_file, write_problem
+from nerdrain.files import name_problem, one_line, same_file, write_problem
 from nerdrain.imageio import (
     IMAGE_EXTENSIONS,
     WRITE_FORMATS,
@@ -478,8 +478,8 @@ def plan_outputs(
       by a counter.
     * Otherwise ``output`` is the file to write; its suffix chooses the format.
 
-    An output that would be an input file (any of them), or that two inputs would
-    share, is a problem for that input.
+    An output that would be an input file (any of them), that two inputs would share, or
+    whose name is too long for its file system, is a problem for that input.
     """
     ext = _ext_for(fmt)
     plan: list[tuple[Path, Path | None, str | None]] = []
@@ -495,6 +495,10 @@ def plan_outputs(
     input_keys = {os.path.normcase(os.path.realpath(f)): f for f in files}
     claimed: dict[str, Path] = {}
     for f, t in zip(files, targets):
+        too_long = name_problem(t)  # a long photo name with the suffix added: before its pixels are run
+        if too_long is not None:
+            plan.append((f, None, f"output {t}: {too_long}"))
+            continue
         key = os.path.normcase(os.path.realpath(t))
         clash = input_keys.get(key)
         if clash is None and t.exists():
