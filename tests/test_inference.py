@@ -780,3 +780,27 @@ def test_an_output_name_too_long_for_the_file_system_fails_alone_before_the_netw
 
     s = derain_files([str(long_in)], str(tmp_path / "out"), identity, tile=0, progress=False)
     assert s.ok == 1 and not s.failed and [p.name for p in (tmp_path / "out").iterdir()] == ["x" * 246 + ".png"]
+
+
+@pytest.mark.parametrize("name", ["out.jxl", "out.JXL", "scan.pdf", "raw.dng", "pic.exr"])
+def test_an_image_file_name_in_a_format_not_written_is_refused_not_made_a_folder(tmp_path, name):
+    """-o out.jxl for one photo names a file the tool cannot write (JPEG XL): refused in one line
+    naming the formats it writes, not a folder called out.jxl with out.jxl/a.png inside."""
+    photo = _two_photos(tmp_path)[0]
+    suffix = Path(name).suffix
+    with pytest.raises(ValueError) as info:
+        derain_files([photo], str(tmp_path / name), _never, tile=0, progress=False)
+    assert str(info.value) == (f"output {tmp_path / name}: cannot write {suffix.lower()} files; use .png, .jpg, .webp "
+                               "or .tif (a trailing / makes it a folder)")
+    assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("name, slash, exists", [("results.v2", "/", False), ("results.v2", "", False),
+                                                 ("out.jxl", "/", False), ("out.jxl", "", True)])
+def test_folder_names_with_a_dot_stay_folders(tmp_path, name, slash, exists):
+    """A version-like suffix is no image format; a trailing / or an existing folder makes any name one."""
+    photo = _two_photos(tmp_path)[0]
+    if exists:
+        (tmp_path / name).mkdir()
+    s = derain_files([photo], str(tmp_path / name) + slash, identity, tile=0, progress=False)
+    assert s.ok == 1 and s.outputs == [tmp_path / name / "a.png"]

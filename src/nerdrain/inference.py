@@ -423,6 +423,17 @@ def _ends_with_separator(output: str) -> bool:
     return output.endswith(tuple(filter(None, ("/", os.sep, os.altsep))))
 
 
+#: Image formats Pillow may have no plugin for, so that its list of extensions lacks them.
+_OTHER_IMAGE_SUFFIXES = frozenset({".jxl", ".jxr", ".exr", ".hdr", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw",
+                                   ".orf", ".rw2", ".raf"})
+
+
+def _is_image_suffix(suffix: str) -> bool:
+    """Whether an output named with ``suffix`` reads as an image file (out.jxl), never a folder
+    (results.v2): such a name in a format not written is refused rather than made a folder."""
+    return suffix in IMAGE_EXTENSIONS or suffix in _OTHER_IMAGE_SUFFIXES or suffix in Image.registered_extensions()
+
+
 def _output_is_folder(output: str, inputs: Sequence[str]) -> bool:
     out = Path(output)
     if out.is_dir() or _ends_with_separator(output):
@@ -444,8 +455,9 @@ def _check_output(output: str, inputs: Sequence[str]) -> None:
         raise ValueError(f"output {output}: exists and is not a folder")
     named_like_a_file = not out.exists() and not _ends_with_separator(output)
     suffix = out.suffix.lower()
-    if named_like_a_file and suffix in IMAGE_EXTENSIONS.difference(WRITE_FORMATS):
-        raise ValueError(f"output {output}: cannot write {suffix} files; use .png, .jpg, .webp or .tif")
+    if named_like_a_file and suffix not in WRITE_FORMATS and _is_image_suffix(suffix):
+        raise ValueError(f"output {output}: cannot write {suffix} files; use .png, .jpg, .webp or .tif "
+                         "(a trailing / makes it a folder)")
     if named_like_a_file and suffix in WRITE_FORMATS:
         raise ValueError(f"output {output}: a file name, but the inputs are several images or a folder; "
                          "give a folder (a trailing / makes any name one)")
