@@ -579,3 +579,20 @@ def test_evaluate_saved_predictions_against_a_dataset_of_another_layout(tmp_path
     assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--data", str(data), "--gt", str(data), "-q"]) == 2
     assert "either --gt DIR or --data DIR" in capsys.readouterr().err
     assert main(["evaluate", "--gt", str(data), "-q"]) == 2
+
+
+def test_derain_format_that_contradicts_the_output_files_suffix_is_refused(tmp_path, tiny_weights, capsys):
+    """-o out.jpg --format webp: which one was meant cannot be known; it wrote a JPEG, ignoring --format."""
+    write_image(tmp_path / "s.png", 0)
+    code = main(["derain", str(tmp_path / "s.png"), "-o", str(tmp_path / "out.jpg"), "--format", "webp",
+                 "--weights", str(tiny_weights), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: output {tmp_path / 'out.jpg'}: its suffix asks for JPEG but the format given "
+                                 "is webp; leave the format out (a single output's suffix chooses its format)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.png"]
+    # the same format both ways is no contradiction; into a folder --format chooses
+    for output, fmt, written in [("same.jpeg", "jpg", "same.jpeg"), ("dir/", "webp", "dir/s.webp")]:
+        assert main(["derain", str(tmp_path / "s.png"), "-o", str(tmp_path / output), "--format", fmt,
+                     "--weights", str(tiny_weights), "--tile", "0", "-q"]) == 0
+        with Image.open(tmp_path / written) as img:
+            assert img.format == {"jpg": "JPEG", "webp": "WEBP"}[fmt]

@@ -252,15 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("derain", help="derain photos (files, folders, globs)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    p.add_argument("-o", "--output", help="output file or folder (default: beside each input, *_derained.png, or the --format's "
-                                           "extension)")
+    p.add_argument("-o", "--output", help="output file (.png, .jpg, .webp or .tif) or folder (an existing one, or any "
+                                           "name ending in /) (default: beside each input, *_derained.png, or the "
+                                           "--format's extension)")
     model_options(p, None, "512 on CPU/MPS; on CUDA by free memory")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default: 4)")
     p.add_argument("--half", action="store_true",
                    help="bfloat16 (fp16 where bf16 is unsupported): faster on recent GPUs and AVX512-BF16 CPUs, "
                         "within 1/255 mean of fp32")
-    p.add_argument("--format", default="png", choices=["png", "jpg", "webp", "tif"],
-                   help="format of outputs written beside the inputs or into a folder (default: png)")
+    p.add_argument("--format", choices=["png", "jpg", "webp", "tif"],
+                   help="format of outputs written beside the inputs or into a folder (default: png); a single output "
+                        "file's suffix chooses its own")
     p.set_defaults(func=cmd_derain)
 
     p = sub.add_parser("evaluate", help="PSNR/SSIM as the paper's MATLAB scripts compute them")

@@ -446,10 +446,15 @@ def _output_is_folder(output: str, inputs: Sequence[str]) -> bool:
     return out.suffix.lower() not in WRITE_FORMATS
 
 
-def _check_output(output: str, inputs: Sequence[str]) -> None:
-    """Fail before any work, in one line, for an output no file of the batch could be written to."""
+def _check_output(output: str, inputs: Sequence[str], fmt: str | None) -> None:
+    """Fail before any work, in one line, for an output no file of the batch could be written to,
+    or a single output file whose suffix contradicts the format asked for (which was meant?)."""
     out = Path(output)
     if not _output_is_folder(output, inputs):
+        named = WRITE_FORMATS[out.suffix.lower()]
+        if fmt is not None and WRITE_FORMATS[_ext_for(fmt)] != named:
+            raise ValueError(f"output {output}: its suffix asks for {named} but the format given is {fmt}; leave the "
+                             "format out (a single output's suffix chooses its format)")
         return
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {output}: exists and is not a folder")
@@ -588,7 +593,7 @@ def derain_files(
     device: str | torch.device | None = None,
     half: bool = False,
     suffix: str = "_derained",
-    fmt: str = "png",
+    fmt: str | None = None,
     progress: bool = True,
     max_pixels: int | None = None,
     log: Any = None,
@@ -601,17 +606,21 @@ def derain_files(
     are written atomically.  A file that fails is reported as one line
     ``error: <path>: <reason>`` on stderr (or to ``log``, a callable taking the line)
     and the batch goes on; a multi-frame file (GIF, multi-page TIFF) gets a line
-    ``note: <path>: ...`` (only its first frame is derained).  ``progress``: a tqdm bar
+    ``note: <path>: ...`` (only its first frame is derained).  ``fmt``: the format of outputs
+    beside the inputs or in a folder (None: PNG); a single output file's suffix chooses its own
+    (a ``fmt`` that contradicts it is a ``ValueError``).  ``progress``: a tqdm bar
     over files, plus one over tiles for large images.  Returns a :class:`Summary`.
     """
     if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of its characters
         inputs = [inputs]
     in_strs = [os.fspath(i) for i in inputs]
     out_str = os.fspath(output) if output is not None else None
-    _ext_for(fmt)  # validate before any work
+    if fmt is not None:
+        _ext_for(fmt)  # validate before any work
     max_pixels = resolve_max_pixels(max_pixels)
     if out_str is not None:
-        _check_output(out_str, in_strs)
+        _check_output(out_str, in_strs, fmt)
+    fmt = fmt or "png"
     files, problems = expand_inputs(in_strs, skip_suffix=suffix)  # earlier outputs are not inputs
     summary = Summary()
 
