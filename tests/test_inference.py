@@ -804,3 +804,18 @@ def test_folder_names_with_a_dot_stay_folders(tmp_path, name, slash, exists):
         (tmp_path / name).mkdir()
     s = derain_files([photo], str(tmp_path / name) + slash, identity, tile=0, progress=False)
     assert s.ok == 1 and s.outputs == [tmp_path / name / "a.png"]
+
+
+def test_a_folder_of_subfolders_says_they_are_not_searched(tmp_path):
+    """holiday/ holding day1/ and day2/: 'no image files' alone would leave the user puzzled."""
+    for name in ("day1", "day2", ".thumbnails"):  # a hidden folder is nothing the user meant
+        (tmp_path / "holiday" / name).mkdir(parents=True)
+        Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "holiday" / name / "a.png")
+    (tmp_path / "holiday" / "notes.txt").write_text("not a photo")
+    (tmp_path / "one" / "day1").mkdir(parents=True)
+    s = derain_files([str(tmp_path / "holiday"), str(tmp_path / "one"), str(tmp_path / "one" / "day1")], None, _never,
+                     tile=0, progress=False)
+    assert s.ok == 0 and s.failed == [
+        (str(tmp_path / "holiday"), "no image files in this folder (its 2 subfolders are not searched)"),
+        (str(tmp_path / "one"), "no image files in this folder (its 1 subfolder is not searched)"),
+        (str(tmp_path / "one" / "day1"), "no image files in this folder")]

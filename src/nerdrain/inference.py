@@ -395,14 +395,13 @@ def _expand_one(s: str, skip_suffix: str | None) -> tuple[list[Path], str | None
 
     p = Path(s)
     if p.is_dir():
-        found = sorted(
-            (c for c in p.iterdir() if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS and not c.name.startswith(".")),
-            key=lambda c: c.name,
-        )
+        entries = [c for c in p.iterdir() if not c.name.startswith(".")]
+        found = sorted((c for c in entries if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS), key=lambda c: c.name)
         inputs_here = [c for c in found if not ours(c)]
-        if not inputs_here:
-            return [], (f"only earlier outputs (*{skip_suffix}) in this folder" if found else
-                        "no image files in this folder")
+        if found and not inputs_here:
+            return [], f"only earlier outputs (*{skip_suffix}) in this folder"
+        if not found:
+            return [], "no image files in this folder" + _unsearched(sum(c.is_dir() for c in entries))
         return inputs_here, None
     if p.exists():
         return [p], None
@@ -411,6 +410,15 @@ def _expand_one(s: str, skip_suffix: str | None) -> tuple[list[Path], str | None
         matches = [m for m in matches if not ours(m)]
         return matches, None if matches else "no files match this pattern"
     return [], "no such file or directory"
+
+
+def _unsearched(subfolders: int) -> str:
+    """Where a folder holds no photos but folders, that they were not looked in (folders are not
+    searched recursively): 'no image files' alone would puzzle whoever gave holiday/ of day1/, day2/."""
+    if not subfolders:
+        return ""
+    return f" (its {subfolders} subfolder{'s are' if subfolders > 1 else ' is'} not searched)"
+
 
 def _ext_for(fmt: str) -> str:
     ext = "." + fmt.lower().lstrip(".")
