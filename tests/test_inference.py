@@ -562,7 +562,7 @@ def test_write_failure_leaves_nothing_behind(photo_folder, tmp_path, monkeypatch
     out = tmp_path / "o"
     s = derain_files([str(photo_folder / "good1.png")], str(out), identity, tile=0, progress=False)
     assert s.ok == 0 and "no space left" in s.failed[0][1]
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # no temporary file, nor the folder the run made for its output
 
 
 def test_bad_format_rejected_early(photo_folder):
@@ -819,3 +819,27 @@ def test_a_folder_of_subfolders_says_they_are_not_searched(tmp_path):
         (str(tmp_path / "holiday"), "no image files in this folder (its 2 subfolders are not searched)"),
         (str(tmp_path / "one"), "no image files in this folder (its 1 subfolder is not searched)"),
         (str(tmp_path / "one" / "day1"), "no image files in this folder")]
+
+
+def test_an_output_folder_the_run_made_and_wrote_nothing_in_is_removed(tmp_path):
+    """Every photo failed, or Ctrl-C during the first: no empty out/ (nor its new parents) is left
+    behind as if there were results; a folder that was there before stays."""
+    (tmp_path / "bad.png").write_bytes(b"not a photo")
+    s = derain_files([str(tmp_path / "bad.png")], str(tmp_path / "new" / "out") + "/", identity, tile=0,
+                     progress=False)
+    assert s.ok == 0 and len(s.failed) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["bad.png"]
+
+    photo = _two_photos(tmp_path)[0]
+
+    def interrupted(x):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        derain_files([photo], str(tmp_path / "out") + "/", interrupted, tile=0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "kept").mkdir()
+    s = derain_files([str(tmp_path / "bad.png")], str(tmp_path / "kept"), identity, tile=0, progress=False)
+    assert s.ok == 0 and (tmp_path / "kept").is_dir()
+    s = derain_files([str(tmp_path / "bad.png"), photo], str(tmp_path / "out"), identity, tile=0, progress=False)
+    assert s.ok == 1 and [p.name for p in (tmp_path / "out").iterdir()] == ["a.png"]

@@ -116,6 +116,23 @@ def check_output_folder(folder: str | Path, names: Iterable[str] = ()) -> None:
             raise ValueError(f"{path}: exists and is not a file")
 
 
+def missing_folders(folder: str | Path) -> list[Path]:
+    """The folders that making ``folder`` would create, outermost first."""
+    folder = Path(folder)
+    return [p for p in (folder, *folder.parents) if not os.path.lexists(p)][::-1]
+
+
+def remove_empty_folders(folders: Iterable[Path]) -> None:
+    """Remove those of ``folders`` (outermost first, as :func:`missing_folders` lists them) that
+    are empty, innermost first: a run that made its output folder and wrote nothing there (every
+    photo failed, Ctrl-C) leaves none behind, as if it held results."""
+    for folder in reversed(list(folders)):
+        try:
+            os.rmdir(folder)
+        except OSError:  # something is in it, or it is gone already
+            pass
+
+
 def write_problem(folder: str | Path) -> str | None:
     """Why files cannot be written in ``folder`` (made where missing), found by making one there
     and removing it: a permission check alone passes the superuser, and read-only mounts or

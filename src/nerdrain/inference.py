@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from nerdrain.devices import resolve_device
-from nerdrain.files import name_problem, one_line, same_file, write_problem
+from nerdrain.files import missing_folders, name_problem, one_line, remove_empty_folders, same_file, write_problem
 from nerdrain.imageio import (
     IMAGE_EXTENSIONS,
     WRITE_FORMATS,
@@ -654,6 +654,7 @@ def derain_files(
     runner = _prepare(model, tile=tile, overlap=overlap, batch_size=batch_size, device=device, half=half)
     all_inputs = list(files)
     folder_problems: dict[Path, str | None] = {}  # each output folder tried once, before its first photo runs
+    made: list[Path] = []  # the folders this run created: removed at the end where it wrote nothing in them
 
     bar = None
     if progress:
@@ -670,6 +671,7 @@ def derain_files(
                     continue
                 assert dst is not None
                 if dst.parent not in folder_problems:
+                    made += missing_folders(dst.parent)
                     folder_problems[dst.parent] = write_problem(dst.parent)
                 if folder_problems[dst.parent] is not None:
                     report(str(src), f"output {dst}: {folder_problems[dst.parent]}")
@@ -697,4 +699,5 @@ def derain_files(
     finally:
         if bar is not None:
             bar.close()
+        remove_empty_folders(made)
     return summary
