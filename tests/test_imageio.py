@@ -696,3 +696,36 @@ def test_a_broken_tiff_is_not_blamed_on_its_pixel_format(tmp_path):
     with pytest.raises(ImageReadError) as err:
         read_photo(tmp_path / "cut.tif")
     assert str(err.value) == f"{tmp_path / 'cut.tif'}: a damaged TIFF (Missing dimensions)"
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    """A PNG chunk as the PNG specification lays it out: length, type, data, CRC-32 of type + data."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png(width: int, height: int, depth: int = 8, colour: int = 2, ihdr_crc_flip: int = 0, ends: bool = True) -> bytes:
+    ihdr = bytearray(_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)))
+    ihdr[-1] ^= ihdr_crc_flip
+    rows = b"".join(b"\x00" + bytes(3 * width) for _ in range(height))
+    rest = _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b"") if ends else b""
+    return b"\x89PNG\r\n\x1a\n" + bytes(ihdr) + rest
+
+
+@pytest.mark.parametrize("data, reason", [
+    (_png(0, 5), "a damaged PNG (its header gives it 0x5 pixels)"),
+    (_png(5, 0), "a damaged PNG (its header gives it 5x0 pixels)"),
+    (_png(5, 5, ihdr_crc_flip=0x01), "a damaged PNG (its IHDR chunk fails its checksum)"),
+    (_png(5, 5, depth=7), "a damaged PNG (bit depth 7 with colour type 2 is no PNG pixel format)"),
+    (_png(5, 5, ends=False), "a truncated PNG (it ends before its pixels)"),
+    (_png(5, 5)[:8] + _png(5, 5)[33:], "a damaged PNG (its first chunk is 'IDAT', not its header IHDR)"),
+], ids=["0xN", "Nx0", "crc", "depth", "cut", "headless"])
+def test_a_damaged_png_is_named_as_such_not_as_no_image(tmp_path, data, reason):
+    """A PNG with a corrupt header is a PNG, damaged: 'not an image' would send the user looking
+    for a wrong extension or a text file."""
+    good = _png(5, 5)
+    (tmp_path / "good.png").write_bytes(good)
+    assert read_photo(tmp_path / "good.png").size == (5, 5)  # the hand-made file is a valid PNG
+    (tmp_path / "bad.png").write_bytes(data)
+    with pytest.raises(ImageReadError) as err:
+        read_photo(tmp_path / "bad.png")
+    assert str(err.value) == f"{tmp_path / 'bad.png'}: {reason}"

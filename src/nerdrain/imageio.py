@@ -662,13 +662,59 @@ def _tiff_problem(fh) -> str:
     return f"a damaged TIFF ({problem})"
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Bit depths each PNG colour type allows (PNG specification, table 11.1).
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+
+
+def _png_problem(fh) -> str:
+    """Why Pillow could not open a file that starts as a PNG, read from its chunks up to the
+    first IDAT: Pillow only says it cannot identify it, as of a file that is no image at all."""
+    fh.seek(len(_PNG_SIGNATURE))
+    first = True
+    while True:
+        head = fh.read(8)
+        if len(head) < 8:
+            return "a truncated PNG (it ends before its pixels)"
+        length, kind = struct.unpack(">I4s", head)
+        data, crc = fh.read(length), fh.read(4)
+        if len(data) < length or len(crc) < 4:
+            return "a truncated PNG (it ends before its pixels)"
+        name = kind.decode("latin-1")
+        if struct.unpack(">I", crc)[0] != zlib.crc32(kind + data):
+            return f"a damaged PNG (its {name} chunk fails its checksum)"
+        if first and kind != b"IHDR":
+            return f"a damaged PNG (its first chunk is {name!r}, not its header IHDR)"
+        first = False
+        if kind == b"IHDR" and length >= 10:
+            width, height, depth, colour = struct.unpack(">IIBB", data[:10])
+            if not width or not height:
+                return f"a damaged PNG (its header gives it {width}x{height} pixels)"
+            if depth not in _PNG_DEPTHS.get(colour, ()):
+                return f"a damaged PNG (bit depth {depth} with colour type {colour} is no PNG pixel format)"
+        if kind in (b"IDAT", b"IEND"):
+            break
+    from PIL import PngImagePlugin
+
+    fh.seek(0)
+    try:
+        PngImagePlugin.PngImageFile(fh).close()
+        problem = "cannot identify image file"
+    except Exception as e:  # noqa: BLE001 - what the PNG reader says is the reason, whatever its type
+        problem = " ".join(str(e).split()) or type(e).__name__
+    return f"a damaged PNG ({problem})"
+
+
 def _read_open(fh, p: Path, path: PathLike, limit: int) -> Photo:
     try:
         img = Image.open(fh)
     except UnidentifiedImageError:
         fh.seek(0)
-        if fh.read(4) in _TIFF_MAGIC:
+        magic = fh.read(len(_PNG_SIGNATURE))
+        if magic[:4] in _TIFF_MAGIC:
             raise ImageReadError(path, _tiff_problem(fh)) from None
+        if magic == _PNG_SIGNATURE:
+            raise ImageReadError(path, _png_problem(fh)) from None
         suffix = p.suffix.lower()
         if suffix in IMAGE_EXTENSIONS and suffix not in Image.registered_extensions():
             raise ImageReadError(path, f"cannot read {suffix} files: this Pillow has no reader for them "
