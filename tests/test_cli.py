@@ -596,3 +596,31 @@ def test_derain_format_that_contradicts_the_output_files_suffix_is_refused(tmp_p
                      "--weights", str(tiny_weights), "--tile", "0", "-q"]) == 0
         with Image.open(tmp_path / written) as img:
             assert img.format == {"jpg": "JPEG", "webp": "WEBP"}[fmt]
+
+
+@pytest.mark.parametrize("unbuffered", [False, True])
+@pytest.mark.parametrize("command", ["models", "evaluate"])
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, command, unbuffered):
+    """nerd-rain evaluate ... | head -1: once head has its line the rest of the output has nowhere to
+    go; the command stops as command-line tools do, with the shell's status for SIGPIPE (141) and no
+    'error: [Errno 32] Broken pipe' or traceback, whether the write fails in the command or at exit."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["models"]
+    if command == "evaluate":
+        for folder in ("pred", "gt"):
+            (tmp_path / folder).mkdir()
+            for i in range(3):
+                write_image(tmp_path / folder / f"{i}.png", i, size=(16, 16))
+        args = ["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--per-image", "-q"]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    child = subprocess.Popen([sys.executable, "-m", "nerdrain", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env)
+    child.stdout.close()  # the reader is gone before the first line
+    err = child.stderr.read()
+    assert child.wait(timeout=60) == 141 and err == b""

@@ -358,6 +358,19 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 _show_warning = warnings.showwarning
 
 
+def _reader_gone() -> int:
+    """The output's reader went away (``nerd-rain evaluate ... | head -1``): stop quietly, as
+    command-line tools do, with the shell's status for SIGPIPE; what is still buffered for the
+    closed pipe goes nowhere (else the interpreter's last flush would complain)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file (replaced by a caller): nothing to silence
+        pass
+    return 128 + getattr(signal, "SIGPIPE", 13)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -372,7 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_line
-            return args.func(args)
+            code = args.func(args)
+        sys.stdout.flush()  # a reader gone (| head) found here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except (ValueError, OSError) as err:  # CheckpointError, ImageReadError and bad configs are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
