@@ -782,6 +782,20 @@ def test_an_output_name_too_long_for_the_file_system_fails_alone_before_the_netw
     assert s.ok == 1 and not s.failed and [p.name for p in (tmp_path / "out").iterdir()] == ["x" * 246 + ".png"]
 
 
+@pytest.mark.parametrize("name, trailer, what", [("y" * 256 + ".png", "", ""), ("z" * 256, "/", ""),
+                                                 ("z" * 256, "/o.png", "folder {folder}: ")],
+                         ids=["file", "folder", "parent"])
+def test_an_output_name_too_long_for_the_file_system_given_with_o_is_refused_before_any_work(tmp_path, name,
+                                                                                          trailer, what):
+    photo = _two_photos(tmp_path)[0]
+    output = str(tmp_path / name) + trailer
+    with pytest.raises(ValueError) as info:
+        derain_files([photo], output, _never, tile=0, progress=False)
+    size = len(name)
+    assert str(info.value) == (f"output {output}: {what.format(folder=tmp_path / name)}name too long for the file "
+                               f"system ({size} bytes, at most 255)")
+
+
 @pytest.mark.parametrize("name", ["out.jxl", "out.JXL", "scan.pdf", "raw.dng", "pic.exr"])
 def test_an_image_file_name_in_a_format_not_written_is_refused_not_made_a_folder(tmp_path, name):
     """-o out.jxl for one photo names a file the tool cannot write (JPEG XL): refused in one line

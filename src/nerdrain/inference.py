@@ -458,6 +458,11 @@ def _check_output(output: str, inputs: Sequence[str], fmt: str | None) -> None:
     """Fail before any work, in one line, for an output no file of the batch could be written to,
     or a single output file whose suffix contradicts the format asked for (which was meant?)."""
     out = Path(output)
+    for part in (out, *out.parents):  # a name no file system here takes: before anything asks about the path
+        too_long = name_problem(part)
+        if too_long is not None:
+            raise ValueError(f"output {output}: {too_long}" if part == out else
+                             f"output {output}: folder {part}: {too_long}")
     if not _output_is_folder(output, inputs):
         named = WRITE_FORMATS[out.suffix.lower()]
         if fmt is not None and WRITE_FORMATS[_ext_for(fmt)] != named:
