@@ -857,3 +857,12 @@ def test_an_output_folder_the_run_made_and_wrote_nothing_in_is_removed(tmp_path)
     assert s.ok == 0 and (tmp_path / "kept").is_dir()
     s = derain_files([str(tmp_path / "bad.png"), photo], str(tmp_path / "out"), identity, tile=0, progress=False)
     assert s.ok == 1 and [p.name for p in (tmp_path / "out").iterdir()] == ["a.png"]
+
+
+def test_photos_that_cannot_be_read_leave_no_output_folder_behind(tmp_path):
+    """The output folder is made for a photo that will be written: a batch of unreadable files
+    (HEICs without a reader, say) leaves no empty folder, as before the write probe."""
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    s = derain_files([str(tmp_path / "a.png")], str(tmp_path / "out" / "sub"), _never, tile=0, progress=False)
+    assert s.ok == 0 and len(s.failed) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]

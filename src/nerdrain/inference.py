@@ -675,14 +675,14 @@ def derain_files(
                     report(str(src), problem)
                     continue
                 assert dst is not None
-                if dst.parent not in folder_problems:
+                photo = read_photo(src, max_pixels=max_pixels)
+                check_writable_size(dst, *photo.size)  # before the network runs, not after
+                if dst.parent not in folder_problems:  # made for a photo that was read, not left empty
                     made += missing_folders(dst.parent)
                     folder_problems[dst.parent] = write_problem(dst.parent)
                 if folder_problems[dst.parent] is not None:
                     report(str(src), f"output {dst}: {folder_problems[dst.parent]}")
                     continue
-                photo = read_photo(src, max_pixels=max_pixels)
-                check_writable_size(dst, *photo.size)  # before the network runs, not after
                 h, w = photo.rgb.shape[:2]
                 tile_bar = progress and runner.n_tiles(h, w) >= _TILE_BAR_MIN_TILES
                 result = _derain_photo(photo, runner, tile_bar)
