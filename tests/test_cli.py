@@ -196,7 +196,6 @@ def test_bad_weights_is_one_line_error(tmp_path, capsys):
     assert err.count("\n") == 0 and str(bogus) in err
 
 
-
 def test_weights_with_nan_are_refused_before_any_output(tmp_path, capsys):
     """A diverged training run saves NaN weights: every photo would come out black (NaN written
     as 0), with exit 0. They are refused in one line naming the file and a tensor."""
@@ -212,12 +211,19 @@ def test_weights_with_nan_are_refused_before_any_output(tmp_path, capsys):
                    "the network would output nothing usable (saved from a diverged training run?)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["diverged.safetensors", "x.png"]
 
-def test_evaluate_folders_writes_json_and_csv(tmp_path, capsys):
+
+def prediction_folders(tmp_path, count, gt_seed, pred_seed):
+    """``pred/`` and ``gt/`` under ``tmp_path``, each with images ``0.png`` ... named alike."""
     pred, gt = tmp_path / "pred", tmp_path / "gt"
     pred.mkdir(), gt.mkdir()
-    for i in range(2):
-        write_image(gt / f"{i}.png", 10 + i)
-        write_image(pred / f"{i}.png", 20 + i)
+    for i in range(count):
+        write_image(gt / f"{i}.png", gt_seed + i)
+        write_image(pred / f"{i}.png", pred_seed + i)
+    return pred, gt
+
+
+def test_evaluate_folders_writes_json_and_csv(tmp_path, capsys):
+    pred, gt = prediction_folders(tmp_path, 2, 10, 20)
     out_json, out_csv = tmp_path / "s.json", tmp_path / "s.csv"
     assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--json", str(out_json), "--csv", str(out_csv),
                  "-q"]) == 0
@@ -535,11 +541,7 @@ def test_evaluate_refuses_one_file_for_json_and_csv(tmp_path, capsys, monkeypatc
 
 def test_evaluate_with_an_unreadable_file_names_it_and_keeps_the_other_scores(tmp_path, capsys):
     """Exit 2 and no mean, but the images that were scored are written to --csv / --json, not lost."""
-    pred, gt = tmp_path / "pred", tmp_path / "gt"
-    pred.mkdir(), gt.mkdir()
-    for i in range(3):
-        write_image(gt / f"{i}.png", 30 + i)
-        write_image(pred / f"{i}.png", 40 + i)
+    pred, gt = prediction_folders(tmp_path, 3, 30, 40)
     (pred / "1.png").write_bytes(b"not a png")
     out_json, out_csv = tmp_path / "s.json", tmp_path / "s.csv"
     assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--json", str(out_json), "--csv", str(out_csv),
