@@ -463,6 +463,21 @@ def test_globs_and_missing_inputs(photo_folder, tmp_path):
     assert "no files match" in reasons[str(tmp_path / "*.nomatch")]
 
 
+def test_a_pattern_whose_name_the_file_system_refuses_is_still_matched(photo_folder, monkeypatch):
+    """Windows refuses '*' in a name (ERROR_INVALID_NAME), and its shell leaves globs to the program:
+    that refusal means 'a pattern', not an input that failed."""
+    real_stat = Path.stat
+
+    def windows_stat(self, *args, **kwargs):
+        if "*" in str(self):
+            raise OSError(22, "The filename, directory name, or volume label syntax is incorrect")
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", windows_stat)
+    files, problems = expand_inputs([str(photo_folder / "good*")])
+    assert [f.name for f in files] == ["good1.png", "good2.jpg"] and problems == []
+
+
 def test_output_never_equals_an_input(photo_folder, tmp_path):
     before = _files(photo_folder)
     src = photo_folder / "good1.png"
@@ -750,7 +765,13 @@ def test_an_output_folder_that_cannot_be_made_fails_its_photos_before_the_networ
         f"output {out / f'{n}.png'}: cannot write in {out} (No such file or directory)" for n in "ab"]
 
 
-def test_an_input_name_too_long_for_the_file_system_fails_alone(tmp_path):
+@pytest.mark.parametrize("pathlib_checks", ["this Python's", "Python 3.14's"])
+def test_an_input_name_too_long_for_the_file_system_fails_alone(tmp_path, monkeypatch, pathlib_checks):
+    """Python 3.14's Path.is_dir and Path.exists are os.path's, which answer False where the file
+    system cannot be asked: the reason must not turn into 'no such file or directory'."""
+    if pathlib_checks == "Python 3.14's":
+        monkeypatch.setattr(Path, "is_dir", lambda self: os.path.isdir(self))
+        monkeypatch.setattr(Path, "exists", lambda self: os.path.exists(self))
     good = _two_photos(tmp_path)[0]
     too_long = str(tmp_path / ("x" * 300 + ".png"))  # a name over the 255 bytes file systems allow
     s = derain_files([too_long, good], str(tmp_path / "out"), identity, tile=0, progress=False)

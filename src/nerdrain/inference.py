@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import stat
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
@@ -394,7 +395,15 @@ def _expand_one(s: str, skip_suffix: str | None) -> tuple[list[Path], str | None
         return bool(skip_suffix) and p.stem.endswith(skip_suffix)
 
     p = Path(s)
-    if p.is_dir():
+    try:  # stat, not is_dir/exists: those answer False where the file system cannot be asked (Python 3.14)
+        mode: int | None = p.stat().st_mode
+    except ValueError:  # a NUL in the name
+        mode = None
+    except OSError as err:  # nothing there; a pattern (an invalid name on Windows) is matched below
+        if not (isinstance(err, (FileNotFoundError, NotADirectoryError)) or _has_glob(s)):
+            raise
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
         entries = [c for c in p.iterdir() if not c.name.startswith(".")]
         found = sorted((c for c in entries if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS), key=lambda c: c.name)
         inputs_here = [c for c in found if not ours(c)]
@@ -403,7 +412,7 @@ def _expand_one(s: str, skip_suffix: str | None) -> tuple[list[Path], str | None
         if not found:
             return [], "no image files in this folder" + _unsearched(sum(c.is_dir() for c in entries))
         return inputs_here, None
-    if p.exists():
+    if mode is not None:
         return [p], None
     if _has_glob(s):
         matches = [Path(m) for m in sorted(glob.glob(s)) if Path(m).is_file()]
