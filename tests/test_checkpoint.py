@@ -14,6 +14,8 @@ from nerdrain.checkpoint import (
     export_official,
     from_official_state_dict,
     infer_config,
+    read_checkpoint,
+    stored_dtype,
     to_official_state_dict,
 )
 
@@ -89,6 +91,16 @@ def test_loads_authors_and_bare_formats(tmp_path, official_state, wrap):
     assert not model.training and model.cfg.dim == 16
     back = to_official_state_dict(model)
     assert all(torch.equal(back[k], official_state[k]) for k in official_state)
+
+
+def test_the_stored_type_is_the_networks_not_a_wrappers_other_tensors(tmp_path, official_state):
+    """A Lightning checkpoint whose loss network (float32) comes before the fp16 model: the type a
+    conversion keeps is the model's, whichever function is asked."""
+    path = tmp_path / "lightning.ckpt"
+    half = {k: v.half() for k, v in official_state.items()}
+    torch.save({"state_dict": {"loss.vgg.weight": torch.zeros(2), **prefixed("model.", half)}}, path)
+    assert read_checkpoint(path)[1] == torch.float16
+    assert stored_dtype(path) == torch.float16
 
 
 def test_save_model_round_trip_keeps_config_and_weights(tmp_path):

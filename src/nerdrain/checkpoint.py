@@ -419,8 +419,10 @@ def _cpu_tensors(state: Mapping[str, torch.Tensor], dtype: torch.dtype | str | N
 
 
 def stored_dtype(path: str | Path) -> torch.dtype:
-    """The floating-point type a checkpoint's weights are stored in, so that a conversion can keep it."""
-    return _first_float_dtype(_read_tensors(Path(path))[0])
+    """The floating-point type a checkpoint's weights are stored in, so that a conversion can keep it
+    (the network's own, as :func:`read_checkpoint` gives it)."""
+    path = Path(path)
+    return _first_float_dtype(_unprefixed(_read_tensors(path)[0], path))
 
 
 def _first_float_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
