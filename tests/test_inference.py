@@ -313,6 +313,19 @@ def test_a_minus_one_to_one_image_is_told_how_to_map_it_not_to_divide_by_255():
     assert len(record) == 1 and "255" not in str(record[0].message)
 
 
+@pytest.mark.parametrize("low, high", [(-0.05, 0.9), (0.1, 1.05), (-0.98, 1.02)])
+def test_the_range_hint_fits_the_values(low, high):
+    """A [0, 1] image a resampling filter made over- or undershoot a little is neither 8-bit nor
+    [-1, 1] (mapping it would ruin it); a [-1, 1] one that overshoots a little is not 8-bit."""
+    t = torch.rand(3, 6, 7) * 0.8 + 0.1
+    t[0, 0, :2] = torch.tensor([low, high])
+    with pytest.warns(UserWarning, match=r"not \[0, 1\]") as record:
+        derain(t, identity)
+    message = str(record[0].message)
+    assert len(record) == 1 and "255" not in message
+    assert ("x * 0.5 + 0.5" in message) == (low < -0.5)
+
+
 def test_float_pil_images_are_checked_as_float_arrays_are():
     f = RNG.random((6, 7), dtype=np.float32)
     f[2, 3] = np.nan

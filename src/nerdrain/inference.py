@@ -270,9 +270,12 @@ def _check_float_image(values: np.ndarray | torch.Tensor) -> None:
         raise ValueError(f"float image has {bad} NaN or infinite value(s); derain needs finite values in [0, 1]")
     low, high = float(values.min()), float(values.max())
     if low < -0.01 or high > 1.01:
-        hint = "divide 8-bit values by 255" if high > 1.01 else "map [-1, 1] values to [0, 1] with x * 0.5 + 0.5"
-        warnings.warn(f"float image values span [{low:g}, {high:g}], not [0, 1]: the result is clipped to [0, 1] "
-                      f"({hint})", stacklevel=4)
+        # Advice only where the range says what the image is: a resampling filter's small over- and
+        # undershoot of a [0, 1] image is neither 8-bit nor [-1, 1], and either remedy would ruin it.
+        hint = (" (divide 8-bit values by 255)" if high > 2 else
+                " (map [-1, 1] values to [0, 1] with x * 0.5 + 0.5)" if low < -0.5 else "")
+        warnings.warn(f"float image values span [{low:g}, {high:g}], not [0, 1]: the result is clipped to [0, 1]"
+                      f"{hint}", stacklevel=4)
 
 
 def _derain_numpy(a: np.ndarray, runner: _Runner, progress: bool) -> np.ndarray:
