@@ -910,6 +910,18 @@ def test_a_bad_file_found_mid_run_keeps_the_iterations_done(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_only_a_lost_connection_is_told_as_another_process_stopping():
+    """A backend's own fault (NCCL reporting a CUDA error) is this process's error: replacing it by
+    'another process stopped' would leave every process silent about the cause."""
+    from nerdrain.training import _lost_a_process
+
+    assert _lost_a_process(torch.distributed.DistNetworkError("Connection closed by peer [10.0.0.2]:29500"))
+    assert _lost_a_process(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection reset by peer"))
+    assert not _lost_a_process(torch.distributed.DistBackendError("CUDA error: an illegal memory access"))
+    assert not _lost_a_process(RuntimeError("Expected all tensors to be on the same device"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_under_torchrun_a_process_that_loses_another_says_so_in_one_line(tmp_path):
     """Rank 1 draws a bad file: it reports it; rank 0, whose next collective then fails, says in
     one line that another process stopped, instead of a traceback from inside DDP."""

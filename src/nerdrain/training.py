@@ -324,8 +324,9 @@ def _next_batch(batches: Iterator):
 
 def _lost_a_process(err: RuntimeError) -> bool:
     """Whether a collective failed because another process of the job ended: gloo (DDP on CPUs, and
-    the host-side vote under NCCL) finds its connection closed."""
-    return isinstance(err, dist.DistError) or re.search(r"Connection (closed|reset) by peer", str(err)) is not None
+    the host-side vote under NCCL) finds its connection closed. A backend's own fault (a CUDA error
+    under NCCL, say) is this process's news and keeps its message."""
+    return isinstance(err, dist.DistNetworkError) or re.search(r"Connection (closed|reset) by peer", str(err)) is not None
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
