@@ -651,12 +651,7 @@ def _tiff_problem(fh) -> str:
     or a damaged file (which no re-saving with other samples would mend)."""
     from PIL import TiffImagePlugin
 
-    fh.seek(0)
-    try:
-        TiffImagePlugin.TiffImageFile(fh).close()
-        problem = "cannot identify image file"
-    except Exception as e:  # noqa: BLE001 - what the TIFF reader says is the reason, whatever its type
-        problem = " ".join(str(e).split()) or type(e).__name__
+    problem = _reader_says(TiffImagePlugin.TiffImageFile, fh)
     if problem == "unknown pixel mode":
         return "a TIFF whose pixel format cannot be read (floating-point colour, say): save it with 8 or 16 bits per sample"
     return f"a damaged TIFF ({problem})"
@@ -696,13 +691,18 @@ def _png_problem(fh) -> str:
             break
     from PIL import PngImagePlugin
 
+    return f"a damaged PNG ({_reader_says(PngImagePlugin.PngImageFile, fh)})"
+
+
+def _reader_says(reader, fh) -> str:
+    """What one Pillow format reader says of the file, as one line: Image.open tries them all and
+    says only that none identified it."""
     fh.seek(0)
     try:
-        PngImagePlugin.PngImageFile(fh).close()
-        problem = "cannot identify image file"
-    except Exception as e:  # noqa: BLE001 - what the PNG reader says is the reason, whatever its type
-        problem = " ".join(str(e).split()) or type(e).__name__
-    return f"a damaged PNG ({problem})"
+        reader(fh).close()
+        return "cannot identify image file"
+    except Exception as e:  # noqa: BLE001 - what the reader says is the reason, whatever its type
+        return " ".join(str(e).split()) or type(e).__name__
 
 
 def _read_open(fh, p: Path, path: PathLike, limit: int) -> Photo:
