@@ -651,6 +651,7 @@ def test_the_cli_leaves_an_error_another_process_reports_unprinted(tmp_path, dat
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(config_dict(data_root)))
     assert main(["train", str(config), "--out", str(tmp_path / "run"), "-q"]) == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")  # a config error: the first process on the machine reports it
     assert main(["train", str(config), "--out", str(tmp_path / "run"), "-q", "--set", "optim.lrr=1"]) == 2
     assert capsys.readouterr().err == ""
@@ -663,7 +664,11 @@ def test_a_bad_command_line_under_torchrun_is_reported_by_the_first_process(monk
     import nerdrain.cli as cli
 
     monkeypatch.setattr(cli, "_REPORT_GRACE_S", 0.0)
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # left in the environment of a lone process: no job to leave it to
+    with pytest.raises(SystemExit):
+        main(["train", "cfg.yaml"])
+    assert "the following arguments are required: --out" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "cfg.yaml"]) == 2  # no --out
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("LOCAL_RANK", "0")

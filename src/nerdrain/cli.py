@@ -143,7 +143,7 @@ _REPORT_GRACE_S = 10.0
 def _not_first_on_machine() -> bool:
     """Under ``torchrun``, every process runs the command: an error they all meet alike (a bad
     option, a bad config file) is reported by the first process on each machine only."""
-    return os.environ.get("LOCAL_RANK", "0") != "0"
+    return os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1"
 
 
 def _leave_the_report() -> int:
