@@ -6,6 +6,7 @@ import dataclasses
 import io
 import os
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -499,6 +500,49 @@ def test_quantize_round_half_up_and_clip():
     assert quantize(x, 16).dtype == np.uint16
     grid = np.linspace(0, 1, 10001, dtype=np.float32)
     np.testing.assert_array_equal(quantize(grid, 8), np.floor(grid * np.float32(255) + np.float32(0.5)))
+
+
+def _quantize_reference(values, bits: int) -> list[int]:
+    """quantize's documented rule, one float32 scalar at a time."""
+    maxv, out = np.float32((1 << bits) - 1), []
+    for v in np.asarray(values, dtype=np.float32).ravel():
+        c = np.float32(0.0) if np.isnan(v) else min(max(v, np.float32(0.0)), np.float32(1.0))
+        out.append(int(np.floor(c * maxv + np.float32(0.5))))
+    return out
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_quantize_matches_its_rule_on_nan_inf_out_of_range_and_halves(bits):
+    maxv = (1 << bits) - 1
+    k = np.arange(0, maxv, maxv // 255)
+    halves = ((k + 0.5) / maxv).astype(np.float32)  # x * maxv lands on k + 0.5 or beside it
+    near = np.concatenate([halves, np.nextafter(halves, np.float32(0)), np.nextafter(halves, np.float32(1))])
+    special = np.array([np.nan, np.inf, -np.inf, -0.0, -1e30, 1e30, -0.5, 1.5, 1.0, 0.0], np.float32)
+    x = RNG.permutation(np.concatenate([near, special, RNG.uniform(-0.2, 1.2, 3000).astype(np.float32)]))
+    with np.errstate(invalid="ignore"):  # inf * maxv % 1
+        product = x * np.float32(maxv)
+        half = (product % 1 == 0.5) & (x >= 0) & (x <= 1)
+    ref = np.array(_quantize_reference(x, bits))
+    assert half.sum() >= k.size and (ref[half] == np.floor(product[half]) + 1).all()  # halves go up
+    n = x.size - x.size % 6
+    grid = x[:n].reshape(-1, 2, 3)
+    for arr in (x, x.astype(np.float64), grid.transpose(1, 0, 2), grid[:, ::-1]):
+        q = quantize(arr, bits)
+        assert q.dtype == (np.uint8 if bits == 8 else np.uint16) and q.flags.c_contiguous
+        np.testing.assert_array_equal(q.ravel(), _quantize_reference(arr, bits))
+        scratch = np.array(arr, dtype=np.float32)
+        np.testing.assert_array_equal(quantize(scratch, bits, scratch=True), q)
+
+
+def test_quantize_makes_one_float32_working_copy():
+    """A 6000x4000 photo's float32 copies are 288 MB each: quantize makes one (besides its result)."""
+    x = RNG.random((1000, 1000), dtype=np.float32)
+    for arr, scratch, copies in ((x, False, 1), (x.astype(np.float64), False, 1), (x.copy(), True, 0)):
+        tracemalloc.start()
+        quantize(arr, 8, scratch=scratch)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < x.nbytes * copies + x.size + 100_000, (arr.dtype, scratch, peak)
 
 
 def test_write_8bit_roundtrip_exact(tmp_path):

@@ -172,12 +172,23 @@ class Photo:
 # --------------------------------------------------------------------------- helpers
 
 
-def quantize(x: np.ndarray, bits: int) -> np.ndarray:
-    """Clip to [0, 1] and round half up to ``bits`` (8 -> uint8, 16 -> uint16)."""
+def quantize(x: np.ndarray, bits: int, *, scratch: bool = False) -> np.ndarray:
+    """Clip to [0, 1] and round half up to ``bits`` (8 -> uint8, 16 -> uint16), C-contiguous.
+
+    In float32 arithmetic: ``floor(clip(x) * maxv + 0.5)``; NaN counts as 0, infinities clip.
+    A large photo has one float32 working copy, made by the clipping (``scratch``: ``x`` is a
+    float32 array the caller no longer needs, which then serves as that copy).
+    """
     maxv = (1 << bits) - 1
-    x = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-    q = np.floor(np.clip(x, 0.0, 1.0) * np.float32(maxv) + np.float32(0.5))
-    return q.astype(np.uint8 if bits <= 8 else np.uint16)
+    owned = isinstance(x, np.ndarray) and x.dtype != np.float32  # converted below into a fresh array
+    x = np.asarray(x, dtype=np.float32)
+    work = x if (owned or scratch) and x.flags.writeable else None
+    # fmax/fmin, unlike clip, take the bound over a NaN: NaN -> 0 with no isnan pass or extra copy.
+    y = np.fmax(x, np.float32(0.0), out=work)
+    np.fmin(y, np.float32(1.0), out=y)
+    y *= np.float32(maxv)
+    y += np.float32(0.5)  # now >= 0.5, so the cast's truncation is the floor
+    return y.astype(np.uint8 if bits <= 8 else np.uint16, order="C")
 
 
 def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
