@@ -858,7 +858,7 @@ def _output_planes(photo: Photo, fmt: str) -> tuple[np.ndarray, int, str]:
     planes = [rgb_to_gray(rgb)[..., None]] if gray else [rgb]
     if alpha is not None:
         planes.append(alpha[..., None])
-    data = quantize(np.concatenate(planes, axis=-1), bits)
+    data = quantize(np.concatenate(planes, axis=-1), bits, scratch=True)  # a fresh array: worked on in place
     if fmt == "PNG" and bits == 16:
         return data, 16, "PNG16"
     if bits == 16:  # TIFF, gray, no alpha
@@ -982,7 +982,7 @@ def photo_to_pil(photo: Photo) -> Image.Image:
     planes = [rgb_to_gray(photo.rgb)[..., None]] if gray else [np.asarray(photo.rgb, dtype=np.float32)]
     if photo.alpha is not None:
         planes.append(np.asarray(photo.alpha, dtype=np.float32)[..., None])
-    data = quantize(np.concatenate(planes, axis=-1), bits)
+    data = quantize(np.concatenate(planes, axis=-1), bits, scratch=True)  # a fresh array: worked on in place
     if bits == 16:
         img = Image.fromarray(data[..., 0])
         if img.mode != "I;16":

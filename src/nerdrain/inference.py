@@ -298,29 +298,34 @@ def _derain_numpy(a: np.ndarray, runner: _Runner, progress: bool) -> np.ndarray:
     if a.shape[0] < 1 or a.shape[1] < 1:
         raise ValueError(f"empty image of shape {a.shape}")
 
-    f = a.astype(np.float32) / np.float32(scale) if scale is not None else a.astype(np.float32)
-    if scale is None:
-        _check_float_image(f[..., :3] if chans == 4 else f)
+    # The float input is bound to no name here, so it is freed when the runner returns, and the
+    # runner's result (its own, clamped in place) is worked on in place: a large photo holds
+    # about two float32 copies at a time, not five.
+    out = runner(_rgb_to_tensor(_numpy_to_rgb(a, scale, chans)), progress=progress)[0].permute(1, 2, 0)
+    res = out.cpu().numpy()
     if chans is None:
-        rgb = np.repeat(f[..., None], 3, axis=2)
+        res = rgb_to_gray(res)
     elif chans == 1:
-        rgb = np.repeat(f, 3, axis=2)
-    else:
-        rgb = f[..., :3]
-    out = _tensor_to_rgb(runner(_rgb_to_tensor(rgb), progress=progress))
-    if chans is None:
-        res = rgb_to_gray(out)
-    elif chans == 1:
-        res = rgb_to_gray(out)[..., None]
-    else:
-        res = out
+        res = rgb_to_gray(res)[..., None]
     if scale is not None:
-        q = quantize(res, 8 if a.dtype == np.uint8 else 16)
+        q = quantize(res, 8 if a.dtype == np.uint8 else 16, scratch=True)
     else:
-        q = np.clip(res, 0.0, 1.0).astype(a.dtype)
+        q = np.ascontiguousarray(np.clip(res, 0.0, 1.0, out=res), dtype=a.dtype)
     if chans == 4:
         q = np.concatenate([q, a[..., 3:4]], axis=2)  # alpha passed through exactly
     return q
+
+
+def _numpy_to_rgb(a: np.ndarray, scale: float | None, chans: int | None) -> np.ndarray:
+    """HxWx3 float32 in [0, 1] of a checked numpy image (its alpha left out), converted once."""
+    f = np.divide(a, np.float32(scale), dtype=np.float32) if scale is not None else a.astype(np.float32)
+    if scale is None:
+        _check_float_image(f[..., :3] if chans == 4 else f)
+    if chans is None:
+        return np.repeat(f[..., None], 3, axis=2)
+    if chans == 1:
+        return np.repeat(f, 3, axis=2)
+    return f[..., :3]
 
 
 def _derain_tensor(t: torch.Tensor, runner: _Runner, progress: bool) -> torch.Tensor:
