@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .devices import resolve_device
-from .tiling import model_device
+from .tiling import model_device, model_dtype
 
 __all__ = ["FastInference", "FastPathWarning", "optimize_for_inference", "tune_cpu_allocator"]
 
@@ -228,7 +228,7 @@ class FastInference(nn.Module):
         in, as a model made ``.half()`` or ``.double()`` before wrapping needs."""
         if self.precision in _HALF:
             return torch.float32
-        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        return model_dtype(self.model) or torch.float32
 
     def _graphed(self, x: torch.Tensor) -> torch.Tensor | None:
         key = (tuple(x.shape), x.stride(), x.dtype, x.device)

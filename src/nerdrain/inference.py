@@ -52,6 +52,7 @@ from nerdrain.tiling import (
     default_tile_for_device,
     eval_mode,
     model_device,
+    model_dtype,
     run_with_oom_fallback,
 )
 
@@ -96,9 +97,7 @@ def _stored_dtype(model: ModelLike) -> torch.dtype | None:
     """The floating type of a plain module's weights (a ``FastInference`` casts for itself)."""
     from nerdrain.accel import FastInference
 
-    if not isinstance(model, torch.nn.Module) or isinstance(model, FastInference):
-        return None
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return None if isinstance(model, FastInference) else model_dtype(model)
 
 
 def half_dtype(dev: torch.device) -> torch.dtype:

@@ -45,6 +45,7 @@ __all__ = [
     "eval_mode",
     "is_oom_error",
     "model_device",
+    "model_dtype",
     "released_window_starts",
     "run_released_windows",
     "run_tiled",
@@ -106,6 +107,14 @@ def model_device(model: ModelLike) -> torch.device | None:
             return t.device
         for t in model.buffers():
             return t.device
+    return None
+
+
+def model_dtype(model: ModelLike) -> torch.dtype | None:
+    """The floating type a module's weights are stored in (its first floating-point parameter's);
+    None for parameter-less callables."""
+    if isinstance(model, torch.nn.Module):
+        return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     return None
 
 
