@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -75,7 +74,7 @@ def cmd_derain(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import evaluate
-    from .files import output_file
+    from .files import output_file, same_file
 
     if not (args.pred or args.gt or args.data):
         raise ValueError("nothing to evaluate: give --pred DIR --gt DIR, --pred DIR --data DIR, or --data DIR")
@@ -89,7 +88,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"{', '.join(model_only)}: only with --data (a model run), not with --pred/--gt")
     for report_file in filter(None, (args.json, args.csv)):  # a bad path fails now, not after the scoring
         output_file(report_file)
-    if args.json and args.csv and Path(args.json).resolve() == Path(args.csv).resolve():
+    if args.json and args.csv and same_file(args.json, args.csv):
         raise ValueError(f"--json and --csv name the same file {args.csv}: the second report would replace the "
                          "first; give two paths")
 

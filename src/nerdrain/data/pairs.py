@@ -31,6 +31,7 @@ from typing import Final
 import numpy as np
 from PIL import Image
 
+from ..files import same_file
 from ..imageio import DATASET_EXTENSIONS, stores_16_bits
 
 __all__ = [
@@ -298,7 +299,7 @@ def match_folders(pred_dir: Path, gt_dir: Path) -> list[Pair]:
     """Saved predictions (``input``) and their ground truth (``target``), matched by file stem and
     naturally sorted; unmatched files on either side are an error naming them."""
     pred_images, gt_images = _image_folder(pred_dir, "prediction"), _image_folder(gt_dir, "ground-truth")
-    if pred_dir.resolve() == gt_dir.resolve():  # every image against itself: an infinite PSNR
+    if same_file(pred_dir, gt_dir):  # every image against itself: an infinite PSNR
         raise ValueError(f"prediction folder {pred_dir} and ground-truth folder {gt_dir} are the same folder")
     preds = _by_key(pred_images, str, pred_dir)
     gts = _by_key(gt_images, str, gt_dir)
@@ -318,7 +319,7 @@ def match_predictions(pred_dir: Path, pairs: Sequence[Pair], data_dir: Path) -> 
     the name ``evaluate --save`` gives it, in the pairs' order; a pair without a prediction or a
     prediction without a pair is an error naming them."""
     pred_images = _image_folder(pred_dir, "prediction")
-    if pred_dir.resolve() in {pair.target.parent.resolve() for pair in pairs}:
+    if any(same_file(pred_dir, folder) for folder in {pair.target.parent for pair in pairs}):
         raise ValueError(f"prediction folder {pred_dir} holds the clean images of {data_dir}")
     preds = _by_key(pred_images, str, pred_dir)
     names = {pair.name for pair in pairs}
