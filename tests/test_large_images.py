@@ -29,3 +29,25 @@ def test_6000x4000_photo_tiled_on_cpu_stays_within_a_few_gb():
     base_kb, peak_kb = map(int, result.stdout.split())
     # The image itself is 72 MB as uint8; float32 input, output and weight buffers add ~0.7 GB.
     assert peak_kb / 2**20 < 3.0, f"peak RSS {peak_kb / 2**20:.2f} GB"
+
+
+WEIGHT_SCRIPT = textwrap.dedent("""
+    import resource, torch
+    from nerdrain.tiling import TileConfig, run_tiled
+    image = torch.full((1, 1, 6000, 8000), 0.25)  # one channel: a full-size weight map would double the buffers
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = run_tiled(lambda x: x, image, TileConfig(tile=512, overlap=32, batch_size=4))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert float((out - image).abs().max()) < 1e-6
+    print(base, peak, out.numel() * out.element_size() // 1024)
+""")
+
+
+def test_tiled_blending_needs_no_full_size_weight_map():
+    """The output buffer is the only full-size array the blend needs: the summed weight is the outer
+    product of the two axes' sums (a 20000x15000 photo kept a 1.1 GB weight map beside its output)."""
+    result = subprocess.run([sys.executable, "-c", WEIGHT_SCRIPT], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    base_kb, peak_kb, out_kb = map(int, result.stdout.split())
+    # output (183 MB) plus a batch of tiles and the interpreter's own growth; a weight map would add 183 MB
+    assert peak_kb - base_kb < 1.5 * out_kb, f"{(peak_kb - base_kb) / 1024:.0f} MB beyond the input"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -97,6 +99,36 @@ def test_weights_ramp_only_towards_neighbours():
     ov = a + 32 - b
     s = ws[0][32 - ov :] + ws[1][:ov]
     assert torch.allclose(s[ov // 4 : ov - ov // 4], torch.ones(ov - 2 * (ov // 4)), atol=1e-6)
+
+
+def test_summed_weight_along_an_axis_by_hand():
+    """Tiles at 0 and 4 of 16 pixels: an 8-pixel overlap ramp (0, 0, then sin^2 of pi/16, 3pi/16, 5pi/16,
+    7pi/16, then 1, 1) rising into the second tile over pixels 4..11, falling out of the first over 8..15."""
+    s = [math.sin(math.pi * k / 16) ** 2 for k in (1, 3, 5, 7)]
+    expected = [1, 1, 1, 1, 1, 1, 1 + s[0], 1 + s[1], 1 + s[2], 1 + s[3],  # the first tile's 1 plus the rise
+                1 + s[3], 1 + s[2], 1 + s[1], 1 + s[0], 1, 1, 1, 1, 1, 1]  # the fall plus the second's 1
+    total = tiling._axis_totals([0, 4], tiling._axis_weights([0, 4], 16), 20)
+    torch.testing.assert_close(total, torch.tensor(expected, dtype=torch.float32), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("h, w, tile, overlap", [(33, 40, 32, 16), (97, 131, 32, 8), (50, 300, 48, 40)])
+def test_tiled_result_is_the_weighted_mean_of_the_tiles(h, w, tile, overlap):
+    """Each pixel is the mean of the tiles' outputs there, weighted by the product of their axis
+    weights (the sum of products computed here in full): a model giving each tile its own constant
+    shows the blend exactly, uneven spacing (three tiles over a pixel) included."""
+    cfg = TileConfig(tile=tile, overlap=overlap, batch_size=2)
+    th, tw, ys, xs, _, _ = tiling._grid(h, w, cfg)
+    wy, wx = tiling._axis_weights(ys, th), tiling._axis_weights(xs, tw)
+    image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    num = torch.zeros(1, 3, h, w, dtype=torch.float64)
+    den = torch.zeros(h, w, dtype=torch.float64)
+    for iy, y in enumerate(ys):
+        for ix, x in enumerate(xs):
+            weight = (wy[iy][:, None] * wx[ix][None, :]).double()
+            num[..., y : y + th, x : x + tw] += image[..., y : y + th, x : x + tw].double().mean() * weight
+            den[y : y + th, x : x + tw] += weight
+    out = run_tiled(lambda t: t.mean(dim=(1, 2, 3), keepdim=True).expand_as(t).clone(), image, cfg)
+    torch.testing.assert_close(out, (num / den).float(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("size", [1, 15, 16, 17, 48, 49, 50, 63, 64, 65, 97, 131, 520, 1000])

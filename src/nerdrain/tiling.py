@@ -8,8 +8,8 @@ still covers the axis with ``n`` of them, so a side just over the tile size does
 two full tiles.  Tiles are cut from
 the input where it lives (usually CPU memory), moved to the model's device
 ``batch_size`` at a time, and the results are blended on the CPU into a float32 output
-buffer and a float32 weight buffer, so device memory is bounded by one batch of tiles
-and host memory by about twice the image.
+buffer (the summed weights are kept per axis, not as a full-size map), so device memory is
+bounded by one batch of tiles and host memory by about twice the image.
 
 Blending window (separable, per axis): weight 1 in a tile's interior and on sides that
 are image borders; on each side that has a neighbour, across the whole overlap with it,
@@ -336,12 +336,6 @@ def _run_tiles(model: ModelLike, image: torch.Tensor, cfg: TileConfig, dev: torc
     b, c, h, w = image.shape
     th, tw, ys, xs, _, _ = _grid(h, w, cfg)
     wy, wx = _axis_weights(ys, th), _axis_weights(xs, tw)
-
-    # Weight buffer: identical for every image of the batch, so computed once (HxW).
-    weight = torch.zeros(h, w, dtype=torch.float32)
-    for iy, y in enumerate(ys):
-        for ix, x in enumerate(xs):
-            weight[y : y + th, x : x + tw] += wy[iy][:, None] * wx[ix][None, :]
     out = torch.zeros(b, c, h, w, dtype=torch.float32)
 
     jobs = [(bi, iy, ix) for bi in range(b) for iy in range(len(ys)) for ix in range(len(xs))]
@@ -350,8 +344,25 @@ def _run_tiles(model: ModelLike, image: torch.Tensor, cfg: TileConfig, dev: torc
                                                           progress, "tiles")):
         y0, x0 = ys[iy], xs[ix]
         out[bi, :, y0 : y0 + th, x0 : x0 + tw].addcmul_(tile_out, wy[iy][:, None] * wx[ix][None, :])
-    out.div_(weight)
+    # A tile's weight is the product of its axis weights, so the summed weight is the outer product
+    # of the axes' sums: divided out a band of rows at a time, with no full-size weight map.
+    total_y, total_x = _axis_totals(ys, wy, h), _axis_totals(xs, wx, w)
+    rows = max(1, _DIVIDE_BAND_PIXELS // w)
+    for r in range(0, h, rows):
+        out[:, :, r : r + rows].div_(total_y[r : r + rows, None] * total_x[None, :])
     return out.to(image.device)
+
+
+#: Pixels of summed weight made at a time when dividing the blended output by it.
+_DIVIDE_BAND_PIXELS = 1 << 20
+
+
+def _axis_totals(starts: list[int], weights: list[torch.Tensor], size: int) -> torch.Tensor:
+    """The tiles' weights along one axis summed at each of its ``size`` pixels."""
+    total = torch.zeros(size, dtype=torch.float32)
+    for s, weight in zip(starts, weights):
+        total[s : s + len(weight)] += weight
+    return total
 
 
 # ------------------------------------------------------------------ the released test script
