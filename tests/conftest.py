@@ -25,6 +25,16 @@ def require(path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def no_cached_default():
+    """No default model kept by derain before the test, nor the test's own (a stand-in) after it."""
+    from nerdrain import clear_default_model_cache
+
+    clear_default_model_cache()
+    yield
+    clear_default_model_cache()
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return require(GOLDEN)

@@ -224,7 +224,7 @@ def test_half_autocast_on_cpu():
     torch.testing.assert_close(out, x, atol=1e-2, rtol=0)  # bfloat16 precision
 
 
-def test_default_model_is_loaded_lazily(monkeypatch):
+def test_default_model_is_loaded_lazily(monkeypatch, no_cached_default):
     import nerdrain.checkpoint as ckpt
 
     calls = []

@@ -17,6 +17,7 @@ import glob
 import os
 import stat
 import sys
+import threading
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from nerdrain.tiling import (
 __all__ = [
     "IMAGE_EXTENSIONS",
     "Summary",
+    "clear_default_model_cache",
     "derain",
     "derain_files",
     "expand_inputs",
@@ -149,11 +151,14 @@ def _prepare(
     half: bool,
     fallback_device: torch.device | None = None,
 ) -> _Runner:
-    if model is None or isinstance(model, (str, os.PathLike)):
+    if model is None:
         dev = resolve_device(device)
-        from nerdrain.checkpoint import load_default_model, load_model
+        model = _default_model(dev)
+    elif isinstance(model, (str, os.PathLike)):
+        dev = resolve_device(device)
+        from nerdrain.checkpoint import load_model
 
-        model = load_default_model(dev) if model is None else load_model(model, dev)
+        model = load_model(model, dev)
         model.eval()
     elif not callable(model):
         raise TypeError(f"model: expected a NeRD-Rain model, another callable or a checkpoint path, "
@@ -170,6 +175,38 @@ def _prepare(
     runner = _Runner(model=model, device=dev, tile=tile, overlap=overlap, batch_size=batch_size, half=bool(half))
     runner.config()  # bad tiling values fail here (TileConfig checks them), once, not for every file
     return runner
+
+
+# --------------------------------------------------------------------------- the default model
+
+_default_models: dict[torch.device, torch.nn.Module] = {}
+_default_models_lock = threading.Lock()
+
+
+def _default_model(dev: torch.device) -> torch.nn.Module:
+    """The default weights on ``dev``, read at the first call for that device and kept: a notebook
+    deraining photo after photo would otherwise read and build the network (about 0.4 s) each time.
+    The kept model is derain's own, never handed out (``load_default_model`` gives each caller a
+    fresh one to change); threads asking at once share one load."""
+    if dev.type == "cuda" and dev.index is None:  # "cuda" and "cuda:0" are one device, one model
+        dev = torch.device("cuda", torch.cuda.current_device())
+    with _default_models_lock:
+        model = _default_models.get(dev)
+        if model is None:
+            from nerdrain import checkpoint
+
+            model = checkpoint.load_default_model(dev).eval()
+            model.requires_grad_(False)
+            _default_models[dev] = model
+    return model
+
+
+def clear_default_model_cache() -> None:
+    """Forget the default models that :func:`derain` and :func:`derain_files` kept (one per device),
+    releasing their memory; on a GPU, ``torch.cuda.empty_cache()`` afterwards hands it back to
+    the driver.  The next call without a model reads the weights again."""
+    with _default_models_lock:
+        _default_models.clear()
 
 
 # --------------------------------------------------------------------------- derain
@@ -200,8 +237,9 @@ def derain(
       dtype on the same device.
 
     ``model``: any module/callable mapping Bx3xHxW [0, 1] float tensors to the same
-    shape, or a checkpoint path for :func:`nerdrain.load_model` (None: the project's default
-    NeRD-Rain-S weights, loaded on ``device``).  A module is run in eval mode (each submodule's
+    shape, or a checkpoint path for :func:`nerdrain.load_model`, read at every call (None: the
+    project's default NeRD-Rain-S weights, loaded on ``device`` at the first call and kept for the
+    next ones on that device; :func:`clear_default_model_cache` releases them).  A module is run in eval mode (each submodule's
     training flag is restored afterwards); one whose weights are half precision gets its input in that type.
     Float images must be finite (``ValueError`` otherwise; values outside [0, 1] are clipped,
     with a warning where far outside).  With an explicit
