@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,3 +80,19 @@ def test_threads_share_one_loaded_default_model(no_cached_default, weight_reads)
         results = list(pool.map(run, range(3)))
     assert len(weight_reads) == 1
     assert all(np.array_equal(r, results[0]) for r in results)
+
+
+def test_bad_arguments_are_refused_before_the_default_model_is_loaded(no_cached_default, weight_reads, monkeypatch):
+    """A wrong tiling value or a file name given as the image fails at once, in one line, without
+    reading the weights (or taking GPU memory for them); a path points to derain_files."""
+    from nerdrain import inference
+
+    tile_choices = []  # the device's tile is chosen from a batch size already checked
+    monkeypatch.setattr(inference, "default_tile_for_device", lambda dev, batch_size: tile_choices.append(batch_size))
+    for kwargs, error in [({"tile": -1}, ValueError), ({"batch_size": "4"}, TypeError), ({"overlap": -1}, ValueError)]:
+        with pytest.raises(error, match=next(iter(kwargs))):
+            derain(PHOTO, device="cpu", **kwargs)
+    for path in ("rain.jpg", Path("rain.jpg")):
+        with pytest.raises(TypeError, match="not (str|PosixPath|WindowsPath).*derain_files"):
+            derain(path, device="cpu")
+    assert weight_reads == [] and tile_choices == []

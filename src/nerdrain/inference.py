@@ -151,6 +151,8 @@ def _prepare(
     half: bool,
     fallback_device: torch.device | None = None,
 ) -> _Runner:
+    # bad tiling values fail here, once and before any model is loaded or moved, not for every file
+    TileConfig(tile=0 if tile is None else tile, overlap=overlap, batch_size=batch_size)
     if model is None:
         dev = resolve_device(device)
         model = _default_model(dev)
@@ -172,9 +174,7 @@ def _prepare(
             dev = model_device(model) or fallback_device or torch.device("cpu")
     if tile is None:
         tile = default_tile_for_device(dev, batch_size=batch_size)
-    runner = _Runner(model=model, device=dev, tile=tile, overlap=overlap, batch_size=batch_size, half=bool(half))
-    runner.config()  # bad tiling values fail here (TileConfig checks them), once, not for every file
-    return runner
+    return _Runner(model=model, device=dev, tile=tile, overlap=overlap, batch_size=batch_size, half=bool(half))
 
 
 # --------------------------------------------------------------------------- the default model
@@ -249,6 +249,9 @@ def derain(
     autocast (bfloat16 on CUDA/CPU, float16 on MPS or pre-Ampere CUDA); the output is
     float32 either way.  Out-of-memory errors are retried with fewer tiles at a time, then smaller ones.
     """
+    if not isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):  # before a model is loaded for it
+        hint = "; for image files use derain_files" if isinstance(image, (str, os.PathLike)) else ""
+        raise TypeError(f"derain() takes a PIL.Image, numpy array or torch tensor, not {type(image).__name__}{hint}")
     fallback = image.device if isinstance(image, torch.Tensor) else None
     runner = _prepare(
         model, tile=tile, overlap=overlap, batch_size=batch_size, device=device, half=half, fallback_device=fallback
@@ -257,9 +260,7 @@ def derain(
         return _derain_pil(image, runner, progress)
     if isinstance(image, np.ndarray):
         return _derain_numpy(image, runner, progress)
-    if isinstance(image, torch.Tensor):
-        return _derain_tensor(image, runner, progress)
-    raise TypeError(f"derain() takes a PIL.Image, numpy array or torch tensor, not {type(image).__name__}")
+    return _derain_tensor(image, runner, progress)
 
 
 def _rgb_to_tensor(rgb: np.ndarray) -> torch.Tensor:
