@@ -59,6 +59,12 @@ def built(tmp_path_factory) -> dict[str, object]:
     return {"tracked": tracked, "sdist": sdist_files, "wheel": wheel_files}
 
 
+def test_sdist_holds_the_whole_project(built):
+    """Tests with their conftest, the configs the README and tests name, benchmarks, tools, docs."""
+    missing = [name for name in built["tracked"] if name not in built["sdist"]]
+    assert not missing, f"tracked files left out of the sdist: {missing}"
+
+
 def test_wheel_holds_the_package_and_its_data(built):
     """Every module, the shipped default weights and their model card; no tests or tooling."""
     package = {name.removeprefix("src/") for name in built["tracked"] if name.startswith("src/nerdrain/")}
