@@ -251,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("derain", help="derain photos (files, folders, globs)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    p.add_argument("-o", "--output", help="output file (.png, .jpg, .webp or .tif) or folder (an existing one, or any "
-                                           "name ending in /) (default: beside each input, *_derained.png, or the "
-                                           "--format's extension)")
+    p.add_argument("-o", "--output", help="output file (.png, .jpg, .webp or .tif) or folder (an existing one, any name "
+                                           "ending in /, or a name without an image suffix) (default: beside each "
+                                           "input, *_derained.png, or the --format's extension)")
     model_options(p, None, "512 on CPU/MPS; on CUDA by free memory")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default: 4)")
     p.add_argument("--half", action="store_true",
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train with a YAML config (works under torchrun)")
-    p.add_argument("config", help="YAML experiment file (configs/ has examples)")
+    p.add_argument("config", help="YAML experiment file (the source tree's configs/ has examples)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, logs, final weights")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     existing = p.add_mutually_exclusive_group()
