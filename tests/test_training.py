@@ -914,6 +914,25 @@ def test_a_bad_file_found_mid_run_keeps_the_iterations_done(tmp_path, capsys):
     assert load_ckpt(out / LAST)["iteration"] == cfg.iterations
 
 
+def test_a_bad_validation_file_keeps_the_iterations_done(tmp_path, data_root, capsys):
+    """Validation finds an unreadable image (at iteration 2, hours in for a real run): one line
+    naming it, and the iterations done are checkpointed first, so --resume goes on once it is fixed."""
+    val = make_pairs(tmp_path / "val", count=2)
+    image = val / "input" / "1.png"
+    intact = image.read_bytes()
+    image.write_bytes(intact[:120])  # truncated
+    cfg = make_config(data_root, val={"root": str(val), "every": 2}, checkpoint_every=100)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^validation: 1 of 2 image\(s\) could not be scored") as err:
+        train(cfg, out, progress=False)
+    assert str(image) in str(err.value) and "\n" not in str(err.value)
+    assert load_ckpt(out / LAST)["iteration"] == 2
+    assert f"note: iteration 2 checkpointed in {out / LAST}" in capsys.readouterr().err
+    image.write_bytes(intact)
+    train(cfg, out, progress=False, resume=True)
+    assert load_ckpt(out / LAST)["iteration"] == cfg.iterations and (out / BEST).is_file()
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_only_a_lost_connection_is_told_as_another_process_stopping():
     """A backend's own fault (NCCL reporting a CUDA error) is this process's error: replacing it by

@@ -37,7 +37,7 @@ from .data.augment import AugmentConfig
 from .data.datasets import DecodedImages, PairedSource, StreamSampler, SyntheticSource, TrainingStream
 from .data.pairs import find_pairs
 from .devices import resolve_device
-from .evaluate import evaluate_pairs
+from .evaluate import IncompleteEvaluation, evaluate_pairs
 from .files import atomic_write, remove_stale_temporaries, same_file
 from .losses import NeRDRainLoss
 from .models import NeRDRain, create_model
@@ -709,13 +709,7 @@ class Trainer:
             try:
                 batch = _next_batch(batches)
             except Exception:
-                # A bad file found hours in: the iterations since the last checkpoint are complete
-                # (nothing of the failed batch has run), so keep them. Under DDP only where rank 0
-                # hit the error; elsewhere it is blocked in the next all-reduce until torchrun ends it.
-                if self.dist.is_main and self.iteration > checkpointed:
-                    self.save()
-                    tqdm.write(f"note: iteration {self.iteration} checkpointed in {self.out / LAST}; with the data "
-                               "fixed, continue with --resume", file=sys.stderr)
+                self._keep_iterations_done(checkpointed)
                 raise
             rainy, clean = (t.to(self.device, non_blocking=True) for t in batch)
             if cfg.channels_last:
@@ -744,7 +738,13 @@ class Trainer:
             bar.update(1)
             if self.dist.is_main and cfg.val.root and (self.iteration % cfg.val.every == 0
                                                        or self.iteration == cfg.iterations):
-                self.validate(writer)
+                try:
+                    self.validate(writer)
+                except Exception as err:
+                    self._keep_iterations_done(checkpointed)
+                    if isinstance(err, IncompleteEvaluation):  # names the files; say which set they are in
+                        raise ValueError(f"validation: {err}") from None
+                    raise
             saved = self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations
             if saved:
                 self.save()
@@ -755,6 +755,15 @@ class Trainer:
                     self.save()
                 self._barrier()  # the checkpoint is complete before any process exits
                 raise TrainingInterrupted(stop, self.iteration, cfg.iterations, self.out / LAST)
+
+    def _keep_iterations_done(self, checkpointed: int) -> None:
+        """Before an error found hours in (a bad training or validation file): the iterations since
+        the last checkpoint are complete, so checkpoint them. Under DDP only where rank 0 hit the
+        error; elsewhere it is blocked in the next collective until torchrun ends it."""
+        if self.dist.is_main and self.iteration > checkpointed:
+            self.save()
+            tqdm.write(f"note: iteration {self.iteration} checkpointed in {self.out / LAST}; with the data "
+                       "fixed, continue with --resume", file=sys.stderr)
 
     def _forward_backward(self, rainy: torch.Tensor, clean: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms of one batch, gradients accumulated into ``.grad`` and clipped."""
