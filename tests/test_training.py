@@ -998,6 +998,25 @@ def test_resume_from_weights_or_another_model_is_refused(tmp_path, data_root, st
         Trainer(other, tmp_path / "b", progress=False, resume=straight_run / LAST)
 
 
+def test_resume_past_the_configured_iterations_is_refused_and_a_finished_run_says_so(tmp_path, data_root,
+                                                                                     straight_run, capsys):
+    """A checkpoint at iteration 4 cannot become a 2-iteration run: refused in one line naming both
+    numbers, nothing written (else final.safetensors would hold 4 iterations beside a config.yaml
+    saying 2). Resuming a finished run trains nothing and says so."""
+    with pytest.raises(CheckpointError, match=re.escape(f"{straight_run / LAST}: the run is at iteration 4, past "
+                                                        "iterations (2); set iterations to 4 or more")):
+        Trainer(make_config(data_root, iterations=2), tmp_path / "short", progress=False, resume=straight_run / LAST)
+    assert not (tmp_path / "short").exists()
+    out = tmp_path / "run"
+    train(make_config(data_root, iterations=2), out, progress=False)
+    final = load_file(out / FINAL)
+    capsys.readouterr()
+    train(make_config(data_root, iterations=2), out, progress=False, resume=True)
+    assert "resumed at iteration 2 of 2: the run is complete, nothing to train" in capsys.readouterr().out
+    assert_same(load_file(out / FINAL), final, "final")
+    assert load_ckpt(out / LAST)["iteration"] == 2
+
+
 def test_resume_with_changed_settings_says_so(tmp_path, data_root, straight_run, capsys):
     Trainer(make_config(data_root, seed=99, iterations=8), tmp_path / "a", progress=False,
             resume=straight_run / LAST)

@@ -574,6 +574,10 @@ class Trainer:
                                   f"{trained.get('overrides')}, but the config builds {builds['name']} with "
                                   f"{builds['overrides']}; resume with the config it was trained with")
         self.iteration = int(state["iteration"])
+        if self.iteration > self.cfg.iterations:  # its weights are past what the config asks for
+            raise CheckpointError(f"{self.resumed_from}: the run is at iteration {self.iteration}, past iterations "
+                                  f"({self.cfg.iterations}); set iterations to {self.iteration} or more to continue "
+                                  "it (last.pt can be used as weights as it is)")
         self.samples = int(state.get("samples", self.iteration * self.cfg.data.batch_size * self.dist.world_size))
         if saved is not None and self.dist.is_main:
             # Length, validation, logging and the device may change freely; anything else makes
@@ -833,8 +837,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, pro
     try:
         trainer = Trainer(cfg, out_dir, progress, resume=resume, overwrite=overwrite)
         if resume and trainer.dist.is_main:
-            tqdm.write(f"resumed at iteration {trainer.iteration}" if trainer.resumed_from else
-                       f"--resume: no checkpoint at {trainer.out / LAST}; starting from scratch")
+            done = ": the run is complete, nothing to train" if trainer.iteration == cfg.iterations else ""
+            tqdm.write(f"resumed at iteration {trainer.iteration} of {cfg.iterations}{done}" if trainer.resumed_from
+                       else f"--resume: no checkpoint at {trainer.out / LAST}; starting from scratch")
         return trainer.train()
     finally:
         if dist.is_initialized():
