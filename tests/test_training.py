@@ -534,7 +534,7 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path, data_ro
     comparison sees the scale too (checked below by doubling the learning rate).
     """
     base = config_dict(data_root, iterations=3, optim={"lr": 0.05, "eps": 1.0, "warmup_iters": 1},
-                       checkpoint_every=2)
+                       checkpoint_every=2, val={"root": str(data_root), "every": 2})
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(base))
     ddp_out = tmp_path / "ddp"
@@ -545,6 +545,18 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path, data_ro
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Grad strides" not in result.stderr
+    # Validated by both processes, each its share: the score is the evaluation module's on all pairs
+    # (the final weights are those validated at the last iteration), logged once.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from nerdrain.evaluate import evaluate_pairs
+    from nerdrain.data.pairs import find_pairs
+
+    acc = EventAccumulator(str(ddp_out / "tb"))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("val/psnr")}
+    expected = evaluate_pairs(load_model(ddp_out / "final.safetensors"), find_pairs(data_root), "rain200", "cpu")
+    assert sorted(logged) == [2, 3] and logged[3] == pytest.approx(expected.psnr, rel=1e-6, abs=0)
+    assert re.findall(r"iter (\d+): val PSNR", result.stdout) == ["2", "3"]
 
     single_out = tmp_path / "single"
     train(from_dict(TrainConfig, {**base, "data": {**base["data"], "batch_size": 2}}), single_out, progress=False)
@@ -579,6 +591,32 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path, data_ro
     train(from_dict(TrainConfig, longer), single_out, resume=True, progress=False)
     ddp_final, single_final = load_file(ddp_out / "final.safetensors"), load_file(single_out / "final.safetensors")
     assert max((ddp_final[k] - single_final[k]).abs().max().item() for k in single_final) < 1e-5
+
+
+def test_under_ddp_each_process_validates_its_share_and_all_get_the_whole_score(tmp_path, monkeypatch):
+    """Rank 1 of 2 scores pairs 1, 3 (rank 0: 0, 2, 4) and gathers the rest: a long validation
+    takes half the time, and no process waits a whole validation in a collective (whose default
+    timeout would end the job). The score is evaluate_pairs' over all pairs, in their order."""
+    import nerdrain.training as training
+    from nerdrain.evaluate import evaluate_pairs
+
+    val = make_pairs(tmp_path / "val", count=5)
+    trainer = Trainer(make_config(val, val={"root": str(val)}), tmp_path / "run", progress=False)
+    whole = evaluate_pairs(trainer.eval_model, trainer.val_pairs, "rain200", "cpu")
+    rank0 = evaluate_pairs(trainer.eval_model, trainer.val_pairs[0::2], "rain200", "cpu")
+    scored = []
+    real_evaluate = training.evaluate_pairs
+    monkeypatch.setattr(training, "evaluate_pairs", lambda model, pairs, *a: scored.extend(pairs) or
+                        real_evaluate(model, pairs, *a))
+
+    def all_gather_object(out, obj, group=None):
+        out[:] = [(rank0.images, rank0.failed), obj]
+
+    monkeypatch.setattr(training.dist, "all_gather_object", all_gather_object)
+    trainer.dist = training.DistInfo(rank=1, world_size=2)
+    assert trainer.validate(None) == whole.psnr
+    assert [p.name for p in scored] == ["1", "3"]
+    assert not (tmp_path / "run" / BEST).exists()  # only rank 0 writes
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

@@ -37,7 +37,7 @@ from .data.augment import AugmentConfig
 from .data.datasets import DecodedImages, PairedSource, StreamSampler, SyntheticSource, TrainingStream
 from .data.pairs import find_pairs
 from .devices import resolve_device
-from .evaluate import IncompleteEvaluation, evaluate_pairs
+from .evaluate import EvalReport, IncompleteEvaluation, evaluate_pairs
 from .files import atomic_write, remove_stale_temporaries, same_file
 from .losses import NeRDRainLoss
 from .models import NeRDRain, create_model
@@ -448,8 +448,6 @@ class Trainer:
         self.use_graphs = cfg.cuda_graphs and self._graphs_possible()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolutions once
-        if not self.dist.is_main:
-            self.val_pairs = []  # only the main process validates
 
     def _set_up(self, resume: bool | str | Path) -> None:
         """Everything that may fail for a reason in the config, the files or the machine."""
@@ -641,22 +639,50 @@ class Trainer:
     # -- loop -------------------------------------------------------------------------------
 
     def validate(self, writer) -> float | None:
+        """Score the validation set (every process its share); the main process logs the score and
+        keeps the best weights."""
         if not self.val_pairs:
             return None
         model = self.eval_model
         model.eval()
-        report = evaluate_pairs(model, self.val_pairs, self.cfg.val.protocol, self.device)
+        report = self._validation_report(model)
         model.train()
+        if report.failed:
+            raise IncompleteEvaluation(report)
+        improved = report.psnr > self.best_psnr
+        if improved:
+            self.best_psnr = report.psnr
+        if not self.dist.is_main:
+            return report.psnr
         if writer is not None:
             writer.add_scalar("val/psnr", report.psnr, self.iteration)
             writer.add_scalar("val/ssim", report.ssim, self.iteration)
-        if report.psnr > self.best_psnr:
-            self.best_psnr = report.psnr
+        if improved:
             save_model(model, self.out / BEST, extra_metadata={"iteration": str(self.iteration),
                                                                "val_psnr": f"{report.psnr:.4f}"})
         tqdm.write(f"iter {self.iteration}: val PSNR {report.psnr:.3f} dB SSIM {report.ssim:.4f} "
                    f"({report.count} images, best {self.best_psnr:.3f})")
         return report.psnr
+
+    def _validation_report(self, model: NeRDRain) -> EvalReport:
+        """The scores of all validation pairs, in their order, each process scoring every
+        ``world_size``-th from its rank: under DDP a long validation takes 1/W of the time, and no
+        process waits out another's whole validation in a collective (whose timeout, 30 minutes by
+        default, would end the job)."""
+        rank, world = self.dist.rank, self.dist.world_size
+        try:
+            own = evaluate_pairs(model, self.val_pairs[rank::world], self.cfg.val.protocol, self.device)
+        except IncompleteEvaluation as err:  # gathered first, so that every process learns of it
+            own = err.report
+        shares = [(own.images, own.failed)]
+        if world > 1:
+            shares = [None] * world
+            dist.all_gather_object(shares, (own.images, own.failed), group=self.control_group)
+        order = {pair.name: i for i, pair in enumerate(self.val_pairs)}
+        report = EvalReport(self.cfg.val.protocol)
+        report.images = sorted((s for images, _ in shares for s in images), key=lambda s: order[s.name])
+        report.failed = [f for _, failed in shares for f in failed]
+        return report
 
     def train(self) -> Path:
         cfg = self.cfg
@@ -740,14 +766,17 @@ class Trainer:
                     writer.add_scalar("train/lr", lr, self.iteration)
                     writer.add_scalar("train/samples_per_s", rate, self.iteration)
             bar.update(1)
-            if self.dist.is_main and cfg.val.root and (self.iteration % cfg.val.every == 0
-                                                       or self.iteration == cfg.iterations):
+            if cfg.val.root and (self.iteration % cfg.val.every == 0 or self.iteration == cfg.iterations):
                 try:
                     self.validate(writer)
-                except Exception as err:
+                except IncompleteEvaluation as err:  # every process has it: said once, by the main one
                     self._keep_iterations_done(checkpointed)
-                    if isinstance(err, IncompleteEvaluation):  # names the files; say which set they are in
-                        raise ValueError(f"validation: {err}") from None
+                    self._barrier()  # the checkpoint is complete before any process exits
+                    if not self.dist.is_main:
+                        raise ReportedElsewhere(f"process 0 reports it: {err}") from None
+                    raise ValueError(f"validation: {err}") from None  # names the files; say which set
+                except Exception:
+                    self._keep_iterations_done(checkpointed)
                     raise
             saved = self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations
             if saved:
@@ -806,7 +835,7 @@ class Trainer:
 
     def _stop_signal(self, signals: StopSignals) -> int:
         """The stop signal that reached this process or, under DDP, any process (0: none), so that
-        all stop after the same iteration. Also the per-iteration barrier (main may have validated)."""
+        all stop after the same iteration. Also the per-iteration barrier (main may have checkpointed)."""
         stop = signals.received or 0
         if self.dist.world_size > 1:
             flag = torch.tensor([stop], dtype=torch.int32)
