@@ -485,6 +485,27 @@ def test_tensorboard_logs(straight_run):
     assert lrs == pytest.approx([5e-4, 7.5e-4, 1e-3, 1e-5 + (1e-3 - 1e-5) / 2], rel=1e-6)
 
 
+def test_without_a_progress_bar_a_line_every_log_every_iterations(tmp_path, data_root, capsys):
+    """``-q`` (a batch job's log file): the loss terms, learning rate and speed of every logged
+    iteration as a line, the values TensorBoard gets (no line where a progress bar shows them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(make_config(data_root, iterations=2), out, progress=False)
+    lines = re.findall(r"^iter (\d+)/2: loss (\S+) \(char (\S+), fft (\S+), edge (\S+), inr_l1 (\S+)\), "
+                       r"lr (\S+), (\S+) samples/s$", capsys.readouterr().out, re.MULTILINE)
+    assert [int(line[0]) for line in lines] == [1, 2]
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    for step, *values, lr, rate in lines:
+        for name, value in zip(("total", "char", "fft", "edge", "inr_l1"), values):
+            assert float(value) == pytest.approx(acc.Scalars(f"train/{name}")[int(step) - 1].value, rel=1e-3)
+        assert float(rate) > 0
+    assert [float(line[6]) for line in lines] == [5e-4, 7.5e-4]  # warm-up from lr / 2 over 2 steps
+    train(make_config(data_root, iterations=3), out, progress=True, resume=True)
+    assert "iter 3/3" not in capsys.readouterr().out
+
+
 def test_tensorboard_logs_after_a_crash_and_resume_are_those_of_a_straight_run(tmp_path, data_root,
                                                                                 straight_run):
     """Killed after logging iteration 3 with the checkpoint at 2: the resumed run's logs show each

@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     existing.add_argument("--resume", nargs="?", const=True, help="resume from OUT/last.pt or the given checkpoint")
     existing.add_argument("--overwrite", action="store_true",
                           help="start afresh in an OUT that holds an earlier run, replacing it (default: refuse)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar: a line every log_every iterations instead (for a log file)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("synth", help="render rain onto clean photos: a paired dataset on disk")

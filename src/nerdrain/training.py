@@ -760,6 +760,10 @@ class Trainer:
                 logged = self._mean_across_ranks(parts)
                 rate = (self.samples - first_sample) / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{logged['total']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.2f}")
+                if self.dist.is_main and not self.progress:  # no bar (-q, a batch job's log): a line instead
+                    terms = ", ".join(f"{key} {value:.4g}" for key, value in logged.items() if key != "total")
+                    tqdm.write(f"iter {self.iteration}/{cfg.iterations}: loss {logged['total']:.4g} ({terms}), "
+                               f"lr {lr:.2e}, {rate:.3g} samples/s")
                 if writer is not None:
                     for key, value in logged.items():
                         writer.add_scalar(f"train/{key}", value, self.iteration)
