@@ -176,7 +176,7 @@ def assert_same_runs(a: Path, b: Path) -> None:
     assert_same(final_a, final_b, "final")
     ckpt_a, ckpt_b = load_ckpt(a / LAST), load_ckpt(b / LAST)
     assert ckpt_a["iteration"] == ckpt_b["iteration"] == 4
-    for key in ("model", "ema", "optimizer", "rng_cpu"):
+    for key in ("model", "ema", "optimizer", "scheduler", "rng_cpu", "samples", "best_psnr"):
         assert_same(ckpt_a[key], ckpt_b[key], key)
     assert ckpt_a["optimizer"]["state"], "Adam state (exp_avg, exp_avg_sq, step) is checkpointed"
 

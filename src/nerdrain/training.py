@@ -602,6 +602,7 @@ class Trainer:
             group["initial_lr"] = self.cfg.optim.lr
             group["lr"] = self.cfg.optim.lr * factor(self.iteration)  # exactly what LambdaLR computes
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.scheduler._step_count = self.iteration + 1  # as an uninterrupted run's (construction counts one)
         torch.set_rng_state(state["rng_cpu"].cpu())
         self.best_psnr = float(state["best_psnr"])
         scored_on = ("root", "protocol", "max_images")  # what makes two validation scores comparable
