@@ -168,6 +168,22 @@ def test_source_weights_are_respected():
     assert [scaled.choose(n) for n in range(200)] == [tuple(p) for p in picks[:200].tolist()]
 
 
+def test_a_source_is_read_in_shuffled_epochs():
+    """As the paper's shuffling DataLoader reads its training set: each run of len(source) samples
+    of a lone source is a permutation of its items, a different one each epoch; mixed with another
+    source, no item repeats within such a run (drawn with replacement, a run of 7 would miss
+    7 * (6/7)^7 = 2.4 items on average)."""
+    lone = TrainingStream([FakeSource(7)], [1.0], AugmentConfig(patch_size=32), seed=1234)
+    epochs = [[lone.choose(n)[1] for n in range(e * 7, (e + 1) * 7)] for e in range(4)]
+    for order in epochs:
+        assert sorted(order) == list(range(7))
+    assert len({tuple(order) for order in epochs}) > 1, "the order is reshuffled between epochs"
+    mixed = TrainingStream([FakeSource(7), FakeSource(3)], [0.5, 0.5], AugmentConfig(patch_size=32), seed=1234)
+    for e in range(20):
+        drawn = [item for source, item in (mixed.choose(n) for n in range(e * 7, (e + 1) * 7)) if source == 0]
+        assert len(drawn) == len(set(drawn)), (e, drawn)
+
+
 def test_zero_weight_source_is_never_drawn():
     stream = TrainingStream([FakeSource(2), FakeSource(2)], [0, 1], AugmentConfig(patch_size=32), seed=0)
     assert {stream.choose(n)[0] for n in range(300)} == {1}

@@ -111,6 +111,10 @@ class SyntheticSource:
         return _to_tensor(rainy), clean
 
 
+# Tells the epoch orders' random streams apart from the samples' (which are keyed [seed, n]).
+_EPOCH_STREAM = 0x5EED
+
+
 class TrainingStream(Dataset):
     """Indexable by sample number; mixes sources by weight and applies the paper's augmentation."""
 
@@ -126,14 +130,26 @@ class TrainingStream(Dataset):
         self.weights = w / w.sum()
         self.augment = augment
         self.seed = seed
+        self._orders: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
 
     def __len__(self) -> int:
         return 2**62  # a stream: the sampler decides how far it is read
 
     def _choose(self, n: int) -> tuple[int, int, np.random.Generator]:
+        """Sample ``n``'s source (by weight) and item: the item at position ``n mod len`` of that
+        source's shuffled order for epoch ``n // len``, so that a lone source is read as the paper's
+        shuffling DataLoader reads it, every item once an epoch, still as a pure function of ``n``."""
         rng = np.random.default_rng([self.seed, n])
         source = int(rng.choice(len(self.sources), p=self.weights))
-        return source, int(rng.integers(len(self.sources[source]))), rng
+        epoch, position = divmod(n, len(self.sources[source]))
+        return source, int(self._epoch_order(source, epoch)[position]), rng
+
+    def _epoch_order(self, source: int, epoch: int) -> np.ndarray:
+        key = (source, epoch)
+        if self._orders.get(source, (None,))[0] != key:  # one order kept per source: samples come in sequence
+            order = np.random.default_rng([self.seed, source, epoch, _EPOCH_STREAM]).permutation(len(self.sources[source]))
+            self._orders[source] = (key, order)
+        return self._orders[source][1]
 
     def choose(self, n: int) -> tuple[int, int]:
         """``(source index, item index)`` of sample ``n``, without decoding or rendering anything."""
