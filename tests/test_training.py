@@ -1008,7 +1008,7 @@ def test_only_a_lost_connection_is_told_as_another_process_stopping():
 def test_under_torchrun_a_process_that_loses_another_says_so_in_one_line(tmp_path):
     """Rank 1 draws a bad file: it reports it; rank 0, whose next collective then fails, says in
     one line that another process stopped, instead of a traceback from inside DDP."""
-    root = make_pairs(tmp_path / "pairs", count=3)
+    root = make_pairs(tmp_path / "pairs", count=6)  # pairs are first drawn in epoch 0: at samples 0-5
     base = config_dict(root, iterations=12, checkpoint_every=100)
     stream = build_stream(from_dict(TrainConfig, base))
     first_draw = {}
