@@ -128,6 +128,35 @@ def test_not_a_checkpoint(tmp_path):
     assert_one_line_naming(err, path)
 
 
+def _zip_without_torch_data(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("weights/readme.txt", "the weights are elsewhere")
+
+
+@pytest.mark.parametrize("name, write, problem", [
+    ("empty.pth", lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+    ("empty.safetensors", lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+    ("model.pth", lambda p: p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 9\n"),
+     "a Git LFS pointer, not the file itself (fetch it with git lfs pull)"),
+    ("model.pth", lambda p: p.write_text("<!DOCTYPE html>\n<html><title>Google Drive</title></html>"),
+     "a web page (HTML), not a checkpoint (a download that saved the page instead of the file?)"),
+    ("model.pth.gz", lambda p: p.write_bytes(b"\x1f\x8b\x08\x00" + bytes(40)),
+     "gzip-compressed; decompress it first"),
+    ("model.zip", _zip_without_torch_data, "a zip archive but not a PyTorch file (no data.pkl in it)"),
+])
+def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path, name, write, problem):
+    """What a failed download or a clone without Git LFS leaves in place of the weights is named
+    as such, not as a file of no known kind."""
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert_one_line_naming(err, path)
+    assert str(err.value) == f"{path}: {problem}"
+
+
 def test_truncated_files(tmp_path, official_state):
     for name, writer in [("cut.pth", lambda p: torch.save({"state_dict": dict(official_state)}, p)),
                          ("cut.safetensors", lambda p: save_file(dict(official_state), str(p)))]:

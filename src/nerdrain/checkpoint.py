@@ -12,6 +12,7 @@ import json
 import math
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -190,9 +191,12 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     with path.open("rb") as f:
-        head = f.read(9)
+        head = f.read(_HEAD_BYTES)
+    what = _stand_in(path, head)
+    if what:
+        raise CheckpointError(f"{path}: {what}")
     torch_file = head.startswith(TORCH_MAGIC)
-    safetensors_file = (len(head) == 9 and head[8:9] == b"{"
+    safetensors_file = (len(head) > 8 and head[8:9] == b"{"
                         and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size)
     if safetensors_file or (not torch_file and path.suffix.lower() == ".safetensors"):
         try:
@@ -216,6 +220,32 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not isinstance(obj, Mapping) or not _all_tensors(obj):
         raise CheckpointError(f"{path}: no state dict of tensors found (got {type(obj).__name__})")
     return dict(obj), {}
+
+
+_HEAD_BYTES = 64  # enough to tell the formats, and the files left in place of weights, apart
+
+
+def _stand_in(path: Path, head: bytes) -> str | None:
+    """What a file is that was left where weights were expected, told from its first bytes: a
+    clone without Git LFS, a download that saved the host's web page (the authors' weights are on
+    Google Drive), a compressed or a plain zip archive. None for anything else."""
+    if not head:
+        return "is empty (0 bytes)"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the file itself (fetch it with git lfs pull)"
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith((b"<!doctype html", b"<html")):
+        return "a web page (HTML), not a checkpoint (a download that saved the page instead of the file?)"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip-compressed; decompress it first"
+    if head.startswith(TORCH_MAGIC[0]):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):  # a truncated torch file: torch.load says what it can
+            return None
+        if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+            return "a zip archive but not a PyTorch file (no data.pkl in it)"
+    return None
 
 
 _WRAPPERS = ("state_dict", "params_ema", "params", "model", "net", "network")
