@@ -128,6 +128,16 @@ def test_not_a_checkpoint(tmp_path):
     assert_one_line_naming(err, path)
 
 
+def test_a_missing_file_is_both_a_checkpoint_error_and_file_not_found(tmp_path):
+    """A notebook catches a wrong path as it would from open(): FileNotFoundError (an OSError)."""
+    path = tmp_path / "typo.pth"
+    for catch in (FileNotFoundError, CheckpointError):
+        with pytest.raises(catch, match="typo.pth: no such file") as err:
+            load_model(path)
+        assert_one_line_naming(err, path)
+    assert isinstance(err.value, ValueError) and str(err.value) == f"{path}: no such file"
+
+
 def _zip_without_torch_data(path):
     import zipfile
 

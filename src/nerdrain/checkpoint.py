@@ -61,6 +61,10 @@ class CheckpointError(ValueError):
     """A file that cannot be loaded as NeRD-Rain weights; the message is one line."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No file at the path given: caught as ``FileNotFoundError`` too, as from ``open``."""
+
+
 def _pass_suffix(scale: int, index: int, style: str) -> str:
     name = SCALE_NAMES[scale]
     if scale == 0:
@@ -189,7 +193,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointNotFoundError(f"{path}: no such file")
     with path.open("rb") as f:
         head = f.read(_HEAD_BYTES)
     what = _stand_in(path, head)
@@ -530,5 +534,5 @@ def load_default_model(device: str | torch.device | None = None) -> NeRDRain:
     """The project's own default weights (shipped in the package, no download)."""
     path = default_weights_path()
     if not path.is_file():
-        raise CheckpointError(f"{path}: default weights are not installed; pass --weights FILE")
+        raise CheckpointNotFoundError(f"{path}: default weights are not installed; pass --weights FILE")
     return load_model(path, device)
