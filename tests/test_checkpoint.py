@@ -136,6 +136,8 @@ def test_a_missing_file_is_both_a_checkpoint_error_and_file_not_found(tmp_path):
             load_model(path)
         assert_one_line_naming(err, path)
     assert isinstance(err.value, ValueError) and str(err.value) == f"{path}: no such file"
+    with pytest.raises(FileNotFoundError, match="^an empty name; give a checkpoint file$"):
+        load_model("")  # not the current folder, which Path("") would name
 
 
 def _zip_without_torch_data(path):

@@ -124,6 +124,14 @@ def test_sigterm_unwinds_like_ctrl_c_with_exit_143(tmp_path, monkeypatch, capsys
     assert signal.getsignal(signal.SIGTERM) == previous  # restored
 
 
+def test_empty_weights_name_is_refused_not_replaced_by_the_shipped_weights(tmp_path, capsys):
+    """``--weights "$W"`` with W unset: the run must not go on with the default weights unasked."""
+    write_image(tmp_path / "x.png", 3)
+    assert main(["derain", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--weights", ""]) == 2
+    assert capsys.readouterr().err == "error: --weights: an empty name; give a checkpoint file\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_weights_folder_is_named_as_a_folder(tmp_path, capsys):
     write_image(tmp_path / "x.png", 3)
     (tmp_path / "w.pth").mkdir()

@@ -170,6 +170,7 @@ def test_bad_types_name_the_key(yaml_path, override, key):
     ("checkpoint_every=0", "config.checkpoint_every"),
     ("device=gpu", "config.device"),
     ("model.name=nerd_rain_xl", "config.model.name: expected one of nerd_rain, nerd_rain_s"),
+    ("model.weights=''", "config.model.weights: expected a checkpoint file or default"),
     ("optim.lr=.inf", "config.optim.lr: expected a finite number"),
     ("optim.grad_clip=.inf", "config.optim.grad_clip: expected a finite number"),
     ("loss.edge_weight=.nan", "config.loss.edge_weight: expected a finite number"),

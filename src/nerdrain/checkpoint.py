@@ -183,6 +183,13 @@ _PICKLE_SUFFIXES = frozenset({".pth", ".pt", ".bin", ".ckpt", ".pkl"})
 TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # how torch.save's files start: a zip archive; a plain pickle
 
 
+def _checkpoint_path(path: str | Path) -> Path:
+    """``path`` as a Path; an empty name is refused, which Path would read as the current folder."""
+    if isinstance(path, str) and not path:
+        raise CheckpointNotFoundError("an empty name; give a checkpoint file")
+    return Path(path)
+
+
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and (safetensors) metadata; never unpickles anything but tensors and containers.
 
@@ -351,7 +358,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ne
 def read_checkpoint(path: str | Path) -> tuple[NeRDRain, torch.dtype]:
     """:func:`load_model` on the CPU, with the floating-point type the weights were stored in,
     from one read of the file (a conversion keeps that type)."""
-    path = Path(path)
+    path = _checkpoint_path(path)
     state, metadata = _read_tensors(path)
     state = _unprefixed(state, path)
     stored = _first_float_dtype(state)  # the network's own: a wrapper's other tensors may differ
@@ -455,7 +462,7 @@ def _cpu_tensors(state: Mapping[str, torch.Tensor], dtype: torch.dtype | str | N
 def stored_dtype(path: str | Path) -> torch.dtype:
     """The floating-point type a checkpoint's weights are stored in, so that a conversion can keep it
     (the network's own, as :func:`read_checkpoint` gives it)."""
-    path = Path(path)
+    path = _checkpoint_path(path)
     return _first_float_dtype(_unprefixed(_read_tensors(path)[0], path))
 
 

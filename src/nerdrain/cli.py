@@ -26,8 +26,10 @@ def _model(args: argparse.Namespace):
     from .checkpoint import load_default_model, load_model
     from .devices import resolve_device
 
+    if args.weights == "":  # "$W" with W unset: not a request for the shipped weights
+        raise ValueError("--weights: an empty name; give a checkpoint file")
     device = resolve_device(getattr(args, "device", "auto"))
-    model = load_model(args.weights, device) if args.weights else load_default_model(device)
+    model = load_model(args.weights, device) if args.weights is not None else load_default_model(device)
     if device.type in ("cpu", "cuda"):
         # Exact fp32 (TF32 off on CUDA) unless --half; the NHWC layout is oneDNN's native one
         # (~1.7x faster on batched CPU tiles) and the one cuDNN prefers. With --half the weights
@@ -82,7 +84,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("score saved predictions with --pred DIR and either --gt DIR or --data DIR (a dataset), "
                          "or run a model with --data DIR")
     model_only = [flag for flag, value in (("--layout", args.layout and args.gt), ("--save", args.save),
-                                           ("--weights", args.weights),
+                                           ("--weights", args.weights is not None),
                                            ("--released-windows", args.released_windows)) if value]
     if args.pred and model_only:  # silently ignored, they would leave a wrong idea of what was scored
         raise ValueError(f"{', '.join(model_only)}: only with --data (a model run), not with --pred/--gt")

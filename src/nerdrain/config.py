@@ -77,6 +77,9 @@ class ModelConfig:
 
     def __post_init__(self):
         _one_of(self.name, list_models(), "name")
+        # "" is no request to start from scratch (that is null): a variable left unset, say
+        _require(self.weights is None or bool(self.weights), "weights",
+                 "expected a checkpoint file or default (null to start from scratch)", self.weights)
 
 
 @dataclass(frozen=True)
