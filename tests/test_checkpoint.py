@@ -205,6 +205,18 @@ def test_missing_unexpected_and_mismatched_keys_are_summarised(tmp_path, officia
     assert "output_max.weight (3, 16, 5, 5) vs (3, 16, 3, 3)" in message
 
 
+@pytest.mark.parametrize("key", ["encoder_level1_max1.0.attn.temperature", "latent_max1.0.ffn.project_out.weight",
+                                 "INR.imnet.layers.6.bias", "INR.imnet.layers.2.weight"])
+def test_a_missing_tensor_the_shape_is_read_from_is_named_as_missing(tmp_path, official_state, key):
+    """The tensors the width, heads, FFN and INR sizes are read off can be missing like any other:
+    named as missing, not as 'shapes inconsistent' or as mismatches of the tensors around them."""
+    path = tmp_path / "one_short.pth"
+    torch.save({k: v for k, v in official_state.items() if k != key}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert str(err.value) == f"{path}: does not match NeRD-Rain dim=16: missing 1 ({key})"
+
+
 class Payload:
     def __reduce__(self):
         return (print, ("unpickled!",))

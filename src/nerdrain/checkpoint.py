@@ -144,17 +144,27 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> NeRDRainConfig:
     which give the same tensors.
     """
     dim = state["patch_embed_max.proj.weight"].shape[0]
-    prefixes = ("encoder_level1_max1", "encoder_level2_max1", "latent_max1")
-    depths = tuple(_count_blocks(state, p) for p in prefixes)
-    default = NeRDRainConfig()
-    heads = tuple(state[f"{p}.0.attn.temperature"].shape[0] if depth else default_heads
-                  for p, depth, default_heads in zip(prefixes, depths, default.heads))
-    hidden = {dim << level: state[f"{p}.0.ffn.project_out.weight"].shape[1]
-              for level, (p, depth) in enumerate(zip(prefixes, depths)) if depth}
-    inr_layers = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"INR\.imnet\.layers\.(\d+)\.bias", k)))
-    inr_hidden = tuple(state[f"INR.imnet.layers.{i}.bias"].shape[0] for i in inr_layers[:-1])
+    depths = tuple(_count_blocks(state, f"{names[0]}_max1") for names in _LEVELS)
+    temperatures = [_level_shape(state, level, "attn.temperature") for level in range(len(_LEVELS))]
+    heads = tuple(shape[0] if shape else default for shape, default in zip(temperatures, NeRDRainConfig().heads))
+    ffn_outs = [_level_shape(state, level, "ffn.project_out.weight") for level in range(len(_LEVELS))]
+    hidden = {dim << level: shape[1] for level, shape in enumerate(ffn_outs) if shape}
+    inr = {int(m.group(1)): v.shape[0] for k, v in state.items()
+           if (m := re.fullmatch(r"INR\.imnet\.layers\.(\d+)\.(?:weight|bias)", k))}
+    inr_hidden = tuple(inr[i] for i in sorted(inr)[:-1])
     return NeRDRainConfig(dim=dim, depths=depths, heads=heads, ffn_expansion=_ffn_expansion(hidden),
                           inr_hidden=inr_hidden)
+
+
+# The official module names at each width (dim, 2 dim, 4 dim); their blocks share heads and FFN width.
+_LEVELS = (("encoder_level1", "decoder_level1"), ("encoder_level2", "decoder_level2"), ("latent",))
+
+
+def _level_shape(state: Mapping[str, torch.Tensor], level: int, leaf: str) -> torch.Size | None:
+    """The shape of ``leaf`` in the blocks at ``level``, from whichever block of any pass holds it:
+    a tensor missing from one block is then reported as missing, not read as another width."""
+    pattern = re.compile(rf"(?:{'|'.join(_LEVELS[level])})_\w+\.\d+\.{re.escape(leaf)}")
+    return next((v.shape for k, v in state.items() if pattern.fullmatch(k)), None)
 
 
 def _ffn_expansion(hidden: Mapping[int, int]) -> float:
