@@ -93,6 +93,35 @@ def test_loads_authors_and_bare_formats(tmp_path, official_state, wrap):
     assert all(torch.equal(back[k], official_state[k]) for k in official_state)
 
 
+@pytest.mark.parametrize("wrap", [
+    lambda s: {"generator": dict(s), "discriminator": {"conv.weight": torch.zeros(1)}, "epoch": 3},
+    lambda s: {"netG": {"state_dict": prefixed("module.", s)}, "iter": 9},
+    lambda s: {**s, "epoch": 5, "best_psnr": 31.2},
+], ids=["gan", "unknown_then_known_wrapper", "numbers_beside_the_tensors"])
+def test_weights_under_a_key_of_any_name_are_found(tmp_path, official_state, wrap):
+    """Training code names its wrappers freely: the one entry holding a NeRD-Rain is it, and
+    numbers saved beside the weights are no weights."""
+    path = tmp_path / "other_code.pth"
+    torch.save(wrap(official_state), path)
+    back = to_official_state_dict(load_model(path))
+    assert all(torch.equal(back[k], official_state[k]) for k in official_state)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (lambda s: {"g": dict(s), "g_ema": dict(s)}, "NeRD-Rain weights under 2 keys ('g', 'g_ema'); save the one to load"),
+    (lambda s: {"epoch": 3, "optimizer": {"state": {}}},
+     "no NeRD-Rain weights found (top-level keys: 2 (epoch, optimizer))"),
+    (lambda s: [dict(s)], "no NeRD-Rain weights found (a list, not a state dict)"),
+])
+def test_where_the_weights_are_unclear_or_absent_the_file_says_what_it_holds(tmp_path, official_state, content,
+                                                                            problem):
+    path = tmp_path / "unclear.pth"
+    torch.save(content(official_state), path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert str(err.value) == f"{path}: {problem}"
+
+
 def test_the_stored_type_is_the_networks_not_a_wrappers_other_tensors(tmp_path, official_state):
     """A Lightning checkpoint whose loss network (float32) comes before the fp16 model: the type a
     conversion keeps is the model's, whichever function is asked."""

@@ -231,16 +231,41 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     obj = torch_load(path, "cpu")
     if _is_training_checkpoint(obj):
         return _training_weights(obj, path)
-    # Training scripts wrap the state dict with their epoch and optimizer state, some twice
-    # ({'model': {'state_dict': ...}}); BasicSR keeps the EMA beside the weights ('params_ema').
+    return _state_dict_in(obj, path), {}
+
+
+def _state_dict_in(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside what a training script saved.
+
+    Scripts wrap it with their epoch and optimizer state, some twice (``{'model': {'state_dict':
+    ...}}``), under names of their own (``{'netG': ..., 'netD': ...}``), or save numbers beside the
+    tensors; BasicSR keeps the EMA beside the weights (``params_ema``). The known wrapper names
+    are taken in order of preference, the one holding a NeRD-Rain first; other names only where
+    one entry holds a NeRD-Rain.
+    """
     while isinstance(obj, Mapping) and not _all_tensors(obj):
-        inner = next((obj[w] for w in _WRAPPERS if isinstance(obj.get(w), Mapping)), None)
-        if inner is None:
+        if any(isinstance(v, torch.Tensor) and _anchor_prefix(k) is not None for k, v in obj.items()):
+            return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        holders = [k for k, v in obj.items() if isinstance(v, Mapping) and _holds_network(v)]
+        known = [w for w in _WRAPPERS if isinstance(obj.get(w), Mapping)]
+        chosen = next((w for w in known if w in holders), None) or (known[0] if known and not holders else None)
+        if chosen is None and len(holders) > 1:
+            raise CheckpointError(f"{path}: NeRD-Rain weights under {len(holders)} keys "
+                                  f"({', '.join(repr(k) for k in holders)}); save the one to load")
+        if chosen is None and not holders:
             break
-        obj = inner
-    if not isinstance(obj, Mapping) or not _all_tensors(obj):
-        raise CheckpointError(f"{path}: no state dict of tensors found (got {type(obj).__name__})")
-    return dict(obj), {}
+        obj = obj[chosen if chosen is not None else holders[0]]
+    if isinstance(obj, Mapping) and _all_tensors(obj):
+        return dict(obj)
+    held = (f"top-level keys: {_summarise([str(k) for k in obj])}" if isinstance(obj, Mapping)
+            else f"a {type(obj).__name__}, not a state dict")
+    raise CheckpointError(f"{path}: no NeRD-Rain weights found ({held})")
+
+
+def _holds_network(obj: Mapping, depth: int = 4) -> bool:
+    """Whether a NeRD-Rain's tensors are in ``obj`` or in the mappings inside it."""
+    return any((isinstance(v, torch.Tensor) and _anchor_prefix(k) is not None)
+               or (depth > 0 and isinstance(v, Mapping) and _holds_network(v, depth - 1)) for k, v in obj.items())
 
 
 _HEAD_BYTES = 64  # enough to tell the formats, and the files left in place of weights, apart
@@ -328,6 +353,15 @@ def _first_line(err: BaseException) -> str:
 _ANCHORS = ("patch_embed_max.proj.weight", "embed.2.weight")  # the authors' names; ours
 
 
+def _anchor_prefix(key: Any) -> str | None:
+    """What precedes a width-defining tensor's name in ``key`` (a wrapper's prefix), if it names one."""
+    if isinstance(key, str):
+        for anchor in _ANCHORS:
+            if key == anchor or key.endswith("." + anchor):
+                return key[: -len(anchor)]
+    return None
+
+
 def _unprefixed(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """The network's own keys, as saved from inside a wrapper: DataParallel or DDP (``module.``),
     ``torch.compile`` (``_orig_mod.``), an ``AveragedModel`` EMA (``module.`` and its
@@ -336,8 +370,7 @@ def _unprefixed(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, torc
     The prefix is what precedes the width-defining tensor; keys outside it belong to the
     wrapper, not the network.
     """
-    prefixes = sorted({k[: -len(a)] for k in state for a in _ANCHORS
-                       if k.endswith(a) and (k == a or k[-len(a) - 1] == ".")})
+    prefixes = sorted({p for k in state if (p := _anchor_prefix(k)) is not None})
     if len(prefixes) > 1:
         raise CheckpointError(f"{path}: holds {len(prefixes)} networks (key prefixes "
                               f"{', '.join(repr(p) for p in prefixes)}); save the one to load as a state dict")
