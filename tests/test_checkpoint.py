@@ -366,6 +366,33 @@ def test_two_networks_in_one_file_are_named_not_guessed(tmp_path, official_state
     assert_one_line_naming(err, path)
 
 
+def _alternately(prefix, state):
+    return {(prefix + k if i % 2 else k): v for i, (k, v) in enumerate(state.items())}
+
+
+@pytest.mark.parametrize("mix", [
+    lambda s: _alternately("module.", s),
+    lambda s: prefixed("module.", _alternately("_orig_mod.", s)),
+    lambda s: {"state_dict": _alternately("module.", s), "epoch": 2},
+], ids=["module_on_some_keys", "compiled_on_some_keys", "wrapped"])
+def test_a_wrapper_prefix_on_some_keys_only_still_loads(tmp_path, official_state, mix):
+    """A state dict merged from a DataParallel or compiled model and a plain one carries their
+    prefixes on some keys only: every tensor is still the network's, once."""
+    path = tmp_path / "mixed.pth"
+    torch.save(mix(official_state), path)
+    back = to_official_state_dict(load_model(path))
+    assert all(torch.equal(back[k], official_state[k]) for k in official_state)
+
+
+def test_a_tensor_under_a_wrapper_prefix_and_without_is_named_not_guessed(tmp_path, official_state):
+    path = tmp_path / "twice.pth"
+    torch.save({**official_state, "module.BF1.gamma1.bias": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert str(err.value) == (f"{path}: holds BF1.gamma1.bias twice ('BF1.gamma1.bias', 'module.BF1.gamma1.bias'); "
+                              "save the one to load as a state dict")
+
+
 def test_weights_without_values_or_as_integers_are_refused(tmp_path, official_state):
     """Meta tensors crashed load_state_dict with a page-long traceback; integer ones were cast
     to float without a word."""

@@ -362,21 +362,37 @@ def _anchor_prefix(key: Any) -> str | None:
     return None
 
 
+_WRAPPER_PREFIX = re.compile(r"(?:(?:module|_orig_mod)\.)+")  # DataParallel/DDP, torch.compile, nested
+
+
 def _unprefixed(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """The network's own keys, as saved from inside a wrapper: DataParallel or DDP (``module.``),
     ``torch.compile`` (``_orig_mod.``), an ``AveragedModel`` EMA (``module.`` and its
     ``n_averaged``), a Lightning module (``model.`` beside its other parts), or nested ones.
 
     The prefix is what precedes the width-defining tensor; keys outside it belong to the
-    wrapper, not the network.
+    wrapper, not the network. DataParallel's and compile's prefixes are taken off every key that
+    carries them, since a state dict merged from a wrapped model and a plain one has them on some
+    keys only; a tensor found both with and without one is refused, not chosen.
     """
-    prefixes = sorted({p for k in state if (p := _anchor_prefix(k)) is not None})
+    unwrapped = {k: k[m.end():] if (m := _WRAPPER_PREFIX.match(k)) else k for k in state}
+    prefixes = sorted({p for name in unwrapped.values() if (p := _anchor_prefix(name)) is not None})
     if len(prefixes) > 1:
         raise CheckpointError(f"{path}: holds {len(prefixes)} networks (key prefixes "
                               f"{', '.join(repr(p) for p in prefixes)}); save the one to load as a state dict")
-    if not prefixes or not prefixes[0]:
-        return dict(state)
-    return {k[len(prefixes[0]):]: v for k, v in state.items() if k.startswith(prefixes[0])}
+    prefix = prefixes[0] if prefixes else ""
+    wrapped = bool(prefix) or any(name != k for k, name in unwrapped.items())
+    network: dict[str, torch.Tensor] = {}
+    saved_as: dict[str, str] = {}
+    for key, value in state.items():
+        name = unwrapped[key][len(prefix):]
+        if not unwrapped[key].startswith(prefix) or (wrapped and "." not in name):
+            continue  # a Lightning module's other parts; AveragedModel's n_averaged (no tensor of the network's)
+        if name in saved_as:
+            raise CheckpointError(f"{path}: holds {name} twice ({saved_as[name]!r}, {key!r}); "
+                                  "save the one to load as a state dict")
+        network[name], saved_as[name] = value, key
+    return network
 
 
 def _summarise(keys: list[str], limit: int = 3) -> str:
