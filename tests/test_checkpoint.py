@@ -122,6 +122,30 @@ def test_where_the_weights_are_unclear_or_absent_the_file_says_what_it_holds(tmp
     assert str(err.value) == f"{path}: {problem}"
 
 
+def test_a_checkpoint_saved_from_cuda_loads_on_a_machine_without_it(tmp_path, official_state):
+    """The authors trained on GPUs: their files record a CUDA device for every tensor, which
+    plain torch.load refuses without CUDA. Written here by tagging CPU storages as torch.save
+    tags CUDA ones."""
+    import torch.serialization as serialization
+
+    def cuda_tag(storage):
+        return "cuda:0"
+
+    serialization.register_package(-100, cuda_tag, lambda storage, location: None)
+    try:
+        path = tmp_path / "model_best.pth"
+        torch.save({"epoch": 1, "state_dict": prefixed("module.", official_state)}, path)
+    finally:
+        serialization._package_registry[:] = [p for p in serialization._package_registry if p[1] is not cuda_tag]
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)  # the file really asks for CUDA
+    model = load_model(path)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    back = to_official_state_dict(model)
+    assert all(torch.equal(back[k], official_state[k]) for k in official_state)
+
+
 def test_the_stored_type_is_the_networks_not_a_wrappers_other_tensors(tmp_path, official_state):
     """A Lightning checkpoint whose loss network (float32) comes before the fp16 model: the type a
     conversion keeps is the model's, whichever function is asked."""
