@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nerdrain import create_model, save_model
+from nerdrain import create_model, load_model, save_model
 from nerdrain.cli import main
 from nerdrain.metrics import score
 
@@ -328,6 +328,24 @@ def test_convert_keeps_the_stored_precision_unless_told(tmp_path, flags, expecte
         assert main(["convert", str(half), str(tmp_path / name), *extra, *flags]) == 0
         assert stored_dtype(tmp_path / name) == expected
     assert {v.dtype for v in load_file(str(tmp_path / "ours.safetensors")).values()} == {expected}
+
+
+@pytest.mark.parametrize("extra", [[], ["--to-official"]])
+def test_convert_to_a_type_too_narrow_for_the_weights_writes_nothing(tmp_path, capsys, extra):
+    """float16 holds magnitudes up to 65504: a weight of 1e5 would be written as infinity, and
+    the file then refused by every load. One line, and no file."""
+    model = create_model("nerd_rain_s", dim=8)
+    with torch.no_grad():
+        model.fusion[0].mix_x.bias.fill_(1e5)
+    source = save_model(model, tmp_path / "wide.safetensors")
+    out = tmp_path / ("narrow.pth" if extra else "narrow.safetensors")
+    assert main(["convert", str(source), str(out), "--dtype", "float16", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {out}: ")
+    assert "up to 1e+05 do not fit in float16 (at most 65504)" in err
+    assert not out.exists() and not list(tmp_path.glob(".*tmp"))
+    assert main(["convert", str(source), str(out), "--dtype", "bfloat16", *extra]) == 0  # whose range is float32's
+    assert load_model(out).fusion[0].mix_x.bias.min() == torch.tensor(1e5).bfloat16().float()
 
 
 def test_convert_reads_its_input_once(tmp_path, monkeypatch):

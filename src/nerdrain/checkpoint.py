@@ -511,11 +511,24 @@ def _destination(path: str | Path) -> Path:
     return output_file(path)
 
 
-def _cpu_tensors(state: Mapping[str, torch.Tensor], dtype: torch.dtype | str | None) -> dict[str, torch.Tensor]:
-    """Contiguous CPU copies to write, floating-point ones in ``dtype`` where given."""
+def _cpu_tensors(state: Mapping[str, torch.Tensor], dtype: torch.dtype | str | None,
+                 path: Path) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies to write to ``path``, floating-point ones in ``dtype`` where given.
+
+    A weight beyond ``dtype``'s range (float16's 65504) would be written as infinity, and the
+    file refused by every load: refused here instead, naming the tensor.
+    """
     dtype = _weight_dtype(dtype)
-    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-            for k, v in state.items()}
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in state.items()}
+    overflowed = [k for k, v in tensors.items()
+                  if v.is_floating_point() and not torch.isfinite(v).all() and torch.isfinite(state[k]).all()]
+    if overflowed:
+        largest = max(state[k].detach().abs().max().item() for k in overflowed)
+        raise ValueError(f"{path}: weights of {_summarise(overflowed)} up to {largest:.3g} do not fit in "
+                         f"{str(dtype).removeprefix('torch.')} (at most {torch.finfo(dtype).max:.5g}); "
+                         "keep float32 or use bfloat16")
+    return tensors
 
 
 def stored_dtype(path: str | Path) -> torch.dtype:
@@ -547,7 +560,7 @@ def save_model(model: NeRDRain, path: str | Path, dtype: torch.dtype | None = No
     if not_text:  # safetensors stores text only, and says so without naming the entry
         raise ValueError(f"extra_metadata: {not_text[0]!r}: keys and values must be strings")
     path = _destination(path)
-    tensors = _cpu_tensors(model.state_dict(), dtype)
+    tensors = _cpu_tensors(model.state_dict(), dtype, path)
     metadata = {"format": FORMAT_TAG, "config": json.dumps(asdict(model.cfg)), **(extra_metadata or {})}
     with atomic_write(path) as f:
         f.write(safetensors_bytes(tensors, metadata=metadata))
@@ -559,7 +572,7 @@ def export_official(model: NeRDRain, path: str | Path, dtype: torch.dtype | None
     state dict in safetensors, any other a ``.pth`` their test script loads (``{'state_dict': ...}``)."""
     model = _network(model)
     path = _destination(path)
-    state = _cpu_tensors(to_official_state_dict(model), dtype)
+    state = _cpu_tensors(to_official_state_dict(model), dtype, path)
     with atomic_write(path) as f:
         if path.suffix.lower() == ".safetensors":
             f.write(safetensors_bytes(state))
