@@ -308,6 +308,21 @@ def test_safetensors_whose_header_length_starts_with_a_pickle_byte(tmp_path):
     assert load_model(path).cfg.dim == 16
 
 
+@pytest.mark.parametrize("write", [save_model, export_official])
+def test_a_failed_write_leaves_neither_a_file_nor_the_folders_made_for_it(tmp_path, monkeypatch, write):
+    import errno
+    import os
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    out = tmp_path / "new" / "deeper" / "w.safetensors"
+    with pytest.raises(OSError, match="No space left on device"):
+        write(tiny(), out)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_save_model_refuses_a_pickle_name(tmp_path):
     with pytest.raises(ValueError, match="name it .safetensors"):
         save_model(create_model("nerd_rain", dim=16), tmp_path / "mine.pth")

@@ -13,11 +13,11 @@ import math
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from .devices import resolve_device
-from .files import atomic_write, output_file
+from .files import atomic_write, missing_folders, output_file, remove_empty_folders
 from .models import NeRDRain, NeRDRainConfig
 
 SCALE_NAMES = ("small", "mid", "max")
@@ -508,7 +508,19 @@ def _network(model: Any) -> NeRDRain:
 def _destination(path: str | Path) -> Path:
     if Path(path).is_dir():
         raise ValueError(f"{path}: is a folder; give the file to write")
-    return output_file(path)
+    return Path(path)
+
+
+def _write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """``write`` into ``path`` atomically; where it fails, the folders made for it go too."""
+    made = missing_folders(path.parent)
+    try:
+        with atomic_write(output_file(path)) as f:
+            write(f)
+    except BaseException:
+        remove_empty_folders(made)
+        raise
+    return path
 
 
 def _cpu_tensors(state: Mapping[str, torch.Tensor], dtype: torch.dtype | str | None,
@@ -562,9 +574,7 @@ def save_model(model: NeRDRain, path: str | Path, dtype: torch.dtype | None = No
     path = _destination(path)
     tensors = _cpu_tensors(model.state_dict(), dtype, path)
     metadata = {"format": FORMAT_TAG, "config": json.dumps(asdict(model.cfg)), **(extra_metadata or {})}
-    with atomic_write(path) as f:
-        f.write(safetensors_bytes(tensors, metadata=metadata))
-    return path
+    return _write(path, lambda f: f.write(safetensors_bytes(tensors, metadata=metadata)))
 
 
 def export_official(model: NeRDRain, path: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -573,12 +583,9 @@ def export_official(model: NeRDRain, path: str | Path, dtype: torch.dtype | None
     model = _network(model)
     path = _destination(path)
     state = _cpu_tensors(to_official_state_dict(model), dtype, path)
-    with atomic_write(path) as f:
-        if path.suffix.lower() == ".safetensors":
-            f.write(safetensors_bytes(state))
-        else:
-            torch.save({"state_dict": state}, f)
-    return path
+    if path.suffix.lower() == ".safetensors":
+        return _write(path, lambda f: f.write(safetensors_bytes(state)))
+    return _write(path, lambda f: torch.save({"state_dict": state}, f))
 
 
 # ---------------------------------------------------------------------------------------------
