@@ -303,6 +303,27 @@ def test_convert_round_trip_through_official_format(tmp_path, tiny_weights):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_convert_of_the_authors_file_reproduces_the_golden_outputs(tmp_path, golden_dir):
+    """Authors' .pth -> ours -> authors' .pth: the weights come back bit for bit, and give the
+    released code's seven outputs."""
+    from safetensors.torch import load_file
+
+    from nerdrain.checkpoint import to_official_state_dict
+
+    golden = load_file(str(golden_dir / "official_dim16_seed0_io.safetensors"))
+    state = load_file(str(golden_dir / "official_dim16_seed0.safetensors"))
+    authors, ours, back = tmp_path / "model_best.pth", tmp_path / "ours.safetensors", tmp_path / "back.pth"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}, "optimizer": {}}, authors)
+    assert main(["convert", str(authors), str(ours)]) == 0
+    assert main(["convert", str(ours), str(back), "--to-official"]) == 0
+    model = load_model(back)
+    assert all(torch.equal(v, state[k]) for k, v in to_official_state_dict(model).items())
+    with torch.no_grad():
+        outputs = model.forward_all(golden["case0.input"]).official_order()
+    for index, output in enumerate(outputs):
+        torch.testing.assert_close(output, golden[f"case0.output{index}"], atol=1e-4, rtol=0)
+
+
 def test_convert_to_official_safetensors_is_a_bare_state_dict_under_official_names(tmp_path, tiny_weights):
     from safetensors.torch import load_file
 
