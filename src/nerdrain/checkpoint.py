@@ -407,6 +407,10 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ne
     Our files carry their config (``last.pt``: the run's settings); for the others variant and
     width are read off the tensor shapes. The format is told from the file's first bytes, so a
     renamed file loads too. The model is returned in eval mode, fp32.
+
+    A file that cannot be loaded raises :class:`CheckpointError` (a ``ValueError``) with one line
+    naming it and the problem; a path with no file, :class:`CheckpointNotFoundError`, which is
+    also a ``FileNotFoundError``. A ``device`` that is unknown or absent raises ``ValueError``.
     """
     model, _ = read_checkpoint(path)
     if device is None:
