@@ -193,6 +193,24 @@ def test_a_missing_file_is_both_a_checkpoint_error_and_file_not_found(tmp_path):
         load_model("")  # not the current folder, which Path("") would name
 
 
+def test_a_path_that_is_no_regular_file_is_not_called_missing(tmp_path):
+    """/dev/null, or a pipe (``--weights <(...)``): there, but nothing a checkpoint can be read from;
+    and a name the file system refuses to look up."""
+    import os
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for path in (pipe, "/dev/null"):
+        with pytest.raises(CheckpointError) as err:
+            load_model(path)
+        assert not isinstance(err.value, FileNotFoundError)
+        assert str(err.value) == f"{path}: not a regular file (a device or a pipe); give a checkpoint file"
+    long_name = tmp_path / ("w" * 300 + ".pth")  # the file system cannot be asked: said so, not 'no such file'
+    with pytest.raises(CheckpointError, match=r"\.pth: cannot be read \(File name too long\)$") as err:
+        load_model(long_name)
+    assert not isinstance(err.value, FileNotFoundError)
+
+
 def _zip_without_torch_data(path):
     import zipfile
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import stat
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -207,10 +208,16 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     starts with the length of its JSON header (8 bytes, little-endian) and then its ``{``, which
     a zip archive or a pickle never do.
     """
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: no such file") from None
+    except OSError as err:  # a name too long, a folder that cannot be looked into
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if stat.S_ISDIR(mode):
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"{path}: no such file")
+    if not stat.S_ISREG(mode):  # neither torch.load nor safetensors reads one that cannot seek
+        raise CheckpointError(f"{path}: not a regular file (a device or a pipe); give a checkpoint file")
     with path.open("rb") as f:
         head = f.read(_HEAD_BYTES)
     what = _stand_in(path, head)
