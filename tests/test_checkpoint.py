@@ -218,6 +218,14 @@ def _zip_without_torch_data(path):
         archive.writestr("weights/readme.txt", "the weights are elsewhere")
 
 
+def _zip_of_checkpoints(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in ("Rain200L/model_best.pth", "Rain200H/model_best.pth", "README.txt"):
+            archive.writestr(name, b"\x80\x02")
+
+
 @pytest.mark.parametrize("name, write, problem", [
     ("empty.pth", lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
     ("empty.safetensors", lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
@@ -228,6 +236,8 @@ def _zip_without_torch_data(path):
     ("model.pth.gz", lambda p: p.write_bytes(b"\x1f\x8b\x08\x00" + bytes(40)),
      "gzip-compressed; decompress it first"),
     ("model.zip", _zip_without_torch_data, "a zip archive but not a PyTorch file (no data.pkl in it)"),
+    ("weights.pth", _zip_of_checkpoints,
+     "a zip archive holding 2 (Rain200H/model_best.pth, Rain200L/model_best.pth), not one; extract it first"),
 ])
 def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path, name, write, problem):
     """What a failed download or a clone without Git LFS leaves in place of the weights is named

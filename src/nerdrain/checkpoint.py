@@ -189,6 +189,7 @@ def _ffn_expansion(hidden: Mapping[int, int]) -> float:
 
 
 _PICKLE_SUFFIXES = frozenset({".pth", ".pt", ".bin", ".ckpt", ".pkl"})
+_CHECKPOINT_SUFFIXES = _PICKLE_SUFFIXES | {".safetensors"}
 
 
 TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # how torch.save's files start: a zip archive; a plain pickle
@@ -297,6 +298,9 @@ def _stand_in(path: Path, head: bytes) -> str | None:
         except (zipfile.BadZipFile, OSError):  # a truncated torch file: torch.load says what it can
             return None
         if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+            inside = [name for name in names if Path(name).suffix.lower() in _CHECKPOINT_SUFFIXES]
+            if inside:  # weights shared as an archive of them
+                return f"a zip archive holding {_summarise(inside)}, not one; extract it first"
             return "a zip archive but not a PyTorch file (no data.pkl in it)"
     return None
 
