@@ -631,13 +631,45 @@ def test_under_ddp_each_process_validates_its_share_and_all_get_the_whole_score(
                         real_evaluate(model, pairs, *a))
 
     def all_gather_object(out, obj, group=None):
-        out[:] = [(rank0.images, rank0.failed), obj]
+        out[:] = [(rank0.images, rank0.failed) if isinstance(obj, tuple) else None, obj]  # scores; errors: none
 
     monkeypatch.setattr(training.dist, "all_gather_object", all_gather_object)
     trainer.dist = training.DistInfo(rank=1, world_size=2)
     assert trainer.validate(None) == whole.psnr
     assert [p.name for p in scored] == ["1", "3"]
     assert not (tmp_path / "run" / BEST).exists()  # only rank 0 writes
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_under_ddp_an_error_in_one_share_stops_every_process_at_the_validation(tmp_path, monkeypatch, failing_rank):
+    """The model fails on one process's share (NaN outputs, out of memory there): every process
+    still meets the others and learns of it, instead of the others waiting in the gather of the
+    scores until torchrun ends them (the main one without keeping the iterations done). Seen from
+    rank 1 of 2: its own error is raised by it; rank 0's is reported by rank 0."""
+    import nerdrain.training as training
+
+    val = make_pairs(tmp_path / "val", count=4)
+    trainer = Trainer(make_config(val, val={"root": str(val)}), tmp_path / "run", progress=False)
+    trainer.dist = training.DistInfo(rank=1, world_size=2)
+    nan_error = "1.png: restore's output: NaN"
+    if failing_rank == 1:
+        monkeypatch.setattr(training, "evaluate_pairs", lambda *a: (_ for _ in ()).throw(ValueError(nan_error)))
+    exchanged = []
+
+    def all_gather_object(out, obj, group=None):
+        exchanged.append(obj)
+        if isinstance(obj, tuple):  # the scores: rank 0's share scored nothing here
+            out[:] = [([], []), obj]
+        else:  # the errors met
+            out[:] = [nan_error if failing_rank == 0 else None, obj]
+
+    monkeypatch.setattr(training.dist, "all_gather_object", all_gather_object)
+    expected = ValueError if failing_rank == 1 else training.ReportedElsewhere
+    with pytest.raises(expected, match=re.escape(nan_error)):
+        trainer.validate(None)
+    assert exchanged[0] == (nan_error if failing_rank == 1 else None)
+    assert len(exchanged) == 1  # no process goes on to gather scores that some cannot give
+    assert trainer.eval_model.training  # back in training mode
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

@@ -644,12 +644,40 @@ class Trainer:
         keeps the best weights."""
         if not self.val_pairs:
             return None
+        return self._record_validation(self._validation_report(), writer)
+
+    def _validation_report(self) -> EvalReport:
+        """The scores of all validation pairs, in their order, each process scoring every
+        ``world_size``-th from its rank: under DDP a long validation takes 1/W of the time, and no
+        process waits out another's whole validation in a collective (whose timeout, 30 minutes by
+        default, would end the job). Every process raises, or none does: files that could not be
+        scored (:class:`IncompleteEvaluation`), or an error of the model in any process's share."""
+        rank, world = self.dist.rank, self.dist.world_size
         model = self.eval_model
         model.eval()
-        report = self._validation_report(model)
-        model.train()
+        try:
+            # NaN outputs or out of memory in one share: all learn of it, not left in the gather below
+            with self._errors_reported_once():
+                try:
+                    own = evaluate_pairs(model, self.val_pairs[rank::world], self.cfg.val.protocol, self.device)
+                except IncompleteEvaluation as err:  # gathered first, so that every process learns of it
+                    own = err.report
+        finally:
+            model.train()
+        shares = [(own.images, own.failed)]
+        if world > 1:
+            shares = [None] * world
+            dist.all_gather_object(shares, (own.images, own.failed), group=self.control_group)
+        order = {pair.name: i for i, pair in enumerate(self.val_pairs)}
+        report = EvalReport(self.cfg.val.protocol)
+        report.images = sorted((s for images, _ in shares for s in images), key=lambda s: order[s.name])
+        report.failed = [f for _, failed in shares for f in failed]
         if report.failed:
             raise IncompleteEvaluation(report)
+        return report
+
+    def _record_validation(self, report: EvalReport, writer) -> float:
+        """Keep the best score; the main process logs it and writes the best weights."""
         improved = report.psnr > self.best_psnr
         if improved:
             self.best_psnr = report.psnr
@@ -659,31 +687,11 @@ class Trainer:
             writer.add_scalar("val/psnr", report.psnr, self.iteration)
             writer.add_scalar("val/ssim", report.ssim, self.iteration)
         if improved:
-            save_model(model, self.out / BEST, extra_metadata={"iteration": str(self.iteration),
-                                                               "val_psnr": f"{report.psnr:.4f}"})
+            save_model(self.eval_model, self.out / BEST, extra_metadata={"iteration": str(self.iteration),
+                                                                         "val_psnr": f"{report.psnr:.4f}"})
         tqdm.write(f"iter {self.iteration}: val PSNR {report.psnr:.3f} dB SSIM {report.ssim:.4f} "
                    f"({report.count} images, best {self.best_psnr:.3f})")
         return report.psnr
-
-    def _validation_report(self, model: NeRDRain) -> EvalReport:
-        """The scores of all validation pairs, in their order, each process scoring every
-        ``world_size``-th from its rank: under DDP a long validation takes 1/W of the time, and no
-        process waits out another's whole validation in a collective (whose timeout, 30 minutes by
-        default, would end the job)."""
-        rank, world = self.dist.rank, self.dist.world_size
-        try:
-            own = evaluate_pairs(model, self.val_pairs[rank::world], self.cfg.val.protocol, self.device)
-        except IncompleteEvaluation as err:  # gathered first, so that every process learns of it
-            own = err.report
-        shares = [(own.images, own.failed)]
-        if world > 1:
-            shares = [None] * world
-            dist.all_gather_object(shares, (own.images, own.failed), group=self.control_group)
-        order = {pair.name: i for i, pair in enumerate(self.val_pairs)}
-        report = EvalReport(self.cfg.val.protocol)
-        report.images = sorted((s for images, _ in shares for s in images), key=lambda s: order[s.name])
-        report.failed = [f for _, failed in shares for f in failed]
-        return report
 
     def train(self) -> Path:
         cfg = self.cfg
@@ -773,14 +781,18 @@ class Trainer:
             bar.update(1)
             if cfg.val.root and (self.iteration % cfg.val.every == 0 or self.iteration == cfg.iterations):
                 try:
-                    self.validate(writer)
-                except IncompleteEvaluation as err:  # every process has it: said once, by the main one
+                    report = self._validation_report()
+                except Exception as err:  # every process has it (see _validation_report)
                     self._keep_iterations_done(checkpointed)
                     self._barrier()  # the checkpoint is complete before any process exits
-                    if not self.dist.is_main:
+                    if not isinstance(err, IncompleteEvaluation):
+                        raise
+                    if not self.dist.is_main:  # said once, by the main one
                         raise ReportedElsewhere(f"process 0 reports it: {err}") from None
                     raise ValueError(f"validation: {err}") from None  # names the files; say which set
-                except Exception:
+                try:
+                    self._record_validation(report, writer)
+                except Exception:  # the main process's alone (writing best.safetensors)
                     self._keep_iterations_done(checkpointed)
                     raise
             saved = self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations
