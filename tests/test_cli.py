@@ -647,6 +647,26 @@ def test_derain_format_that_contradicts_the_output_files_suffix_is_refused(tmp_p
             assert img.format == {"jpg": "JPEG", "webp": "WEBP"}[fmt]
 
 
+def test_derain_skip_existing_runs_only_the_missing_photos_and_says_how_many_it_skipped(tmp_path, tiny_weights,
+                                                                                       capsys):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(3):
+        write_image(src / f"{i}.png", i)
+    out = tmp_path / "out"
+    command = ["derain", str(src), "-o", str(out), "--weights", str(tiny_weights), "--tile", "0", "-q"]
+    assert main(command) == 0
+    (out / "1.png").unlink()  # the photo a Ctrl-C stopped
+    (out / "0.png").write_bytes(b"kept as it is")
+    capsys.readouterr()
+    assert main([*command, "--skip-existing"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["note: 2 of 3 photos skipped: their outputs exist", "1 derained, 0 failed, 2 skipped"]
+    assert (out / "0.png").read_bytes() == b"kept as it is" and (out / "1.png").is_file()
+    assert main([*command, "--skip-existing"]) == 0  # all done: a success, not 'nothing derained'
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "0 derained, 0 failed, 3 skipped"
+
+
 @pytest.mark.parametrize("unbuffered", [False, True])
 @pytest.mark.parametrize("command", ["models", "evaluate"])
 def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, command, unbuffered):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -902,3 +903,92 @@ def test_photos_that_cannot_be_read_leave_no_output_folder_behind(tmp_path):
     s = derain_files([str(tmp_path / "a.png")], str(tmp_path / "out" / "sub"), _never, tile=0, progress=False)
     assert s.ok == 0 and len(s.failed) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+# --------------------------------------------------------------------------- rerunning a batch: skip_existing
+
+
+def _photos(folder: Path, names: Sequence[str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / name for name in names]
+    for path in paths:
+        Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
+def test_skip_existing_continues_an_interrupted_batch_where_it_stopped(tmp_path):
+    """Ctrl-C at the second of three photos, then the same command with skip_existing: the first
+    output is kept as it is, only the two missing ones are run, and one note says how many were skipped."""
+    a, b, c = _photos(tmp_path / "in", ["a.png", "b.png", "c.png"])
+    out = tmp_path / "out"
+    calls = []
+
+    def stops_at_the_second(x):
+        calls.append(x.shape)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return x
+
+    with pytest.raises(KeyboardInterrupt):
+        derain_files([str(tmp_path / "in")], str(out), stops_at_the_second, tile=0, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"] and _no_temp(tmp_path)
+    kept = (out / "a.png").read_bytes()
+
+    lines = []
+    ran = []
+    s = derain_files([str(tmp_path / "in")], str(out), lambda x: ran.append(x.shape) or affine(x), tile=0,
+                     progress=False, skip_existing=True, log=lines.append)
+    assert len(ran) == 2 and s.ok == 2 and not s.failed
+    assert s.outputs == [out / "b.png", out / "c.png"] and s.skipped == [out / "a.png"]
+    assert lines == ["note: 1 of 3 photos skipped: their outputs exist"]
+    assert (out / "a.png").read_bytes() == kept  # not run again through the (other) model
+    for src in (b, c):
+        expected = _q8(np.asarray(Image.open(src)) / 255 * 0.9 + 0.05)
+        assert np.abs(np.asarray(Image.open(out / src.name)).astype(np.int64) - expected).max() <= 1
+
+    # everything done: nothing runs, nothing fails, and the outputs stay as they are
+    before = _files(out)
+    s = derain_files([str(tmp_path / "in")], str(out), _never, tile=0, progress=False, skip_existing=True,
+                     log=lines.append)
+    assert s.ok == 0 and not s.failed and len(s.skipped) == 3 and _files(out) == before
+    assert lines[-1] == "note: 3 of 3 photos skipped: their outputs exist"
+
+
+def test_without_skip_existing_outputs_are_replaced(tmp_path):
+    _photos(tmp_path / "in", ["a.png"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.png").write_bytes(b"an older output")
+    s = derain_files([str(tmp_path / "in")], str(tmp_path / "out"), identity, tile=0, progress=False)
+    assert s.ok == 1 and not s.skipped
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "a.png")),
+                                  np.asarray(Image.open(tmp_path / "in" / "a.png")))
+
+
+def test_skip_existing_counts_a_file_with_something_in_it_as_done_and_redoes_an_empty_one(tmp_path):
+    """Outputs are written atomically, so a file under an output's name is complete: its contents are
+    not read (a 1,000-photo rerun stays quick). An empty file is no photo (another tool's, a disk
+    repair): it is derained again. A folder in the output's place is no output: that photo fails."""
+    _photos(tmp_path / "in", ["empty.png", "folder.png", "done.png"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "empty.png").write_bytes(b"")
+    (out / "folder.png").mkdir()
+    (out / "done.png").write_bytes(b"not checked")
+    lines = []
+    s = derain_files([str(tmp_path / "in")], str(out), identity, tile=0, progress=False, skip_existing=True,
+                     log=lines.append)
+    assert s.skipped == [out / "done.png"] and (out / "done.png").read_bytes() == b"not checked"
+    assert s.outputs == [out / "empty.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "empty.png")),
+                                  np.asarray(Image.open(tmp_path / "in" / "empty.png")))
+    assert s.failed == [(str(tmp_path / "in" / "folder.png"), f"output {out / 'folder.png'}: is a directory")]
+    assert lines[0] == "note: 1 of 3 photos skipped: their outputs exist"
+
+
+def test_skip_existing_beside_the_inputs(tmp_path):
+    a, b = _photos(tmp_path, ["a.jpg", "b.jpg"])
+    assert derain_files([str(a)], None, identity, tile=0, progress=False).ok == 1
+    ran = []
+    s = derain_files([str(tmp_path)], None, lambda x: ran.append(1) or x, tile=0, progress=False,
+                     skip_existing=True, log=[].append)
+    assert len(ran) == 1 and s.outputs == [tmp_path / "b_derained.png"] and s.skipped == [tmp_path / "a_derained.png"]

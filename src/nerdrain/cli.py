@@ -69,9 +69,10 @@ def cmd_derain(args: argparse.Namespace) -> int:
     model = _model(args)
     summary = derain_files(args.inputs, args.output, model, tile=args.tile, overlap=args.overlap,
                            batch_size=args.batch_size, device=args.device, half=_half_left(args), fmt=args.format,
-                           progress=not args.quiet)
-    print(f"{summary.ok} derained, {len(summary.failed)} failed", file=sys.stderr)
-    return 1 if summary.failed or not summary.ok else 0
+                           progress=not args.quiet, skip_existing=args.skip_existing)
+    skipped = f", {len(summary.skipped)} skipped" if args.skip_existing else ""
+    print(f"{summary.ok} derained, {len(summary.failed)} failed{skipped}", file=sys.stderr)
+    return 1 if summary.failed or not (summary.ok or summary.skipped) else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -264,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["png", "jpg", "webp", "tif"],
                    help="format of outputs written beside the inputs or into a folder (default: png); a single output "
                         "file's suffix chooses its own")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave the photos whose output file is already there (an interrupted batch, run again, goes "
+                        "on where it stopped; an empty file is derained again) (default: replace outputs)")
     p.set_defaults(func=cmd_derain)
 
     p = sub.add_parser("evaluate", help="PSNR/SSIM as the paper's MATLAB scripts compute them")

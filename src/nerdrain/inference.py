@@ -396,6 +396,8 @@ class Summary:
     ok: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     outputs: list[Path] = field(default_factory=list)
+    #: outputs an earlier run wrote, kept as they were (``skip_existing``); their inputs were not read
+    skipped: list[Path] = field(default_factory=list)
 
 
 def _has_glob(s: str) -> bool:
@@ -641,6 +643,16 @@ def _unique_names(files: Sequence[Path]) -> list[str]:
     return unique
 
 
+def _is_done(output: Path | None) -> bool:
+    """Whether an earlier run wrote ``output``: a file under its name is complete, as outputs are
+    written atomically; an empty one (another tool's, a disk repair) holds no photo."""
+    try:
+        info = output.stat() if output is not None else None
+    except (OSError, ValueError):
+        return False
+    return info is not None and stat.S_ISREG(info.st_mode) and info.st_size > 0
+
+
 def _reason(err: BaseException) -> str:
     if isinstance(err, ImageWriteError):  # the file that failed is the output, not the input named first
         return f"output {err.path}: {err.reason}"
@@ -665,6 +677,7 @@ def derain_files(
     progress: bool = True,
     max_pixels: int | None = None,
     log: Any = None,
+    skip_existing: bool = False,
 ) -> Summary:
     """Derain files, folders (non-recursive) and globs; see :func:`plan_outputs` for
     where results go.
@@ -677,7 +690,10 @@ def derain_files(
     ``note: <path>: ...`` (only its first frame is derained).  ``fmt``: the format of outputs
     beside the inputs or in a folder (None: PNG); a single output file's suffix chooses its own
     (a ``fmt`` that contradicts it is a ``ValueError``).  ``progress``: a tqdm bar
-    over files, plus one over tiles for large images.  Returns a :class:`Summary`.
+    over files, plus one over tiles for large images.  ``skip_existing``: leave the photos whose
+    output is already there (a non-empty file: outputs are written atomically, so one under its
+    final name is complete; its contents are not read), so that an interrupted batch, run again,
+    goes on where it stopped; one ``note:`` line says how many were skipped.  Returns a :class:`Summary`.
     """
     if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of its characters
         inputs = [inputs]
@@ -695,7 +711,9 @@ def derain_files(
     def report(path: str, reason: str, kind: str = "error") -> None:
         if kind == "error":
             summary.failed.append((path, reason))
-        line = f"{kind}: {one_line(path)}: {one_line(reason)}"
+        say(f"{kind}: {one_line(path)}: {one_line(reason)}")
+
+    def say(line: str) -> None:
         if log is not None:
             log(line)
         elif progress:
@@ -711,6 +729,14 @@ def derain_files(
         return summary
 
     plan = plan_outputs(files, in_strs, out_str, suffix=suffix, fmt=fmt)
+    if skip_existing:
+        summary.skipped = [dst for _, dst, problem in plan if problem is None and _is_done(dst)]
+        if summary.skipped:
+            done = set(summary.skipped)
+            plan = [entry for entry in plan if entry[1] not in done]
+            say(f"note: {len(done)} of {len(files)} photo{'s' * (len(files) != 1)} skipped: their outputs exist")
+        if not plan:
+            return summary
     runner = _prepare(model, tile=tile, overlap=overlap, batch_size=batch_size, device=device, half=half)
     all_inputs = list(files)
     folder_problems: dict[Path, str | None] = {}  # each output folder tried once, before its first photo runs
