@@ -667,6 +667,38 @@ def test_derain_skip_existing_runs_only_the_missing_photos_and_says_how_many_it_
     assert capsys.readouterr().err.strip().splitlines()[-1] == "0 derained, 0 failed, 3 skipped"
 
 
+@pytest.mark.parametrize("flags, problem", [
+    (["--quality", "0", "--format", "jpg"], "quality 0: must be 1 to 100"),
+    (["--quality", "80"], "quality 80: only JPEG and WebP outputs have one, and these are PNG; write jpg or webp, "
+                          "or leave the quality out")])
+def test_derain_quality_that_means_nothing_is_one_line_error_before_any_output(tmp_path, tiny_weights, capsys, flags,
+                                                                              problem):
+    write_image(tmp_path / "s.png", 0)
+    code = main(["derain", str(tmp_path / "s.png"), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights), "-q",
+                 *flags])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [f"error: {problem}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.png"]
+
+
+def test_derain_quality_sets_the_jpeg_quality(tmp_path, tiny_weights):
+    """The JPEG's quantization tables are those libjpeg scales for that quality (95 by default)."""
+    write_image(tmp_path / "s.png", 0)
+    for flags, quality in (([], 95), (["--quality", "30"], 30)):
+        out = tmp_path / f"q{quality}.jpg"
+        assert main(["derain", str(tmp_path / "s.png"), "-o", str(out), *flags, "--weights", str(tiny_weights),
+                     "--tile", "0", "-q"]) == 0
+        Image.new("RGB", (8, 8)).save(tmp_path / "reference.jpg", quality=quality, subsampling=0)
+        with Image.open(out) as ours, Image.open(tmp_path / "reference.jpg") as reference:
+            assert ours.quantization == reference.quantization
+
+
+def test_derain_help_documents_the_options_for_large_folders(capsys):
+    with pytest.raises(SystemExit):
+        main(["derain", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--quality N" in out and "1-100" in out and "--skip-existing" in out
+
+
 @pytest.mark.parametrize("unbuffered", [False, True])
 @pytest.mark.parametrize("command", ["models", "evaluate"])
 def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, command, unbuffered):

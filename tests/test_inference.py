@@ -992,3 +992,42 @@ def test_skip_existing_beside_the_inputs(tmp_path):
     s = derain_files([str(tmp_path)], None, lambda x: ran.append(1) or x, tile=0, progress=False,
                      skip_existing=True, log=[].append)
     assert len(ran) == 1 and s.outputs == [tmp_path / "b_derained.png"] and s.skipped == [tmp_path / "a_derained.png"]
+
+
+# --------------------------------------------------------------------------- quality of JPEG and WebP outputs
+
+
+@pytest.mark.parametrize("fmt, pillow_format, extra", [("jpg", "JPEG", {"subsampling": 0}), ("webp", "WEBP", {})])
+@pytest.mark.parametrize("quality", [None, 40, 100])
+def test_quality_of_jpeg_and_webp_outputs(tmp_path, fmt, pillow_format, extra, quality):
+    """The bytes Pillow writes for the same pixels at that quality (95 when none is given)."""
+    (photo,) = _photos(tmp_path / "in", ["a.png"])
+    s = derain_files([str(photo)], str(tmp_path / "out"), identity, tile=0, fmt=fmt, quality=quality,
+                     progress=False)
+    assert s.ok == 1
+    expected = tmp_path / f"expected.{fmt}"
+    Image.open(photo).convert("RGB").save(expected, format=pillow_format, quality=quality or 95, **extra)
+    assert s.outputs[0].read_bytes() == expected.read_bytes()
+
+
+@pytest.mark.parametrize("quality, problem", [
+    (0, "quality 0: must be 1 to 100"), (101, "quality 101: must be 1 to 100"),
+    (80.5, "quality 80.5: must be a whole number from 1 to 100"), (True, "quality True: must be a whole number")])
+def test_a_quality_out_of_range_is_refused_before_any_work(tmp_path, quality, problem):
+    (photo,) = _photos(tmp_path / "in", ["a.png"])
+    with pytest.raises(ValueError, match="^" + problem):
+        derain_files([str(photo)], str(tmp_path / "out.jpg"), _never, tile=0, quality=quality, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.parametrize("output, fmt, written", [("out/", None, "PNG"), ("out/", "tif", "TIFF"),
+                                                  ("out.png", None, "PNG"), ("out.tiff", None, "TIFF")])
+def test_a_quality_for_outputs_that_have_none_is_refused_before_any_work(tmp_path, output, fmt, written):
+    """--quality 80 with PNG outputs (a --format jpg forgotten) would be ignored for a whole batch:
+    refused at once, while the command is easily fixed."""
+    (photo,) = _photos(tmp_path / "in", ["a.png"])
+    with pytest.raises(ValueError) as info:
+        derain_files([str(photo)], str(tmp_path / output), _never, tile=0, fmt=fmt, quality=80, progress=False)
+    assert str(info.value) == (f"quality 80: only JPEG and WebP outputs have one, and these are {written}; write "
+                               "jpg or webp, or leave the quality out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

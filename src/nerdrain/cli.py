@@ -69,7 +69,8 @@ def cmd_derain(args: argparse.Namespace) -> int:
     model = _model(args)
     summary = derain_files(args.inputs, args.output, model, tile=args.tile, overlap=args.overlap,
                            batch_size=args.batch_size, device=args.device, half=_half_left(args), fmt=args.format,
-                           progress=not args.quiet, skip_existing=args.skip_existing)
+                           progress=not args.quiet, skip_existing=args.skip_existing,
+                           quality=args.quality)
     skipped = f", {len(summary.skipped)} skipped" if args.skip_existing else ""
     print(f"{summary.ok} derained, {len(summary.failed)} failed{skipped}", file=sys.stderr)
     return 1 if summary.failed or not (summary.ok or summary.skipped) else 0
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["png", "jpg", "webp", "tif"],
                    help="format of outputs written beside the inputs or into a folder (default: png); a single output "
                         "file's suffix chooses its own")
+    p.add_argument("--quality", type=int, metavar="N",
+                   help="JPEG and WebP quality, 1-100 (default: 95; both stay lossy at 100); refused for PNG and TIFF")
     p.add_argument("--skip-existing", action="store_true",
                    help="leave the photos whose output file is already there (an interrupted batch, run again, goes "
                         "on where it stopped; an empty file is derained again) (default: replace outputs)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import numbers
 import os
 import stat
 import sys
@@ -543,6 +544,34 @@ def _check_output(output: str, inputs: Sequence[str], fmt: str | None) -> None:
         raise ValueError(f"output {output}: cannot write in {existing} (permission denied)")
 
 
+#: Quality of JPEG and WebP outputs where none is asked for.
+_DEFAULT_QUALITY = 95
+_FORMATS_WITH_QUALITY = frozenset({"JPEG", "WEBP"})
+
+
+def _check_quality(quality: object) -> None:
+    if isinstance(quality, bool) or not isinstance(quality, numbers.Integral):
+        raise ValueError(f"quality {quality}: must be a whole number from 1 to 100")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality {quality}: must be 1 to 100")
+
+
+def _output_format(output: str | None, inputs: Sequence[str], fmt: str | None) -> str:
+    """The Pillow format every output of the batch is written in: a single output file's suffix
+    chooses it, else ``fmt`` (PNG where none is given)."""
+    if output is not None and not _output_is_folder(output, inputs):
+        return WRITE_FORMATS[Path(output).suffix.lower()]
+    return WRITE_FORMATS[_ext_for(fmt or "png")]
+
+
+def _check_quality_is_used(quality: int, written: str) -> None:
+    """A quality for PNG or TIFF outputs (a ``--format jpg`` forgotten) would be ignored over a
+    whole batch: refused before any work, while the command is easily fixed."""
+    if written not in _FORMATS_WITH_QUALITY:
+        raise ValueError(f"quality {quality}: only JPEG and WebP outputs have one, and these are {written}; "
+                         "write jpg or webp, or leave the quality out")
+
+
 def plan_outputs(
     files: Sequence[Path],
     inputs: Sequence[str],
@@ -678,6 +707,7 @@ def derain_files(
     max_pixels: int | None = None,
     log: Any = None,
     skip_existing: bool = False,
+    quality: int | None = None,
 ) -> Summary:
     """Derain files, folders (non-recursive) and globs; see :func:`plan_outputs` for
     where results go.
@@ -693,7 +723,9 @@ def derain_files(
     over files, plus one over tiles for large images.  ``skip_existing``: leave the photos whose
     output is already there (a non-empty file: outputs are written atomically, so one under its
     final name is complete; its contents are not read), so that an interrupted batch, run again,
-    goes on where it stopped; one ``note:`` line says how many were skipped.  Returns a :class:`Summary`.
+    goes on where it stopped; one ``note:`` line says how many were skipped.  ``quality``: of JPEG
+    and WebP outputs, 1 to 100 (None: 95); a ``ValueError`` for outputs in another format, where it
+    would mean nothing.  Returns a :class:`Summary`.
     """
     if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of its characters
         inputs = [inputs]
@@ -702,8 +734,13 @@ def derain_files(
     if fmt is not None:
         _ext_for(fmt)  # validate before any work
     max_pixels = resolve_max_pixels(max_pixels)
+    if quality is not None:
+        _check_quality(quality)
     if out_str is not None:
         _check_output(out_str, in_strs, fmt)
+    if quality is not None:
+        _check_quality_is_used(quality, _output_format(out_str, in_strs, fmt))
+    quality = _DEFAULT_QUALITY if quality is None else int(quality)
     fmt = fmt or "png"
     files, problems = expand_inputs(in_strs, skip_suffix=suffix)  # earlier outputs are not inputs
     summary = Summary()
@@ -768,7 +805,7 @@ def derain_files(
                 tile_bar = progress and runner.n_tiles(h, w) >= _TILE_BAR_MIN_TILES
                 result = _derain_photo(photo, runner, tile_bar)
                 result = fit_metadata(result, dst)
-                write_photo(dst, result, overwrite_guard_path=all_inputs)
+                write_photo(dst, result, overwrite_guard_path=all_inputs, quality=quality)
                 summary.ok += 1
                 summary.outputs.append(dst)
                 if photo.frames > 1:
