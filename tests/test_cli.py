@@ -669,8 +669,8 @@ def test_derain_skip_existing_runs_only_the_missing_photos_and_says_how_many_it_
 
 @pytest.mark.parametrize("flags, problem", [
     (["--quality", "0", "--format", "jpg"], "quality 0: must be 1 to 100"),
-    (["--quality", "80"], "quality 80: only JPEG and WebP outputs have one, and these are PNG; write jpg or webp, "
-                          "or leave the quality out")])
+    (["--quality", "80"], ("quality 80: only JPEG and WebP outputs have one, and these are PNG; write jpg or webp, "
+                           "or leave the quality out"))])
 def test_derain_quality_that_means_nothing_is_one_line_error_before_any_output(tmp_path, tiny_weights, capsys, flags,
                                                                               problem):
     write_image(tmp_path / "s.png", 0)
@@ -696,7 +696,26 @@ def test_derain_help_documents_the_options_for_large_folders(capsys):
     with pytest.raises(SystemExit):
         main(["derain", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--quality N" in out and "1-100" in out and "--skip-existing" in out
+    assert "--quality N" in out and "1-100" in out and "--skip-existing" in out and "-r, --recursive" in out
+
+
+def test_derain_recursive_mirrors_subfolders_and_a_rerun_leaves_its_output_folder_alone(tmp_path, tiny_weights,
+                                                                                       capsys, monkeypatch):
+    """nerd-rain derain -r holiday -o holiday/derained, twice, the second time with --skip-existing."""
+    for name in ("holiday/a.png", "holiday/day1/b.png", "holiday/day1/night/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        write_image(tmp_path / name, len(name))
+    monkeypatch.chdir(tmp_path)
+    command = ["derain", "-r", "holiday", "-o", "holiday/derained", "--weights", str(tiny_weights), "--tile", "0",
+               "-q"]
+    assert main(command) == 0
+    assert capsys.readouterr().err.strip().splitlines() == ["3 derained, 0 failed"]
+    written = sorted(p.relative_to(tmp_path / "holiday" / "derained").as_posix()
+                     for p in (tmp_path / "holiday" / "derained").rglob("*.png"))
+    assert written == ["a.png", "day1/b.png", "day1/night/c.png"]
+    assert main([*command, "--skip-existing"]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == ["note: 3 of 3 photos skipped: their outputs exist",
+                                                            "0 derained, 0 failed, 3 skipped"]
 
 
 @pytest.mark.parametrize("unbuffered", [False, True])

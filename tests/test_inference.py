@@ -867,8 +867,8 @@ def test_a_folder_of_subfolders_says_they_are_not_searched(tmp_path):
     s = derain_files([str(tmp_path / "holiday"), str(tmp_path / "one"), str(tmp_path / "one" / "day1")], None, _never,
                      tile=0, progress=False)
     assert s.ok == 0 and s.failed == [
-        (str(tmp_path / "holiday"), "no image files in this folder (its 2 subfolders are not searched)"),
-        (str(tmp_path / "one"), "no image files in this folder (its 1 subfolder is not searched)"),
+        (str(tmp_path / "holiday"), "no image files in this folder (its 2 subfolders are not searched without -r)"),
+        (str(tmp_path / "one"), "no image files in this folder (its 1 subfolder is not searched without -r)"),
         (str(tmp_path / "one" / "day1"), "no image files in this folder")]
 
 
@@ -1031,3 +1031,185 @@ def test_a_quality_for_outputs_that_have_none_is_refused_before_any_work(tmp_pat
     assert str(info.value) == (f"quality 80: only JPEG and WebP outputs have one, and these are {written}; write "
                                "jpg or webp, or leave the quality out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+# --------------------------------------------------------------------------- recursive: folders of folders
+
+
+def _tree(root: Path) -> list[str]:
+    """Every file and folder under ``root``, as relative paths with / (links listed, not followed)."""
+    return sorted(p.relative_to(root).as_posix() + ("/" if p.is_dir() and not p.is_symlink() else "")
+                  for p in root.rglob("*"))
+
+
+def _holiday(tmp_path: Path) -> Path:
+    """holiday/ with photos at three depths, a hidden folder, a folder of notes and an empty one."""
+    root = tmp_path / "holiday"
+    _photos(root, ["a.png"])
+    _photos(root / "day1", ["b.png", "c.jpg"])
+    _photos(root / "day1" / "night", ["d.png"])
+    _photos(root / ".thumbnails", ["a.png"])  # hidden: a viewer's cache, nothing the user meant
+    (root / "empty").mkdir()
+    (root / "notes").mkdir()
+    (root / "notes" / "list.txt").write_text("not a photo")
+    return root
+
+
+def test_recursive_mirrors_the_subfolders_under_the_output_folder(tmp_path):
+    root = _holiday(tmp_path)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    s = derain_files([str(root)], str(out), identity, tile=0, progress=False, recursive=True)
+    assert s.ok == 4 and not s.failed
+    assert _tree(out) == ["a.png", "day1/", "day1/b.png", "day1/c.png", "day1/night/", "day1/night/d.png"]
+    assert s.outputs == [out / "a.png", out / "day1" / "b.png", out / "day1" / "c.png",
+                         out / "day1" / "night" / "d.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "day1" / "night" / "d.png")),
+                                  np.asarray(Image.open(root / "day1" / "night" / "d.png")))
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # inputs untouched, none added
+
+
+def test_recursive_without_an_output_folder_writes_beside_each_input_and_a_rerun_skips_those(tmp_path):
+    root = _holiday(tmp_path)
+    for _ in range(2):  # the second run finds its own outputs in the subfolders: not derained again
+        s = derain_files([str(root)], None, identity, tile=0, progress=False, recursive=True)
+        assert s.ok == 4 and not s.failed
+        assert [p.relative_to(root).as_posix() for p in s.outputs] == [
+            "a_derained.png", "day1/b_derained.png", "day1/c_derained.png", "day1/night/d_derained.png"]
+    assert not (root / ".thumbnails" / "a_derained.png").exists()
+
+
+@pytest.mark.parametrize("output", ["holiday/derained", "holiday/derained/", "holiday/day1/../derained"])
+def test_recursive_never_descends_into_its_output_folder_inside_the_input(tmp_path, output, monkeypatch):
+    """-r holiday/ -o holiday/derained/, run twice: the second run must not derain the first run's
+    outputs (into holiday/derained/derained/...)."""
+    root = _holiday(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    for run in (1, 2):
+        s = derain_files(["holiday"], output, lambda x: ran.append(1) or x, tile=0, progress=False, recursive=True)
+        assert s.ok == 4 and len(ran) == 4 * run and not s.failed
+    assert _tree(root / "derained") == ["a.png", "day1/", "day1/b.png", "day1/c.png", "day1/night/",
+                                        "day1/night/d.png"]
+
+
+def test_recursive_into_the_input_folder_itself_keeps_the_suffix_in_every_subfolder(tmp_path):
+    root = _holiday(tmp_path)
+    for _ in range(2):
+        s = derain_files([str(root)], str(root), identity, tile=0, progress=False, recursive=True)
+        assert s.ok == 4 and not s.failed
+    assert [p for p in _tree(root) if "derained" in p] == [
+        "a_derained.png", "day1/b_derained.png", "day1/c_derained.png", "day1/night/d_derained.png"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links")
+def test_recursive_follows_no_link_to_a_folder_so_a_loop_ends(tmp_path):
+    """Links to folders are not followed (as find and cp -r do): a link to the folder itself or to
+    the one above would make the walk endless, or derain what was never given. Links to photos are."""
+    root = _holiday(tmp_path)
+    (root / "day1" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "up").symlink_to("..", target_is_directory=True)
+    _photos(tmp_path / "elsewhere", ["e.png"])
+    (root / "linked.png").symlink_to(tmp_path / "elsewhere" / "e.png")
+    out = tmp_path / "out"
+    s = derain_files([str(root)], str(out), identity, tile=0, progress=False, recursive=True)
+    assert s.ok == 5 and not s.failed
+    assert _tree(out) == ["a.png", "day1/", "day1/b.png", "day1/c.png", "day1/night/", "day1/night/d.png",
+                          "linked.png"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links")
+def test_recursive_a_tree_of_links_only_says_they_are_not_followed(tmp_path):
+    _photos(tmp_path / "real", ["a.png"])
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "day1").symlink_to(tmp_path / "real", target_is_directory=True)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    s = derain_files([str(tmp_path / "links"), str(tmp_path / "empty")], None, _never, tile=0, progress=False,
+                     recursive=True)
+    assert s.ok == 0 and s.failed == [
+        (str(tmp_path / "links"), ("no image files in this folder or its subfolders (its 1 link to a folder is not "
+                                   "followed)")),
+        (str(tmp_path / "empty"), "no image files in this folder or its subfolders")]
+    (tmp_path / "empty" / "sub" / "x_derained.png").write_bytes(b"an earlier output")
+    s = derain_files([str(tmp_path / "empty")], None, _never, tile=0, progress=False, recursive=True)
+    assert s.failed == [(str(tmp_path / "empty"), ("only earlier outputs (*_derained) in this folder and its "
+                                                   "subfolders"))]
+
+
+def test_recursive_name_clashes_follow_the_rules_within_each_output_folder(tmp_path):
+    """x.png at the top and in day1/ no longer clash (they go to two folders); x.png and x.jpg in
+    one folder, or day1/ of two inputs merged in one output folder, are told apart as without -r."""
+    _photos(tmp_path / "a", ["x.png"])
+    _photos(tmp_path / "a" / "day1", ["x.png", "x.jpg"])
+    _photos(tmp_path / "b" / "day1", ["y.png"])
+    _photos(tmp_path / "c" / "day1", ["y.png"])
+    out = tmp_path / "out"
+    s = derain_files([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c")], str(out), identity, tile=0,
+                     progress=False, recursive=True)
+    assert s.ok == 5 and not s.failed
+    assert _tree(out) == ["day1/", "day1/day1_y_png.png", "day1/day1_y_png_2.png", "day1/x_jpg.png",
+                          "day1/x_png.png", "x.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "day1" / "day1_y_png_2.png")),
+                                  np.asarray(Image.open(tmp_path / "c" / "day1" / "y.png")))
+
+
+def test_recursive_pattern_walks_the_folders_it_matches_but_not_the_output_folder(tmp_path, monkeypatch):
+    _photos(tmp_path / "trips" / "2023" / "day1", ["a.png"])
+    _photos(tmp_path / "trips" / "2024", ["b.png"])
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        s = derain_files(["trips/*"], "trips/derained", identity, tile=0, progress=False, recursive=True)
+        assert s.ok == 2 and not s.failed
+    assert _tree(tmp_path / "trips" / "derained") == ["b.png", "day1/", "day1/a.png"]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="the superuser may list any folder")
+def test_recursive_a_subfolder_that_cannot_be_listed_fails_alone(tmp_path):
+    root = _holiday(tmp_path)
+    (root / "day1").chmod(0o000)
+    try:
+        s = derain_files([str(root)], str(tmp_path / "out"), identity, tile=0, progress=False, recursive=True)
+    finally:
+        (root / "day1").chmod(0o755)
+    assert s.ok == 1 and s.failed == [(str(root / "day1"), "cannot be listed (Permission denied)")]
+
+
+def test_recursive_a_subfolder_that_cannot_be_listed_fails_alone_any_user(tmp_path, monkeypatch):
+    """The same as the superuser meets it (an unreadable network folder): os.scandir refuses it."""
+    root = _holiday(tmp_path)
+    real_scandir = os.scandir
+
+    def refusing(path="."):
+        if Path(path) == root / "day1":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(inference.os, "scandir", refusing)
+    s = derain_files([str(root)], str(tmp_path / "out"), identity, tile=0, progress=False, recursive=True)
+    assert s.ok == 1 and s.failed == [(str(root / "day1"), "cannot be listed (Permission denied)")]
+
+
+def test_plan_outputs_puts_each_output_in_its_subfolder(tmp_path):
+    files = [tmp_path / "in" / "a.png", tmp_path / "in" / "day1" / "a.png", tmp_path / "in" / "day1" / "a.jpg"]
+    plan = plan_outputs(files, [str(tmp_path / "in")], str(tmp_path / "out"),
+                        subfolders=[Path(), Path("day1"), Path("day1")])
+    assert [(out, problem) for _, out, problem in plan] == [
+        (tmp_path / "out" / "a.png", None), (tmp_path / "out" / "day1" / "a_png.png", None),
+        (tmp_path / "out" / "day1" / "a_jpg.png", None)]
+
+
+def test_recursive_pattern_with_a_folder_that_cannot_be_listed_names_it_and_goes_on(tmp_path, monkeypatch):
+    _photos(tmp_path / "trips" / "2023", ["a.png"])
+    _photos(tmp_path / "trips" / "2024", ["b.png"])
+    real_scandir = os.scandir
+
+    def refusing(path="."):
+        if Path(path) == tmp_path / "trips" / "2023":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(inference.os, "scandir", refusing)
+    s = derain_files([str(tmp_path / "trips" / "*")], str(tmp_path / "out"), identity, tile=0, progress=False,
+                     recursive=True)
+    assert s.ok == 1 and s.outputs == [tmp_path / "out" / "b.png"]
+    assert s.failed == [(str(tmp_path / "trips" / "2023"), "cannot be listed (Permission denied)")]

@@ -70,7 +70,7 @@ def cmd_derain(args: argparse.Namespace) -> int:
     summary = derain_files(args.inputs, args.output, model, tile=args.tile, overlap=args.overlap,
                            batch_size=args.batch_size, device=args.device, half=_half_left(args), fmt=args.format,
                            progress=not args.quiet, skip_existing=args.skip_existing,
-                           quality=args.quality)
+                           quality=args.quality, recursive=args.recursive)
     skipped = f", {len(summary.skipped)} skipped" if args.skip_existing else ""
     print(f"{summary.ok} derained, {len(summary.failed)} failed{skipped}", file=sys.stderr)
     return 1 if summary.failed or not (summary.ok or summary.skipped) else 0
@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output file (.png, .jpg, .webp or .tif) or folder (an existing one, any name "
                                            "ending in /, or a name without an image suffix) (default: beside each "
                                            "input, *_derained.png, or the --format's extension)")
+    p.add_argument("-r", "--recursive", action="store_true",
+                   help="search folders' subfolders too (not hidden ones, links to folders or the output folder); "
+                        "with -o the subfolders are mirrored there, else outputs go beside each input")
     model_options(p, None, "512 on CPU/MPS; on CUDA by free memory")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default: 4)")
     p.add_argument("--half", action="store_true",

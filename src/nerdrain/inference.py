@@ -2,8 +2,8 @@
 
 * :func:`derain` -- one image given as a ``PIL.Image``, a numpy array or a torch tensor;
   returns the same kind of object.
-* :func:`derain_files` -- files, folders and globs in, PNG (or another format) files
-  out; one failing file never stops the batch.
+* :func:`derain_files` -- files, folders (and, ``recursive``, their subfolders) and globs in,
+  PNG (or another format) files out; one failing file never stops the batch.
 * :func:`resolve_device` -- ``"auto" | "cpu" | "cuda[:N]" | "mps" | None`` to a device.
 
 Inference is tiled (:mod:`nerdrain.tiling`) with automatic fallback to smaller tiles
@@ -406,76 +406,173 @@ def _has_glob(s: str) -> bool:
 
 
 def expand_inputs(
-    inputs: Iterable[str | os.PathLike[str]], *, skip_suffix: str | None = None
+    inputs: Iterable[str | os.PathLike[str]],
+    *,
+    skip_suffix: str | None = None,
+    recursive: bool = False,
+    exclude: Iterable[str | os.PathLike[str]] = (),
 ) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files, folders (non-recursive, image extensions only, hidden files skipped) and
-    globs -> (unique files in order, [(input, problem)] for inputs that matched nothing).
+    """Files, folders (image extensions only, hidden files skipped) and globs -> (unique files
+    in order, [(input, problem)] for inputs that matched nothing, or subfolders that could not be
+    listed).
 
     ``skip_suffix``: when expanding folders and globs, skip files whose stem ends with
-    it (our own earlier outputs written beside the inputs).
+    it (our own earlier outputs written beside the inputs).  ``recursive``: search the subfolders
+    of folders (and of the folders a glob matches) too, except hidden ones, links to folders (so
+    that a link loop cannot make the walk endless) and the folders in ``exclude`` (an output folder
+    inside an input folder, whose results must not be derained again).
     """
-    files: list[Path] = []
-    problems: list[tuple[str, str]] = []
-    seen: set[str] = set()
-
-    def add(p: Path) -> None:
-        key = os.path.normcase(os.path.realpath(p))
-        if key not in seen:
-            seen.add(key)
-            files.append(p)
-
-    for item in inputs:
-        s = os.fspath(item)
-        try:
-            found, problem = _expand_one(s, skip_suffix)
-        except OSError as err:  # a folder that cannot be listed, a name too long: that input fails, not the batch
-            found, problem = [], err.strerror or str(err)
-        if problem is not None:
-            problems.append((s, problem))
-        for f in found:
-            add(f)
+    files, _, problems = _expand(inputs, skip_suffix, recursive, exclude)
     return files, problems
 
 
-def _expand_one(s: str, skip_suffix: str | None) -> tuple[list[Path], str | None]:
-    """One input of :func:`expand_inputs`: (its files, or the problem where it gives none)."""
-
-    def ours(p: Path) -> bool:
-        return bool(skip_suffix) and p.stem.endswith(skip_suffix)
-
-    p = Path(s)
-    try:  # stat, not is_dir/exists: those answer False where the file system cannot be asked (Python 3.14)
-        mode: int | None = p.stat().st_mode
-    except ValueError:  # a NUL in the name
-        mode = None
-    except OSError as err:  # nothing there; a pattern (an invalid name on Windows) is matched below
-        if not (isinstance(err, (FileNotFoundError, NotADirectoryError)) or _has_glob(s)):
-            raise
-        mode = None
-    if mode is not None and stat.S_ISDIR(mode):
-        entries = [c for c in p.iterdir() if not c.name.startswith(".")]
-        found = sorted((c for c in entries if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS), key=lambda c: c.name)
-        inputs_here = [c for c in found if not ours(c)]
-        if found and not inputs_here:
-            return [], f"only earlier outputs (*{skip_suffix}) in this folder"
-        if not found:
-            return [], "no image files in this folder" + _unsearched(sum(c.is_dir() for c in entries))
-        return inputs_here, None
-    if mode is not None:
-        return [p], None
-    if _has_glob(s):
-        matches = [Path(m) for m in sorted(glob.glob(s)) if Path(m).is_file()]
-        matches = [m for m in matches if not ours(m)]
-        return matches, None if matches else "no files match this pattern"
-    return [], "no such file or directory"
+def _expand(
+    inputs: Iterable[str | os.PathLike[str]],
+    skip_suffix: str | None,
+    recursive: bool,
+    exclude: Iterable[str | os.PathLike[str]],
+) -> tuple[list[Path], list[Path], list[tuple[str, str]]]:
+    """:func:`expand_inputs`, with each file's folder relative to the folder given (or matched)
+    that it was found in: ``Path()`` where it was found at the top, or given itself."""
+    files: list[Path] = []
+    subfolders: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    walk = _Walk(skip_suffix, recursive, {_real_key(e) for e in exclude})
+    for item in inputs:
+        s = os.fspath(item)
+        try:
+            found, problem = walk.expand_one(s)
+        except OSError as err:  # a folder that cannot be listed, a name too long: that input fails, not the batch
+            found, problem = [], err.strerror or str(err)
+        problems += walk.take_problems()  # subfolders that could not be listed, named each on its own
+        if problem is not None:
+            problems.append((s, problem))
+        for f, subfolder in found:
+            key = _real_key(f)
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
+                subfolders.append(subfolder)
+    return files, subfolders, problems
 
 
-def _unsearched(subfolders: int) -> str:
-    """Where a folder holds no photos but folders, that they were not looked in (folders are not
-    searched recursively): 'no image files' alone would puzzle whoever gave holiday/ of day1/, day2/."""
-    if not subfolders:
-        return ""
-    return f" (its {subfolders} subfolder{'s are' if subfolders > 1 else ' is'} not searched)"
+def _real_key(p: str | os.PathLike[str]) -> str:
+    return os.path.normcase(os.path.realpath(p))
+
+
+@dataclass
+class _Walk:
+    """How inputs are expanded into files: :func:`expand_inputs`'s options, and the problems met
+    in subfolders of the input being expanded."""
+
+    skip_suffix: str | None
+    recursive: bool
+    exclude: set[str]
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    def take_problems(self) -> list[tuple[str, str]]:
+        problems, self.problems = self.problems, []
+        return problems
+
+    def ours(self, p: Path) -> bool:
+        return bool(self.skip_suffix) and p.stem.endswith(self.skip_suffix)
+
+    def expand_one(self, s: str) -> tuple[list[tuple[Path, Path]], str | None]:
+        """One input: (its files with their subfolders, or the problem where it gives none)."""
+        p = Path(s)
+        try:  # stat, not is_dir/exists: those answer False where the file system cannot be asked (Python 3.14)
+            mode: int | None = p.stat().st_mode
+        except ValueError:  # a NUL in the name
+            mode = None
+        except OSError as err:  # nothing there; a pattern (an invalid name on Windows) is matched below
+            if not (isinstance(err, (FileNotFoundError, NotADirectoryError)) or _has_glob(s)):
+                raise
+            mode = None
+        if mode is not None and stat.S_ISDIR(mode):
+            return self.folder(p)
+        if mode is not None:
+            return [(p, Path())], None
+        if _has_glob(s):
+            found: list[tuple[Path, Path]] = []
+            for m in map(Path, sorted(glob.glob(s))):
+                if m.is_file() and not self.ours(m):
+                    found.append((m, Path()))
+                elif self.recursive and m.is_dir() and _real_key(m) not in self.exclude:
+                    try:  # as the shell's expansion of the pattern would give this folder
+                        found += self.folder(m)[0]
+                    except OSError as err:
+                        self.problems.append((str(m), f"cannot be listed ({err.strerror or err})"))
+            return found, None if found else "no files match this pattern"
+        return [], "no such file or directory"
+
+    def folder(self, root: Path) -> tuple[list[tuple[Path, Path]], str | None]:
+        """A folder's photos (and, recursive, its subfolders'), sorted by name folder by folder."""
+        found: list[tuple[Path, Path]] = []
+        ours = subfolders = links = 0
+        visited: set[tuple[int, int]] = set()  # a bind mount can make a loop without a link
+        pending = [Path()]
+        while pending:
+            relative = pending.pop()
+            try:
+                with os.scandir(root / relative) as listing:
+                    entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+                info = os.stat(root / relative)
+            except OSError as err:
+                if relative == Path():
+                    raise
+                self.problems.append((str(root / relative), f"cannot be listed ({err.strerror or err})"))
+                continue
+            if (info.st_dev, info.st_ino) in visited:
+                continue
+            visited.add((info.st_dev, info.st_ino))
+            below = []
+            for entry in entries:
+                path = Path(entry.path)
+                if _is_dir(entry):
+                    if not self.recursive:
+                        subfolders += 1
+                    elif entry.is_symlink():
+                        links += 1
+                    elif _real_key(path) not in self.exclude:
+                        below.append(relative / entry.name)
+                elif path.suffix.lower() in IMAGE_EXTENSIONS and _is_file(entry):
+                    if self.ours(path):
+                        ours += 1
+                    else:
+                        found.append((path, relative))
+            pending += reversed(below)
+        if found:
+            return found, None
+        if ours:
+            below_too = " and its subfolders" if self.recursive else ""
+            return [], f"only earlier outputs (*{self.skip_suffix}) in this folder{below_too}"
+        below_too = " or its subfolders" if self.recursive else ""
+        return [], f"no image files in this folder{below_too}" + _unsearched(subfolders, links)
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _unsearched(subfolders: int, links: int) -> str:
+    """Where a folder holds no photos but folders, that they were not looked in: 'no image files'
+    alone would puzzle whoever gave holiday/ of day1/, day2/ (without -r), or of links to them."""
+    if subfolders:
+        return f" (its {subfolders} subfolder{'s are' if subfolders > 1 else ' is'} not searched without -r)"
+    if links:
+        return f" (its {links} link{'s to folders are' if links > 1 else ' to a folder is'} not followed)"
+    return ""
 
 
 def _ext_for(fmt: str) -> str:
@@ -579,6 +676,7 @@ def plan_outputs(
     *,
     suffix: str = "_derained",
     fmt: str = "png",
+    subfolders: Sequence[str | os.PathLike[str]] | None = None,
 ) -> list[tuple[Path, Path | None, str | None]]:
     """Decide each input file's output path: [(input, output or None, problem or None)].
 
@@ -587,11 +685,12 @@ def plan_outputs(
       photo_png_derained.png).
     * ``output`` is a folder -- an existing folder, a path ending in a separator, or
       anything but a single plain input file with an image-suffixed output -- then
-      ``<folder>/<stem>.<fmt>`` (created if missing), or ``<stem><suffix>.<fmt>`` where the
-      folder is the input's own (so that it cannot replace another photo there).  Inputs
-      whose stems collide are told apart by their extension (a.jpg, a.png -> a_jpg.png,
-      a_png.png), then by their folder (x/1.jpg, y/1.jpg -> x_1_jpg.png, y_1_jpg.png), then
-      by a counter.
+      ``<folder>/<subfolder>/<stem>.<fmt>`` (created if missing; ``subfolders[i]``, relative,
+      mirrors where a recursive search found ``files[i]``; none: all at the top), or
+      ``<stem><suffix>.<fmt>`` where that folder is the input's own (so that it cannot replace
+      another photo there).  Inputs whose outputs would share a folder and a stem are told apart
+      by their extension (a.jpg, a.png -> a_jpg.png, a_png.png), then by their folder (x/1.jpg,
+      y/1.jpg -> x_1_jpg.png, y_1_jpg.png), then by a counter.
     * Otherwise ``output`` is the file to write; its suffix chooses the format.
 
     An output that would be an input file (any of them), that two inputs would share, or
@@ -602,10 +701,11 @@ def plan_outputs(
     if output is None:
         targets = [f.with_name(f"{name}{suffix}{ext}") for f, name in zip(files, _names_beside(files))]
     elif _output_is_folder(output, inputs):
-        folder = os.path.normcase(os.path.realpath(output))
+        folders = [Path(output) / sub for sub in subfolders] if subfolders is not None else [Path(output)] * len(files)
+        keys = [_real_key(folder) for folder in folders]
         # in an input's own folder an output named like an input could replace another photo there
-        targets = [Path(output) / (f"{name}{suffix}{ext}" if _same_dir(f.parent, folder) else f"{name}{ext}")
-                   for f, name in zip(files, _unique_names(files))]
+        targets = [folder / (f"{name}{suffix}{ext}" if _same_dir(f.parent, key) else f"{name}{ext}")
+                   for f, folder, key, name in zip(files, folders, keys, _unique_names_per_folder(files, keys))]
     else:
         targets = [Path(output)]
     input_keys = {os.path.normcase(os.path.realpath(f)): f for f in files}
@@ -636,9 +736,14 @@ def _same_dir(folder: Path, real_folder: str) -> bool:
 def _names_beside(files: Sequence[Path]) -> list[str]:
     """Output stems beside the inputs: unique within each folder (photo.jpg and photo.png
     in one folder -> photo_jpg, photo_png)."""
+    return _unique_names_per_folder(files, [_real_key(f.parent) for f in files])
+
+
+def _unique_names_per_folder(files: Sequence[Path], folders: Sequence[str]) -> list[str]:
+    """Output stems unique among the outputs that go to one folder (``folders[i]``: ``files[i]``'s)."""
     by_folder: dict[str, list[int]] = {}
-    for i, f in enumerate(files):
-        by_folder.setdefault(os.path.normcase(os.path.realpath(f.parent)), []).append(i)
+    for i, folder in enumerate(folders):
+        by_folder.setdefault(folder, []).append(i)
     names = [""] * len(files)
     for indices in by_folder.values():
         for i, name in zip(indices, _unique_names([files[i] for i in indices])):
@@ -708,9 +813,11 @@ def derain_files(
     log: Any = None,
     skip_existing: bool = False,
     quality: int | None = None,
+    recursive: bool = False,
 ) -> Summary:
-    """Derain files, folders (non-recursive) and globs; see :func:`plan_outputs` for
-    where results go.
+    """Derain files, folders and globs; see :func:`expand_inputs` for which files a folder
+    gives (``recursive``: its subfolders' too, never the output folder's), and :func:`plan_outputs`
+    for where results go (``recursive``: each in the subfolder mirroring its input's).
 
     Each output keeps the input's EXIF (orientation applied and reset), ICC profile,
     alpha, grayscale-ness and 16-bit depth (PNG).  Inputs are never overwritten; outputs
@@ -742,7 +849,9 @@ def derain_files(
         _check_quality_is_used(quality, _output_format(out_str, in_strs, fmt))
     quality = _DEFAULT_QUALITY if quality is None else int(quality)
     fmt = fmt or "png"
-    files, problems = expand_inputs(in_strs, skip_suffix=suffix)  # earlier outputs are not inputs
+    # earlier outputs are not inputs: those beside the inputs by their suffix, those in -o by their folder
+    exclude = [out_str] if out_str is not None and _output_is_folder(out_str, in_strs) else []
+    files, subfolders, problems = _expand(in_strs, suffix, recursive, exclude)
     summary = Summary()
 
     def report(path: str, reason: str, kind: str = "error") -> None:
@@ -765,7 +874,7 @@ def derain_files(
     if not files:
         return summary
 
-    plan = plan_outputs(files, in_strs, out_str, suffix=suffix, fmt=fmt)
+    plan = plan_outputs(files, in_strs, out_str, suffix=suffix, fmt=fmt, subfolders=subfolders)
     if skip_existing:
         summary.skipped = [dst for _, dst, problem in plan if problem is None and _is_done(dst)]
         if summary.skipped:
