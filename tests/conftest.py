@@ -7,6 +7,7 @@ so a GPU run carries the golden files inside it).
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,55 @@ GOLDEN = SHARED / "golden"
 DATA = SHARED / "data"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+# Set by pytest for each test, and by torch the first time it needs its compiler's cache
+_SET_BY_THE_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+
+
+def _process_state() -> dict:
+    """What a test may change for the whole process (torch's threads and backend switches, the
+    folder, the environment, the handlers of the stop signals): a test that leaves any of it
+    changed makes later tests depend on the order they run in."""
+    return {
+        "torch threads": torch.get_num_threads(),
+        "grad mode": torch.is_grad_enabled(),
+        "default dtype": torch.get_default_dtype(),
+        "autocast on cpu": torch.is_autocast_enabled("cpu"),
+        "fp32 matmul precision": torch.get_float32_matmul_precision(),
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "mkldnn.enabled": torch.backends.mkldnn.enabled,
+        "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
+        "working folder": os.getcwd(),
+        "environment": {key: value for key, value in os.environ.items() if key not in _SET_BY_THE_TOOLS},
+        "handlers": {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)},
+    }
+
+
+def _left_as_found(before: dict, who: str):
+    after = _process_state()
+    changed = {key: (before[key], after[key]) for key in before if after[key] != before[key]}
+    if "environment" in changed:
+        old, new = changed["environment"]
+        changed["environment"] = {key: (old.get(key), new.get(key)) for key in old.keys() | new.keys()
+                                  if old.get(key) != new.get(key)}
+    assert not changed, f"{who} left changed for the tests after it (before, after): {changed}"
+
+
+@pytest.fixture(autouse=True)
+def process_state_is_left_as_found():
+    before = _process_state()
+    yield
+    _left_as_found(before, "this test")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def process_state_is_left_as_found_by_the_module():
+    """The same for the module's own fixtures (set up once, before the first test that uses them)."""
+    before = _process_state()
+    yield
+    _left_as_found(before, "this test module (or a fixture of its own)")
 
 
 def require(path: Path) -> Path:

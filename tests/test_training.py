@@ -6,11 +6,11 @@ smoke test reads ../shared/data (and skips without it).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,13 +37,36 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY = {"name": "nerd_rain_s", "overrides": {"dim": 8, "depths": [1, 1, 1], "inr_hidden": [16, 16, 16]}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model is far faster on one thread, above all on a busy 2-core machine."""
+def torchrun(tmp_path: Path) -> list[str]:
+    """torchrun, two processes. Its rendezvous store listens on a port the system picks as it binds
+    (port 0), which the workers share: a free port looked up beforehand could be taken by another
+    program first. Its logs go to the test's folder, not to torchelastic_* folders left in /tmp."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts", "0",
+            "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1",
+            "--log-dir", str(tmp_path / "torchelastic")]
+
+
+def subprocess_env() -> dict[str, str]:
+    """A training subprocess's environment: one thread per process, this checkout's package."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """The tiny model is far faster on one thread, above all on a busy 2-core machine; the count
+    is set back after, for the test files that run later."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with one_torch_thread():
+        yield
 
 
 def make_pairs(root: Path, count: int = 3, size: tuple[int, int] = (40, 52), seed: int = 0) -> Path:
@@ -116,9 +139,9 @@ def data_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, data_root) -> Path:
     """Four iterations in one go (EMA, warm-up and cosine on): the reference for the resume tests."""
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("straight")
-    train(make_config(data_root), out, progress=False)
+    with one_torch_thread():  # set up before the test's own one_thread
+        train(make_config(data_root), out, progress=False)
     return out
 
 
@@ -263,7 +286,7 @@ def interrupt_cli_run(tmp_path: Path, data_root: Path, signum: int, launcher: li
     cfg_path, out = tmp_path / "cfg.yaml", tmp_path / "run"
     cfg_path.write_text(yaml.safe_dump(config_dict(data_root, iterations=10**6, checkpoint_every=3,
                                                    data={"num_workers": 1})))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = subprocess_env()
     proc = subprocess.Popen([*launcher, "-m", "nerdrain.cli", "train", str(cfg_path), "--out", str(out), "-q"],
                             env=env, cwd=tmp_path, start_new_session=True, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -299,8 +322,7 @@ def test_cli_stops_with_a_checkpoint_on_a_signal_to_the_process_group(tmp_path, 
 def test_torchrun_processes_stop_after_the_same_iteration(tmp_path, data_root):
     """Ctrl-C under torchrun reaches both workers (from the terminal and again from the agent), at
     different moments of their step: they agree on one iteration, and rank 0 checkpoints it."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                "--master_port", str(free_port()), "--max-restarts", "0"]
+    launcher = torchrun(tmp_path)
     code, output, out = interrupt_cli_run(tmp_path, data_root, signal.SIGINT, launcher)
     stopped = re.findall(r"interrupted by SIGINT at iteration (\d+) of 1000000", output)
     assert len(stopped) == 1, output[-3000:]  # one line for the job, from rank 0
@@ -540,10 +562,6 @@ def test_tensorboard_logs_after_a_crash_and_resume_are_those_of_a_straight_run(t
 # -- DDP ----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -559,9 +577,8 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path, data_ro
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(base))
     ddp_out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
-           "-m", "nerdrain.cli", "train", str(cfg_path), "--out", str(ddp_out), "-q",
+    env = subprocess_env()
+    cmd = [*torchrun(tmp_path), "-m", "nerdrain.cli", "train", str(cfg_path), "--out", str(ddp_out), "-q",
            "--set", "data.batch_size=1"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -682,9 +699,8 @@ def test_a_setup_error_under_torchrun_is_printed_once(tmp_path, data_root, case)
     out.mkdir()
     (out / LAST).write_bytes(b"an earlier run's checkpoint")
     extra = ["--set", "optim.lrr=1"] if case == "config" else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
-           "--max-restarts", "0", "-m", "nerdrain.cli", "train", str(cfg_path), "--out", str(out), "-q", *extra]
+    env = subprocess_env()
+    cmd = [*torchrun(tmp_path), "-m", "nerdrain.cli", "train", str(cfg_path), "--out", str(out), "-q", *extra]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
     expected = ("error: config.optim: unknown key(s) lrr (did you mean lr?)" if case == "config" else
@@ -816,7 +832,7 @@ def test_cli_smoke_config(tmp_path):
     if not (SHARED / "data" / "samples").is_dir() or not (SHARED / "data" / "clean").is_dir():
         pytest.skip(f"{SHARED / 'data'} is absent (the smoke config reads ../shared/data)")
     out = tmp_path / "smoke"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "nerdrain.cli", "train", "configs/smoke.yaml", "--out", str(out), "-q",
            "--set", "iterations=2", "--set", "data.patch_size=32", "--set", "val.max_images=1",
            "--set", "val.every=2", "--set", "model.overrides.depths=[1,1,1]"]
@@ -974,7 +990,7 @@ def test_a_data_worker_error_is_one_line_and_the_run_exits(tmp_path):
     image.write_bytes(image.read_bytes()[:120])  # truncated
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(config_dict(root, data={"num_workers": 1})))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = subprocess_env()
     result = subprocess.run([sys.executable, "-m", "nerdrain.cli", "train", str(config), "--out", str(tmp_path / "run"),
                              "-q"], env=env, capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
@@ -1053,9 +1069,8 @@ def test_under_torchrun_a_process_that_loses_another_says_so_in_one_line(tmp_pat
     image.write_bytes(image.read_bytes()[:120])  # truncated
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(base))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
-           "--max-restarts", "0", "-m", "nerdrain.cli", "train", str(cfg_path), "--out", str(tmp_path / "run"), "-q"]
+    env = subprocess_env()
+    cmd = [*torchrun(tmp_path), "-m", "nerdrain.cli", "train", str(cfg_path), "--out", str(tmp_path / "run"), "-q"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode != 0
     ours = result.stderr.split("torch/distributed/elastic")[0]  # before torchrun's own report
