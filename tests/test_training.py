@@ -11,8 +11,10 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +32,7 @@ from nerdrain.checkpoint import CheckpointError, load_default_model
 from nerdrain.cli import main
 from nerdrain.config import ConfigError, TrainConfig, from_dict
 from nerdrain.training import (BEST, FINAL, LAST, StopSignals, Trainer, TrainingInterrupted, WeightEMA, atomic_save,
-                               build_optimizer, build_stream, lr_at, train)
+                               build_optimizer, build_stream, lr_at, max_temp_dir_for_workers, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -1224,3 +1226,41 @@ def test_other_signals_do_not_turn_one_ctrl_c_into_an_abort(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "stopped gracefully True" in result.stdout, result.stderr
+
+
+def _socket_binds(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.bind(str(path))
+        except OSError:
+            return False
+    path.unlink()
+    return True
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no Unix sockets here")
+def test_a_temporary_folder_too_long_for_the_workers_sockets_is_refused_not_a_hang(tmp_path, monkeypatch, data_root):
+    """Data workers hand batches over through Unix sockets that multiprocessing makes in
+    TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX; past the system's length limit the worker fails to make
+    one and the run waited forever for its first batch. The limit is the system's own: a real
+    socket of that shape binds in the longest folder allowed and fails in one a byte longer."""
+    def folder_of_length(n: int) -> Path:
+        base = str(tmp_path / "t")
+        path = Path(base + "x" * (n - len(os.fsencode(base))))
+        (path / "pymp-12345678").mkdir(parents=True)
+        return path
+
+    longest = max_temp_dir_for_workers()
+    assert len(os.fsencode(str(tmp_path))) + 3 < longest, "pytest's folder is already too long for this test"
+    fits, too_long = folder_of_length(longest), folder_of_length(longest + 1)
+    assert _socket_binds(fits / "pymp-12345678" / "listener-12345678")
+    assert not _socket_binds(too_long / "pymp-12345678" / "listener-12345678")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(too_long))
+    cfg = make_config(data_root, iterations=1, data={"num_workers": 1})
+    with pytest.raises(ConfigError, match=re.escape(f"data.num_workers: the temporary folder {too_long}")) as err:
+        train(cfg, tmp_path / "run", progress=False)
+    assert "TMPDIR" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run" / LAST).exists()
+    train(make_config(data_root, iterations=1), tmp_path / "run0", progress=False)  # no workers, no sockets
+    assert (tmp_path / "run0" / FINAL).exists()

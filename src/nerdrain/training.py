@@ -12,7 +12,9 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -327,6 +329,30 @@ def _lost_a_process(err: RuntimeError) -> bool:
     the host-side vote under NCCL) finds its connection closed. A backend's own fault (a CUDA error
     under NCCL, say) is this process's news and keeps its message."""
     return isinstance(err, dist.DistNetworkError) or re.search(r"Connection (closed|reset) by peer", str(err)) is not None
+
+
+# Data workers hand their batches over through Unix sockets that multiprocessing makes in
+# TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX. A path past the system's limit (sun_path holds 108 bytes
+# on Linux, 104 on macOS, with the closing NUL) fails inside the worker, and the run waited forever
+# for its first batch.
+_SOCKET_PATH_LIMIT = 103 if sys.platform == "darwin" else 107
+_WORKER_SOCKET_TAIL = len("/pymp-12345678/listener-12345678")
+
+
+def max_temp_dir_for_workers() -> int:
+    """The longest temporary folder (in bytes) whose data workers' sockets the system accepts."""
+    return _SOCKET_PATH_LIMIT - _WORKER_SOCKET_TAIL
+
+
+def _check_temp_dir_for_workers(num_workers: int) -> None:
+    if num_workers == 0 or not hasattr(socket, "AF_UNIX"):
+        return
+    folder = tempfile.gettempdir()
+    if len(os.fsencode(folder)) > max_temp_dir_for_workers():
+        raise ConfigError(f"data.num_workers: the temporary folder {folder} is too long a path for the sockets "
+                          f"data workers pass batches through ({len(os.fsencode(folder))} bytes, at most "
+                          f"{max_temp_dir_for_workers()}): set TMPDIR to a shorter folder (TMPDIR=/tmp) "
+                          "or data.num_workers to 0")
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -703,6 +729,7 @@ class Trainer:
                     earlier.unlink()
                 with atomic_write(self.out / "config.yaml") as f:
                     f.write(yaml.safe_dump(to_dict(cfg)).encode())
+            _check_temp_dir_for_workers(cfg.data.num_workers)
             loader = DataLoader(
                 build_stream(cfg), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                 sampler=StreamSampler(cfg.data.batch_size, self.dist.rank, self.dist.world_size, self.samples),
