@@ -584,8 +584,8 @@ class Trainer:
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
-        if torch.cuda.is_available():
-            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":  # this process's device only: touching the others makes contexts there
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -642,8 +642,17 @@ class Trainer:
                 self.ema.load_state_dict(state["ema"])
             else:  # EMA switched on at resume: start averaging from the loaded weights
                 self.ema = WeightEMA(self.model, self.cfg.ema_decay)
-        if "rng_cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if self.device.type == "cuda":
+            self._restore_cuda_rng(state.get("rng_cuda"))
+
+    def _restore_cuda_rng(self, saved: torch.Tensor | list | tuple | None) -> None:
+        """The saved generator state of this device, if the checkpoint has one. ``torch.load`` maps it
+        to the training device, but CUDA takes generator states from CPU byte tensors only; checkpoints
+        before stop 19 hold a list, one per visible GPU, whose first is the device of rank 0."""
+        if isinstance(saved, (list, tuple)):
+            saved = saved[self.device.index or 0] if len(saved) > (self.device.index or 0) else None
+        if isinstance(saved, torch.Tensor):
+            torch.cuda.set_rng_state(saved.cpu(), self.device)
 
     def _note_global_batch(self, batch_size: int, world_size: int) -> None:
         """Say so where the resumed run's global batch (per process x processes) differs from the checkpoint's."""
