@@ -463,9 +463,12 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @CUDA
 @pytest.mark.parametrize("bf16", [False, True])
-def test_cuda_graphs_train_like_eager_steps(tmp_path, data_root, bf16):
+def test_cuda_graphs_train_like_eager_steps(tmp_path, data_root, bf16, monkeypatch):
     """Graph replays compute the eager step (cuDNN may pick other algorithms: close, not equal),
     and a run resumes from its checkpoint into a fresh capture."""
+    # A trainer on CUDA turns cuDNN's autotuning on for its process (the training shapes are
+    # fixed); here the process is the test session's, so the setting is put back afterwards.
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     def config(graphs: bool, **top) -> TrainConfig:
         return make_config(data_root, device="cuda", cuda_graphs=graphs, bf16=bf16, channels_last=True,
                            optim={"grad_clip": 0.5}, **top)
@@ -474,6 +477,7 @@ def test_cuda_graphs_train_like_eager_steps(tmp_path, data_root, bf16):
     for graphs in (False, True):
         trainer = Trainer(config(graphs), tmp_path / str(graphs), progress=False)
         start = {k: v.float().cpu().clone() for k, v in trainer.model.state_dict().items()}
+        assert torch.backends.cudnn.benchmark
         finals[graphs] = load_file(trainer.train())
         assert (trainer.graph_step is not None) == graphs  # really captured, no silent fallback
     resumed = tmp_path / "resumed"
@@ -489,6 +493,25 @@ def test_cuda_graphs_train_like_eager_steps(tmp_path, data_root, bf16):
     tolerance = moved / 10 if bf16 else 1e-4
     assert largest(finals[True], finals[False]) < tolerance
     assert largest(finals["resumed"], finals[True]) < tolerance
+
+
+def test_resume_gives_cuda_its_generator_state_as_a_cpu_tensor_of_its_own_device(monkeypatch):
+    """``torch.load`` maps a checkpoint to the training device, the CUDA generator state too, but
+    CUDA takes generator states from CPU byte tensors only: resuming on a GPU failed with "RNG state
+    must be a torch.ByteTensor" (seen on the H200 in stop 19 by the test above). Checkpoints before
+    then hold one state per visible GPU: the process takes its own device's, if there is one."""
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state, device)))
+    process = SimpleNamespace(device=torch.device("cuda", 1))
+    mine, other = torch.arange(16, dtype=torch.uint8), torch.zeros(16, dtype=torch.uint8)
+    Trainer._restore_cuda_rng(process, mine)  # saved since stop 19: the saving process's device
+    Trainer._restore_cuda_rng(process, [other, mine])  # before: one per GPU that rank 0 saw
+    Trainer._restore_cuda_rng(process, [other])  # saved where this process's GPU did not exist
+    Trainer._restore_cuda_rng(process, None)  # saved by a run on the CPU
+    assert [(state.device.type, state.tolist(), device) for state, device in calls] == [
+        ("cpu", list(range(16)), torch.device("cuda", 1))] * 2
 
 
 def test_tensorboard_logs(straight_run):
