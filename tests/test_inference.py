@@ -217,6 +217,41 @@ def test_each_submodules_training_flag_is_restored():
     assert [m.training for m in net.modules()] == [True, True, True, False, False, False]  # as they were
 
 
+def test_threads_sharing_a_training_model_all_run_it_in_eval_mode():
+    """Two threads derain with one model left in training mode, the second starting while the first
+    runs: the first to finish must not put the model back in training mode while the other still
+    runs it, and the last one out restores it."""
+    import threading
+
+    class Gate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inside = {name: threading.Event() for name in ("first", "second")}
+            self.first_done, self.modes = threading.Event(), {}
+
+        def forward(self, x):
+            name = threading.current_thread().name
+            self.inside[name].set()
+            if name == "first":
+                assert self.inside["second"].wait(timeout=30)
+            else:
+                assert self.first_done.wait(timeout=30)
+            self.modes[name] = self.training
+            return x
+
+    net = Gate().train()
+    threads = {name: threading.Thread(target=derain, args=(torch.rand(1, 3, 8, 8), net), kwargs={"tile": 0},
+                                      name=name) for name in ("first", "second")}
+    threads["first"].start()
+    assert net.inside["first"].wait(timeout=30)
+    threads["second"].start()
+    threads["first"].join(timeout=30)
+    net.first_done.set()
+    threads["second"].join(timeout=30)
+    assert net.modes == {"first": False, "second": False}
+    assert net.training
+
+
 def test_half_autocast_on_cpu():
     net = TinyNet()
     x = torch.rand(1, 3, 24, 24)

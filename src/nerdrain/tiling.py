@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -118,18 +119,37 @@ def model_dtype(model: ModelLike) -> torch.dtype | None:
     return None
 
 
+# Modules inside eval_mode now: how many callers hold each, and the training flags found by the first
+_eval_holders: dict[int, tuple[int, list[tuple[torch.nn.Module, bool]]]] = {}
+_eval_holders_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def eval_mode(model: ModelLike) -> Iterator[None]:
     """A module in eval mode for the block, then each of its submodules as it was: ``train(True)``
-    would also unfreeze the parts a fine-tuning run keeps in eval mode (a frozen BatchNorm)."""
-    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
-    if modes:
-        model.eval()
+    would also unfreeze the parts a fine-tuning run keeps in eval mode (a frozen BatchNorm).
+
+    Threads sharing one model share its mode: the first one in records the flags, the last one out
+    restores them, so no thread's model goes back to training mode under another's forward."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    with _eval_holders_lock:
+        holders, modes = _eval_holders.get(id(model), (0, []))
+        if holders == 0:
+            modes = [(m, m.training) for m in model.modules()]
+            model.eval()
+        _eval_holders[id(model)] = (holders + 1, modes)
     try:
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        with _eval_holders_lock:
+            holders, modes = _eval_holders.pop(id(model))
+            if holders > 1:
+                _eval_holders[id(model)] = (holders - 1, modes)
+            else:
+                for m, training in modes:
+                    m.training = training
 
 
 def _tile_side(cfg: TileConfig) -> int:
