@@ -313,6 +313,41 @@ def test_model_given_as_a_checkpoint_path(tmp_path):
         derain(x, 5)
 
 
+def test_a_checkpoint_path_is_read_once_until_the_file_changes(tmp_path, monkeypatch, no_cached_default):
+    """derain(photo, "weights.pth") in a loop read and built the network at every call; the last
+    model read from a path is kept while the file is unchanged, and a file rewritten since (another
+    size or time) is read again, as is any file after clear_default_model_cache."""
+    from nerdrain import checkpoint, clear_default_model_cache, create_model, save_model
+
+    torch.manual_seed(0)
+    model = create_model("nerd_rain_s", dim=8, depths=(1, 1, 1), inr_hidden=(16,))
+    path = save_model(model, tmp_path / "tiny.safetensors")
+    reads = []
+    read = checkpoint._read_tensors
+    monkeypatch.setattr(checkpoint, "_read_tensors", lambda p: reads.append(p) or read(p))
+    x = torch.rand(1, 3, 24, 32)
+    expected = derain(x, model, tile=0)
+    for spelling in (str(path), path, tmp_path / "." / "tiny.safetensors"):
+        torch.testing.assert_close(derain(x, spelling, tile=0), expected, atol=0, rtol=0)
+    assert len(reads) == 1
+
+    with torch.no_grad():
+        model.fusion[0].mix_x.bias.add_(0.5)  # other weights, other outputs
+    save_model(model, path)
+    os.utime(path, ns=(0, 10**18))  # surely another time than the first file's, however coarse the clock
+    changed = derain(x, path, tile=0)
+    assert len(reads) == 2 and not torch.equal(changed, expected)
+    torch.testing.assert_close(changed, derain(x, model, tile=0), atol=0, rtol=0)
+
+    other = save_model(model, tmp_path / "other.safetensors")
+    derain(x, other, tile=0)
+    derain(x, path, tile=0)  # the last path only is kept: one model's memory, not one per file tried
+    assert len(reads) == 4
+    clear_default_model_cache()
+    derain(x, path, tile=0)
+    assert len(reads) == 5
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_model_in_half_precision_gets_its_input_in_that_type(dtype):
     """``model.half()`` is a natural thing to try; the input is cast to the weights' type and the

@@ -159,10 +159,7 @@ def _prepare(
         model = _default_model(dev)
     elif isinstance(model, (str, os.PathLike)):
         dev = resolve_device(device)
-        from nerdrain.checkpoint import load_model
-
-        model = load_model(model, dev)
-        model.eval()
+        model = _path_model(model, dev)
     elif not callable(model):
         raise TypeError(f"model: expected a NeRD-Rain model, another callable or a checkpoint path, "
                         f"not {type(model).__name__}")
@@ -182,6 +179,21 @@ def _prepare(
 
 _default_models: dict[torch.device, torch.nn.Module] = {}
 _default_models_lock = threading.Lock()
+#: The model last read from a checkpoint path: (the file as it was read, on which device), the model.
+_path_model_kept: tuple[tuple, torch.nn.Module] | None = None
+
+
+def _one_device(dev: torch.device) -> torch.device:
+    """``dev`` as the cache keys name it: "cuda" and "cuda:0" are one device, one model."""
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _kept(model: torch.nn.Module) -> torch.nn.Module:
+    """A model derain keeps for itself, never handed out: in eval mode, without gradients."""
+    model.eval().requires_grad_(False)
+    return model
 
 
 def _default_model(dev: torch.device) -> torch.nn.Module:
@@ -189,25 +201,46 @@ def _default_model(dev: torch.device) -> torch.nn.Module:
     deraining photo after photo would otherwise read and build the network (about 0.4 s) each time.
     The kept model is derain's own, never handed out (``load_default_model`` gives each caller a
     fresh one to change); threads asking at once share one load."""
-    if dev.type == "cuda" and dev.index is None:  # "cuda" and "cuda:0" are one device, one model
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = _one_device(dev)
     with _default_models_lock:
         model = _default_models.get(dev)
         if model is None:
             from nerdrain import checkpoint
 
-            model = checkpoint.load_default_model(dev).eval()
-            model.requires_grad_(False)
+            model = _kept(checkpoint.load_default_model(dev))
             _default_models[dev] = model
     return model
 
 
+def _path_model(path: str | os.PathLike[str], dev: torch.device) -> torch.nn.Module:
+    """The checkpoint at ``path`` on ``dev``, kept until another path or device is asked for, for
+    the reason the default model is kept. The file is known by its resolved name, inode, size and
+    modification time, so one rewritten since (a training run's newer weights) is read again."""
+    global _path_model_kept
+    from nerdrain.checkpoint import load_model
+
+    dev = _one_device(dev)
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):  # load_model says what is wrong with the path, in its words
+        return load_model(path, dev)
+    key = (os.path.realpath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, dev)
+    with _default_models_lock:
+        if _path_model_kept is None or _path_model_kept[0] != key:
+            _path_model_kept = None  # the previous model's memory freed before the next one is built
+            _path_model_kept = (key, _kept(load_model(path, dev)))
+        return _path_model_kept[1]
+
+
 def clear_default_model_cache() -> None:
-    """Forget the default models that :func:`derain` and :func:`derain_files` kept (one per device),
-    releasing their memory; on a GPU, ``torch.cuda.empty_cache()`` afterwards hands it back to
-    the driver.  The next call without a model reads the weights again."""
+    """Forget the models that :func:`derain` and :func:`derain_files` kept (the default one per
+    device, and the one last read from a checkpoint path), releasing their memory; on a GPU,
+    ``torch.cuda.empty_cache()`` afterwards hands it back to the driver.  The next call reads
+    the weights again."""
+    global _path_model_kept
     with _default_models_lock:
         _default_models.clear()
+        _path_model_kept = None
 
 
 # --------------------------------------------------------------------------- derain
@@ -238,9 +271,10 @@ def derain(
       dtype on the same device.
 
     ``model``: any module/callable mapping Bx3xHxW [0, 1] float tensors to the same
-    shape, or a checkpoint path for :func:`nerdrain.load_model`, read at every call (None: the
-    project's default NeRD-Rain-S weights, loaded on ``device`` at the first call and kept for the
-    next ones on that device; :func:`clear_default_model_cache` releases them).  A module is run in eval mode (each submodule's
+    shape, or a checkpoint path for :func:`nerdrain.load_model` (the last one read is kept for the
+    next calls on that device while the file is unchanged), or None: the project's default
+    NeRD-Rain-S weights, loaded on ``device`` at the first call and kept for the next ones on that
+    device (:func:`clear_default_model_cache` releases what is kept).  A module is run in eval mode (each submodule's
     training flag is restored afterwards); one whose weights are half precision gets its input in that type.
     Float images must be finite (``ValueError`` otherwise; values outside [0, 1] are clipped,
     with a warning where far outside).  With an explicit
