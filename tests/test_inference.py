@@ -942,6 +942,25 @@ def test_a_folder_of_subfolders_says_they_are_not_searched(tmp_path):
         (str(tmp_path / "one" / "day1"), "no image files in this folder")]
 
 
+def test_a_folder_of_photos_and_subfolders_notes_that_they_were_not_searched(tmp_path):
+    """holiday/ holding a.png and day1/ of more photos, without -r: a.png alone was derained
+    without a word, and the user took day1/ as done. The output folder inside it, hidden folders
+    and folders given without subfolders earn no note."""
+    _photos(tmp_path / "holiday", ["a.png"])
+    _photos(tmp_path / "holiday" / "day1", ["b.png"])
+    _photos(tmp_path / "holiday" / ".thumbnails", ["a.png"])
+    (tmp_path / "holiday" / "derained").mkdir()  # an earlier run's -o
+    _photos(tmp_path / "flat", ["c.png"])
+    holiday, flat, out = (str(tmp_path / name) for name in ("holiday", "flat", "holiday/derained"))
+    lines: list[str] = []
+    s = derain_files([holiday, flat], out, identity, tile=0, progress=False, log=lines.append)
+    assert s.ok == 2 and not s.failed
+    assert lines == [f"note: {holiday}: its 1 subfolder is not searched without -r"]
+    lines.clear()
+    s = derain_files([holiday, flat], out, identity, tile=0, progress=False, log=lines.append, recursive=True)
+    assert s.ok == 3 and lines == []
+
+
 def test_an_output_folder_the_run_made_and_wrote_nothing_in_is_removed(tmp_path):
     """Every photo failed, or Ctrl-C during the first: no empty out/ (nor its new parents) is left
     behind as if there were results; a folder that was there before stays."""

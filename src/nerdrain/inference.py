@@ -456,7 +456,7 @@ def expand_inputs(
     that a link loop cannot make the walk endless) and the folders in ``exclude`` (an output folder
     inside an input folder, whose results must not be derained again).
     """
-    files, _, problems = _expand(inputs, skip_suffix, recursive, exclude)
+    files, _, problems, _ = _expand(inputs, skip_suffix, recursive, exclude)
     return files, problems
 
 
@@ -465,9 +465,10 @@ def _expand(
     skip_suffix: str | None,
     recursive: bool,
     exclude: Iterable[str | os.PathLike[str]],
-) -> tuple[list[Path], list[Path], list[tuple[str, str]]]:
+) -> tuple[list[Path], list[Path], list[tuple[str, str]], list[tuple[str, str]]]:
     """:func:`expand_inputs`, with each file's folder relative to the folder given (or matched)
-    that it was found in: ``Path()`` where it was found at the top, or given itself."""
+    that it was found in: ``Path()`` where it was found at the top, or given itself; and
+    [(folder, note)] for folders whose photos were found but not all of their subfolders searched."""
     files: list[Path] = []
     subfolders: list[Path] = []
     problems: list[tuple[str, str]] = []
@@ -488,7 +489,7 @@ def _expand(
                 seen.add(key)
                 files.append(f)
                 subfolders.append(subfolder)
-    return files, subfolders, problems
+    return files, subfolders, problems, walk.notes
 
 
 def _real_key(p: str | os.PathLike[str]) -> str:
@@ -504,6 +505,7 @@ class _Walk:
     recursive: bool
     exclude: set[str]
     problems: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
     def take_problems(self) -> list[tuple[str, str]]:
         problems, self.problems = self.problems, []
@@ -564,11 +566,13 @@ class _Walk:
             for entry in entries:
                 path = Path(entry.path)
                 if _is_dir(entry):
+                    if _real_key(path) in self.exclude:  # the output folder: never an input, nor missed
+                        continue
                     if not self.recursive:
                         subfolders += 1
                     elif entry.is_symlink():
                         links += 1
-                    elif _real_key(path) not in self.exclude:
+                    else:
                         below.append(relative / entry.name)
                 elif path.suffix.lower() in IMAGE_EXTENSIONS and _is_file(entry):
                     if self.ours(path):
@@ -576,13 +580,16 @@ class _Walk:
                     else:
                         found.append((path, relative))
             pending += reversed(below)
+        unsearched = _unsearched(subfolders, links)
         if found:
+            if subfolders:  # the photos at the top alone would pass for the whole folder's
+                self.notes.append((str(root), unsearched))
             return found, None
         if ours:
             below_too = " and its subfolders" if self.recursive else ""
             return [], f"only earlier outputs (*{self.skip_suffix}) in this folder{below_too}"
         below_too = " or its subfolders" if self.recursive else ""
-        return [], f"no image files in this folder{below_too}" + _unsearched(subfolders, links)
+        return [], f"no image files in this folder{below_too}" + (f" ({unsearched})" if unsearched else "")
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:
@@ -600,12 +607,13 @@ def _is_file(entry: os.DirEntry[str]) -> bool:
 
 
 def _unsearched(subfolders: int, links: int) -> str:
-    """Where a folder holds no photos but folders, that they were not looked in: 'no image files'
-    alone would puzzle whoever gave holiday/ of day1/, day2/ (without -r), or of links to them."""
+    """That a folder's folders were not looked in: 'no image files' alone would puzzle whoever gave
+    holiday/ of day1/, day2/ (without -r), or of links to them, and its photos alone derained
+    whoever gave holiday/ of photos and day1/. Empty where all were searched."""
     if subfolders:
-        return f" (its {subfolders} subfolder{'s are' if subfolders > 1 else ' is'} not searched without -r)"
+        return f"its {subfolders} subfolder{'s are' if subfolders > 1 else ' is'} not searched without -r"
     if links:
-        return f" (its {links} link{'s to folders are' if links > 1 else ' to a folder is'} not followed)"
+        return f"its {links} link{'s to folders are' if links > 1 else ' to a folder is'} not followed"
     return ""
 
 
@@ -858,7 +866,8 @@ def derain_files(
     are written atomically.  A file that fails is reported as one line
     ``error: <path>: <reason>`` on stderr (or to ``log``, a callable taking the line)
     and the batch goes on; a multi-frame file (GIF, multi-page TIFF) gets a line
-    ``note: <path>: ...`` (only its first frame is derained).  ``fmt``: the format of outputs
+    ``note: <path>: ...`` (only its first frame is derained), as does a folder whose photos were
+    derained but not its subfolders (not ``recursive``).  ``fmt``: the format of outputs
     beside the inputs or in a folder (None: PNG); a single output file's suffix chooses its own
     (a ``fmt`` that contradicts it is a ``ValueError``).  ``progress``: a tqdm bar
     over files, plus one over tiles for large images.  ``skip_existing``: leave the photos whose
@@ -885,7 +894,7 @@ def derain_files(
     fmt = fmt or "png"
     # earlier outputs are not inputs: those beside the inputs by their suffix, those in -o by their folder
     exclude = [out_str] if out_str is not None and _output_is_folder(out_str, in_strs) else []
-    files, subfolders, problems = _expand(in_strs, suffix, recursive, exclude)
+    files, subfolders, problems, notes = _expand(in_strs, suffix, recursive, exclude)
     summary = Summary()
 
     def report(path: str, reason: str, kind: str = "error") -> None:
@@ -905,6 +914,8 @@ def derain_files(
 
     for path, reason in problems:
         report(path, reason)
+    for path, note in notes:
+        report(path, note, "note")
     if not files:
         return summary
 
