@@ -1005,6 +1005,54 @@ def _photos(folder: Path, names: Sequence[str]) -> list[Path]:
     return paths
 
 
+_KILLED_MID_WRITE = """
+import os, signal, sys
+from PIL import Image
+from nerdrain.inference import derain_files
+
+def killed_mid_write(self, fp, *args, **kwargs):
+    if os.path.basename(fp.name).startswith(".b.png."):  # a's output written, b's half
+        fp.write(b"\\x89PNG half a photo")
+        fp.flush()
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up runs, as on a power loss
+    return save(self, fp, *args, **kwargs)
+
+save, Image.Image.save = Image.Image.save, killed_mid_write
+derain_files([sys.argv[1]], sys.argv[2], lambda x: x, tile=0, progress=False)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
+def test_a_run_killed_mid_write_leaves_no_partial_file_after_the_next_run(tmp_path):
+    """SIGKILL while an output was being written leaves its hidden temporary file, which no
+    clean-up could remove; the next run into that folder, skip_existing or not, removes the
+    temporaries of the outputs it plans (never counting them as outputs), and nothing else."""
+    import signal
+    import subprocess
+    import sys
+
+    _photos(tmp_path / "in", ["a.png", "b.png", "c.png"])
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_MID_WRITE, str(tmp_path / "in"), str(out)], env=env,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    (leftover,) = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert leftover.startswith(".b.png.") and sorted(p.name for p in out.iterdir()) == [leftover, "a.png"]
+    users = [".b.png.tmp", "b.png.0123abcd.tmp", ".b.png.0123abcd.tmp.bak", ".other.png.0123abcd.tmp"]
+    for name in users:  # like ours, but not ours, or not for an output of this run
+        (out / name).write_bytes(b"the user's")
+
+    s = derain_files([str(tmp_path / "in")], str(out), identity, tile=0, progress=False, skip_existing=True)
+    assert s.skipped == [out / "a.png"] and s.outputs == [out / "b.png", out / "c.png"] and not s.failed
+    assert sorted(p.name for p in out.iterdir()) == sorted([*users, "a.png", "b.png", "c.png"])
+    assert all((out / name).read_bytes() == b"the user's" for name in users)
+
+    (out / leftover).write_bytes(b"half a photo")  # a run where every output was there already
+    s = derain_files([str(tmp_path / "in")], str(out), _never, tile=0, progress=False, skip_existing=True)
+    assert len(s.skipped) == 3 and not (out / leftover).exists()
+
+
 def test_skip_existing_continues_an_interrupted_batch_where_it_stopped(tmp_path):
     """Ctrl-C at the second of three photos, then the same command with skip_existing: the first
     output is kept as it is, only the two missing ones are run, and one note says how many were skipped."""

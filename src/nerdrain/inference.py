@@ -30,7 +30,15 @@ import torch
 from PIL import Image
 
 from nerdrain.devices import resolve_device
-from nerdrain.files import missing_folders, name_problem, one_line, remove_empty_folders, same_file, write_problem
+from nerdrain.files import (
+    missing_folders,
+    name_problem,
+    one_line,
+    remove_empty_folders,
+    remove_stale_temporaries,
+    same_file,
+    write_problem,
+)
 from nerdrain.imageio import (
     IMAGE_EXTENSIONS,
     WRITE_FORMATS,
@@ -829,6 +837,23 @@ def _is_done(output: Path | None) -> bool:
     return info is not None and stat.S_ISREG(info.st_mode) and info.st_size > 0
 
 
+def _remove_partial_outputs(outputs: Iterable[Path | None]) -> None:
+    """Remove the hidden temporary files that a run killed outright (SIGKILL, power loss: no
+    clean-up could run) left while writing these outputs, our own names for these outputs only.
+    Another run writing the same outputs at that moment could see one fail through this; it would
+    be replacing this run's results anyway. A folder that cannot be listed or
+    changed keeps them: its photos fail on their own when written."""
+    by_folder: dict[Path, list[str]] = {}
+    for output in outputs:
+        if output is not None:
+            by_folder.setdefault(output.parent, []).append(output.name)
+    for folder, names in by_folder.items():
+        try:
+            remove_stale_temporaries(folder, names)
+        except OSError:
+            pass
+
+
 def _reason(err: BaseException) -> str:
     if isinstance(err, ImageWriteError):  # the file that failed is the output, not the input named first
         return f"output {err.path}: {err.reason}"
@@ -863,7 +888,7 @@ def derain_files(
 
     Each output keeps the input's EXIF (orientation applied and reset), ICC profile,
     alpha, grayscale-ness and 16-bit depth (PNG).  Inputs are never overwritten; outputs
-    are written atomically.  A file that fails is reported as one line
+    are written atomically (the hidden partial files a killed run left for them are removed).  A file that fails is reported as one line
     ``error: <path>: <reason>`` on stderr (or to ``log``, a callable taking the line)
     and the batch goes on; a multi-frame file (GIF, multi-page TIFF) gets a line
     ``note: <path>: ...`` (only its first frame is derained), as does a folder whose photos were
@@ -920,6 +945,7 @@ def derain_files(
         return summary
 
     plan = plan_outputs(files, in_strs, out_str, suffix=suffix, fmt=fmt, subfolders=subfolders)
+    _remove_partial_outputs(dst for _, dst, _ in plan)
     if skip_existing:
         summary.skipped = [dst for _, dst, problem in plan if problem is None and _is_done(dst)]
         if summary.skipped:
