@@ -160,6 +160,48 @@ def test_folders_refuse_16_bit_and_bad_arguments(tmp_path: Path) -> None:
         evaluate_folders(tmp_path / "empty", tmp_path / "gt")
 
 
+def _flat(path: Path, value: int, mode: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (24, 16), value if mode in ("L", "P") else (value,) * len(mode)).save(path)
+    return path
+
+
+def test_grey_files_are_scored_as_the_matlab_scripts_read_them(tmp_path: Path) -> None:
+    """imread gives a grey PNG as a 2-D array: the rain200 script scores its own values (no
+    rgb2ycbcr, Y would be in 16..235); the did_ddn one's rgb2ycbcr fails on it, so it is refused."""
+    _flat(tmp_path / "gt" / "x.png", 110, "L")
+    _flat(tmp_path / "pred" / "x.png", 100, "L")
+    report = evaluate_folders(tmp_path / "pred", tmp_path / "gt")
+    c1 = (0.01 * 255) ** 2  # flat images: SSIM = (2 mu1 mu2 + C1) / (mu1^2 + mu2^2 + C1)
+    assert report.psnr == pytest.approx(20 * math.log10(255 / 10), abs=1e-12)
+    assert report.ssim == pytest.approx((2 * 100 * 110 + c1) / (100**2 + 110**2 + c1), abs=1e-12)
+    _flat(tmp_path / "pred" / "x.png", 100, "RGBA")  # Y = round(16 + 100 * 219 / 255) = 102; alpha dropped
+    assert evaluate_folders(tmp_path / "pred", tmp_path / "gt").psnr == pytest.approx(20 * math.log10(255 / 8))
+    with pytest.raises(ValueError, match="could not be scored") as err:
+        evaluate_folders(tmp_path / "pred", tmp_path / "gt", "did_ddn")
+    assert f"{tmp_path / 'gt' / 'x.png'}: a grey image, which the did_ddn protocol cannot score" in str(err.value)
+
+
+def test_a_model_is_scored_against_grey_ground_truth_as_matlab_reads_it(tmp_path: Path) -> None:
+    """The grey rainy file goes to the model as RGB; its RGB prediction's Y (102 for 100) is
+    scored against the grey clean file's own values (110)."""
+    _flat(tmp_path / "data" / "input" / "x.png", 100, "L")
+    _flat(tmp_path / "data" / "target" / "x.png", 110, "L")
+    report = evaluate_model(lambda x: x, tmp_path / "data")
+    assert report.psnr == pytest.approx(20 * math.log10(255 / 8), abs=1e-12)
+    with pytest.raises(ValueError, match="a grey image, which the did_ddn protocol cannot score"):
+        evaluate_model(lambda x: x, tmp_path / "data", "did_ddn")
+
+
+def test_palette_files_are_refused_naming_them(tmp_path: Path) -> None:
+    """imread gives a palette PNG's colour indices, which the scripts would score as intensities."""
+    _flat(tmp_path / "gt" / "x.png", 110, "RGB")
+    pred = _flat(tmp_path / "pred" / "x.png", 100, "P")
+    with pytest.raises(ValueError, match="could not be scored") as err:
+        evaluate_folders(tmp_path / "pred", tmp_path / "gt")
+    assert f"{pred}: a palette image (MATLAB's imread gives its colour indices" in str(err.value)
+
+
 def test_folders_go_on_past_bad_files_and_name_them_all(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     for name in ("1", "2", "3", "4", "5"):

@@ -238,7 +238,7 @@ def test_score_is_psnr_and_ssim() -> None:
 @pytest.mark.parametrize(
     ("pred", "target", "message"),
     [
-        (np.zeros((20, 20), np.uint8), np.zeros((20, 20), np.uint8), "HxWx3"),
+        (np.zeros((20, 20, 1), np.uint8), np.zeros((20, 20, 1), np.uint8), "HxWx3"),
         (np.zeros((20, 20, 4), np.uint8), np.zeros((20, 20, 4), np.uint8), "HxWx3"),
         (np.zeros((20, 20, 3), np.float32), np.zeros((20, 20, 3), np.uint8), "uint8"),
         (np.zeros((20, 20, 3), np.uint8), np.zeros((20, 21, 3), np.uint8), "differ in shape"),
@@ -249,6 +249,27 @@ def test_score_is_psnr_and_ssim() -> None:
 def test_bad_inputs_raise(pred: np.ndarray, target: np.ndarray, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ssim(pred, target)
+
+
+def test_grey_images_score_their_own_values_under_rain200() -> None:
+    """The rain200 script converts only three-channel images (``if size(img, 3) == 3``): a grey
+    HxW image, as MATLAB's imread gives a grey file, is scored on its own values 0..255."""
+    grey100, grey110 = np.full((16, 16), 100, np.uint8), np.full((16, 16), 110, np.uint8)
+    assert psnr(grey100, grey110) == pytest.approx(20 * math.log10(255 / 10), abs=1e-12)
+    # Flat images: sigma = 0, so SSIM = (2 mu1 mu2 + C1) / (mu1^2 + mu2^2 + C1), C1 = (0.01 * 255)^2.
+    c1 = (0.01 * 255) ** 2
+    assert ssim(grey100, grey110) == pytest.approx((2 * 100 * 110 + c1) / (100**2 + 110**2 + c1), abs=1e-12)
+    # Beside an RGB image: RGB grey 100 has Y round(16 + 100 * 219 / 255) = 102, the grey one 100.
+    assert psnr(_gray(100), grey100) == pytest.approx(20 * math.log10(255 / 2), abs=1e-12)
+    assert psnr(grey100, _gray(100)) == pytest.approx(20 * math.log10(255 / 2), abs=1e-12)
+
+
+def test_grey_images_are_refused_under_did_ddn() -> None:
+    """The did_ddn script calls rgb2ycbcr on every image, which MATLAB refuses for a 2-D array."""
+    grey = np.full((16, 16), 100, np.uint8)
+    for metric in (psnr, ssim, score):
+        with pytest.raises(ValueError, match="^target: a grey image, which the did_ddn protocol cannot score"):
+            metric(_gray(100), grey, "did_ddn")
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -9,9 +9,12 @@
 
 Every prediction is scored as the 8-bit image ``save_dir`` receives (:func:`nerdrain.metrics.to_uint8`),
 so scoring a model directly and scoring those PNGs with :func:`evaluate_folders` give the same
-numbers. Images are read as 8-bit RGB: grey, palette and alpha files are converted to RGB, and
-16-bit or float files are refused rather than quantised, since the MATLAB scripts' peak of 255
-assumes 8-bit files and a silent conversion would score something else than what was submitted.
+numbers. Images are read as MATLAB's ``imread`` gives them to the scripts
+(:func:`nerdrain.data.pairs.read_scored`): colour files as RGB (alpha dropped), grey files as grey,
+scored on their own values by the rain200 script and refused by the did_ddn one, whose
+``rgb2ycbcr`` fails on them in MATLAB; palette files are refused (imread gives their indices), and
+so are 16-bit or float files rather than quantised, since the MATLAB scripts' peak of 255 assumes
+8-bit files and a silent conversion would score something else than what was submitted.
 
 Identical images have infinite PSNR, as in MATLAB, and a mean over a set containing one is
 infinite too. JSON has no infinity, so :func:`write_json` stores it as ``null``; :func:`write_csv`
@@ -46,13 +49,13 @@ from .data.pairs import (
     load_pair,
     match_folders,
     match_predictions,
-    read_rgb,
+    read_scored,
     shortened,
 )
 from .devices import resolve_device
 from .files import atomic_write, check_output_folder, output_file
 from .imageio import save_png
-from .metrics import PROTOCOLS, score, to_uint8
+from .metrics import PROTOCOLS, check_scorable, score, to_uint8
 from .tiling import TileConfig, eval_mode, run_released_windows, run_tiled
 
 __all__ = [
@@ -151,7 +154,8 @@ def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "ra
     with torch.inference_mode():
         for pair in tqdm(pairs, desc="evaluate", disable=not progress, leave=False):
             try:
-                rainy, clean = load_pair(pair)
+                rainy, clean = load_pair(pair, scored=True)
+                check_scorable(clean, protocol, clean_label(pair))
             except ValueError as err:  # a bad file: the others are still run (see _check_all_scored)
                 report.failed.append(str(err))
                 continue
@@ -271,8 +275,10 @@ def _score_saved(matched: list[tuple[Path, Pair]], protocol: str, progress: bool
 
 
 def _score_file(pred_path: Path, pair: Pair, protocol: str) -> ImageScore:
-    pred, gt = read_rgb(pred_path), load_clean(pair)
-    if pred.shape != gt.shape:
+    pred, gt = read_scored(pred_path), load_clean(pair)
+    check_scorable(pred, protocol, str(pred_path))
+    check_scorable(gt, protocol, clean_label(pair))
+    if pred.shape[:2] != gt.shape[:2]:
         raise ValueError(f"size mismatch: prediction {pred_path} is {_size(pred)} "
                          f"but ground truth {clean_label(pair)} is {_size(gt)}")
     try:

@@ -15,8 +15,11 @@ Two protocols (the project's specification, ``SPEC.md`` in ``../shared``, "Evalu
     i.e. on the unrounded Y scaled back to [0, 255] with L = 255, after its automatic
     f x f box-filter-and-subsample step, f = max(1, round(min(H, W) / 256)).
 
-Images are uint8 RGB HxWx3 arrays, as the scripts read saved 8-bit files; quantise network
-outputs with :func:`to_uint8` first.
+Images are uint8 arrays as MATLAB's ``imread`` gives the scripts saved 8-bit files: HxWx3 for
+colour, HxW for grey; quantise network outputs with :func:`to_uint8` first. The rain200 script
+converts only three-channel images (``if size(img, 3) == 3``), so a grey image is scored on its own
+values, 0..255, where an RGB file of the same grey would have Y in 16..235; the did_ddn script calls
+``rgb2ycbcr`` on every image, which MATLAB refuses for a 2-D one, so grey images are refused there.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from scipy import ndimage
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PROTOCOLS", "rgb_to_y", "psnr", "ssim", "score", "to_uint8"]
+__all__ = ["PROTOCOLS", "check_scorable", "rgb_to_y", "psnr", "ssim", "score", "to_uint8"]
 
 PROTOCOLS: Final = ("rain200", "did_ddn")
 
@@ -47,23 +50,39 @@ def _matlab_round(x: np.ndarray | float) -> np.ndarray | float:
     return np.sign(x) * np.floor(np.abs(x) + 0.5)
 
 
-def _check_rgb_uint8(img: np.ndarray, name: str) -> None:
-    """Reject anything but the uint8 HxWx3 arrays the MATLAB scripts read from 8-bit files."""
+def _check_uint8(img: np.ndarray, name: str) -> None:
     if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
         got = img.dtype if isinstance(img, np.ndarray) else type(img).__name__
         raise ValueError(f"{name}: expected a uint8 numpy array (use to_uint8), got {got}")
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"{name}: expected an RGB image of shape HxWx3, got shape {img.shape}")
     if img.size == 0:  # the mean squared error of no pixels would be NaN, not a score
         raise ValueError(f"{name}: empty image of shape {img.shape}")
+
+
+def _check_rgb_uint8(img: np.ndarray, name: str) -> None:
+    """Reject anything but the uint8 HxWx3 arrays the MATLAB scripts read from 8-bit colour files."""
+    _check_uint8(img, name)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"{name}: expected an RGB image of shape HxWx3, got shape {img.shape}")
+
+
+def check_scorable(img: np.ndarray, protocol: str, name: str = "image") -> None:
+    """Raise a ``ValueError`` starting with ``name`` unless ``img`` is what ``protocol``'s script can
+    score: uint8 HxWx3, or HxW grey under rain200 (the did_ddn script's ``rgb2ycbcr`` fails on it)."""
+    _check_uint8(img, name)
+    if img.ndim == 2:
+        if protocol == "did_ddn":
+            raise ValueError(f"{name}: a grey image, which the did_ddn protocol cannot score: its MATLAB script "
+                             "calls rgb2ycbcr on every image, an error for a grey one (save it as RGB)")
+        return
+    _check_rgb_uint8(img, name)
 
 
 def _check_pair(pred: np.ndarray, target: np.ndarray, protocol: str) -> None:
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
-    _check_rgb_uint8(pred, "pred")
-    _check_rgb_uint8(target, "target")
-    if pred.shape != target.shape:
+    check_scorable(pred, protocol, "pred")
+    check_scorable(target, protocol, "target")
+    if pred.shape[:2] != target.shape[:2]:
         raise ValueError(f"pred and target differ in shape: {pred.shape} vs {target.shape}")
 
 
@@ -85,11 +104,16 @@ def rgb_to_y(img: np.ndarray, *, rounded: bool) -> np.ndarray:
     return _Y_COEFFS[0] * r + _Y_COEFFS[1] * g + _Y_COEFFS[2] * b + (1 / 255) * 16.0
 
 
+def _y(img: np.ndarray, *, rounded: bool) -> np.ndarray:
+    """What the script scores of ``img``: Y of an RGB image; a grey one's own values (rain200 only)."""
+    return img.astype(np.float64) if img.ndim == 2 else rgb_to_y(img, rounded=rounded)
+
+
 def psnr(pred: np.ndarray, target: np.ndarray, protocol: str = "rain200") -> float:
     """PSNR of the Y channel in dB; ``inf`` for identical images, as MATLAB returns."""
     _check_pair(pred, target, protocol)
     rounded = protocol == "rain200"
-    diff = rgb_to_y(pred, rounded=rounded) - rgb_to_y(target, rounded=rounded)
+    diff = _y(pred, rounded=rounded) - _y(target, rounded=rounded)
     mse = float(np.mean(diff * diff))
     if mse == 0.0:
         return float("inf")
@@ -155,7 +179,7 @@ def ssim(pred: np.ndarray, target: np.ndarray, protocol: str = "rain200") -> flo
     """Mean SSIM of the Y channel (``ssim_index.m`` for rain200, ``ssim.m`` for did_ddn)."""
     _check_pair(pred, target, protocol)
     if protocol == "rain200":
-        return _ssim_valid_mean(rgb_to_y(pred, rounded=True), rgb_to_y(target, rounded=True))
+        return _ssim_valid_mean(_y(pred, rounded=True), _y(target, rounded=True))
     y1 = rgb_to_y(pred, rounded=False) * 255
     y2 = rgb_to_y(target, rounded=False) * 255
     f = max(1, int(_matlab_round(min(y1.shape) / 256)))

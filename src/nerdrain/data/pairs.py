@@ -44,6 +44,7 @@ __all__ = [
     "match_folders",
     "match_predictions",
     "read_rgb",
+    "read_scored",
 ]
 
 LAYOUTS: Final = ("input_target", "prenet", "ddn", "jorder", "did")
@@ -343,19 +344,43 @@ def _unreadable(path: Path, err: BaseException) -> ValueError:
     return ValueError(f"{path}: cannot read the image ({reason})")
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """uint8 RGB of an 8-bit file; grey, palette and alpha images become RGB as Pillow converts
-    them (MATLAB's imread gives grey and palette files as 2-D arrays instead, so their scores are
-    not the MATLAB scripts'; the benchmarks' files are all RGB). 16-bit and float files are
-    refused: MATLAB would read them at full depth, not as 8 bits."""
+def _read_8bit(path: Path, pixels: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+    """``pixels`` of the opened file; 16-bit and float files are refused: MATLAB would read them at
+    full depth, not as 8 bits."""
     try:
         with Image.open(path) as img:
             depth = "16-bit" if stores_16_bits(img) else f"32-bit {img.mode}" if img.mode in ("I", "F") else None
             if depth:
                 raise ValueError(f"{path}: {depth} images are not supported; use 8-bit images")
-            return np.asarray(img.convert("RGB"))
+            return pixels(img)
     except _READ_ERRORS as err:
         raise _unreadable(path, err) from None
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """uint8 RGB of an 8-bit file, the network's input; grey, palette and alpha images become RGB
+    as Pillow converts them. 16-bit and float files are refused (see :func:`_read_8bit`)."""
+    return _read_8bit(path, lambda img: np.asarray(img.convert("RGB")))
+
+
+def _as_matlab_reads(img: Image.Image, path: Path) -> np.ndarray:
+    """What imread gives of 8-bit colour (HxWx3) and grey (HxW) files; what it gives of others the
+    scripts cannot score."""
+    if img.mode in ("RGB", "RGBA"):
+        return np.asarray(img.convert("RGB"))
+    if img.mode in ("L", "LA"):
+        return np.asarray(img.convert("L"))
+    what = ("a palette image (MATLAB's imread gives its colour indices, not its colours)" if img.mode in ("P", "PA")
+            else f"a {img.mode} image")
+    raise ValueError(f"{path}: {what}, which the MATLAB scripts cannot score; save it as RGB or grey")
+
+
+def read_scored(path: Path) -> np.ndarray:
+    """uint8 pixels of an 8-bit file as MATLAB's ``imread`` gives them to the scoring scripts:
+    HxWx3 for colour, HxW for grey (alpha, which imread returns apart, dropped). Other modes
+    (palette, whose indices imread returns; 1-bit; CMYK) are refused naming the file, as are
+    16-bit and float files (see :func:`_read_8bit`)."""
+    return _read_8bit(path, lambda img: _as_matlab_reads(img, path))
 
 
 def _half(img: np.ndarray, side: str, path: Path) -> np.ndarray:
@@ -371,18 +396,25 @@ def clean_label(pair: Pair) -> str:
 
 
 def load_clean(pair: Pair) -> np.ndarray:
-    """The clean image of ``pair`` alone, as uint8 RGB HxWx3 (its rainy file is not read)."""
-    clean = read_rgb(pair.target)
+    """The clean image of ``pair`` alone, as :func:`read_scored` gives it (its rainy file is not read)."""
+    clean = read_scored(pair.target)
     return _half(clean, pair.crop[1], pair.target) if pair.crop is not None else clean
 
 
-def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
-    """(rainy, clean) as uint8 RGB HxWx3 arrays of equal size."""
+def _grey_to_rgb(img: np.ndarray) -> np.ndarray:
+    """Three equal channels, as Pillow converts grey to RGB."""
+    return np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
+
+
+def load_pair(pair: Pair, *, scored: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(rainy, clean) as uint8 arrays of equal size: rainy as RGB HxWx3 (:func:`read_rgb`), clean
+    likewise or, with ``scored``, as :func:`read_scored` gives it (HxW for grey files)."""
+    read_clean = read_scored if scored else read_rgb
     if pair.crop is not None:
-        both = read_rgb(pair.input)
-        return _half(both, pair.crop[0], pair.input), _half(both, pair.crop[1], pair.input)
-    rainy, clean = read_rgb(pair.input), read_rgb(pair.target)
-    if rainy.shape != clean.shape:
+        both = read_clean(pair.input)
+        return _grey_to_rgb(_half(both, pair.crop[0], pair.input)), _half(both, pair.crop[1], pair.input)
+    rainy, clean = read_rgb(pair.input), read_clean(pair.target)
+    if rainy.shape[:2] != clean.shape[:2]:
         raise ValueError(
             f"size mismatch: input {pair.input} is {rainy.shape[1]}x{rainy.shape[0]} "
             f"but target {pair.target} is {clean.shape[1]}x{clean.shape[0]}"
