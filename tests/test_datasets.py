@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -102,13 +104,41 @@ def test_paired_source_holds_no_more_than_the_8_bit_pixels(tmp_path):
     assert held_bytes(source) <= 3 * 2 * 40 * 36 * 3
 
 
+def _write_png16_rgb(path: Path, values: np.ndarray) -> None:
+    """A 16-bit RGB PNG written by hand (IHDR depth 16, colour type 2, filter 0 on every row)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    h, w, _ = values.shape
+    rows = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_paired_source_reads_16_bit_pairs_at_full_depth(tmp_path):
+    """Users' own pairs may be 16-bit: value / 65535, not the high byte / 255 nor a refusal; at two
+    bytes a value in the cache."""
+    h, w = 6, 8
+    rainy16 = (1000 + 7 * np.arange(h * w * 3)).reshape(h, w, 3).astype(np.uint16)  # odd steps: not k * 257
+    clean16 = (40001 + 3 * np.arange(h * w)).reshape(h, w).astype(np.uint16)
+    _write_png16_rgb(tmp_path / "pairs" / "input" / "a.png", rainy16)
+    (tmp_path / "pairs" / "target").mkdir()
+    Image.fromarray(clean16).save(tmp_path / "pairs" / "target" / "a.png")  # 16-bit grey (I;16)
+    source = PairedSource(tmp_path / "pairs")
+    rainy, clean = source.sample(0, np.random.default_rng(0), 4)
+    np.testing.assert_allclose(rainy.permute(1, 2, 0).numpy(), rainy16 / 65535, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(clean.permute(1, 2, 0).numpy(), np.repeat(clean16[..., None] / 65535, 3, axis=2),
+                               rtol=0, atol=1e-7)
+    assert held_bytes(source) <= 2 * (h * w * 3) * 2
+
+
 def test_cache_keeps_what_fits_its_budget_and_reads_the_rest_again(tmp_path, monkeypatch):
     """A set larger than the budget trains in bounded memory, with the same pixels."""
     pairs = write_pairs(tmp_path / "pairs", 3, (40, 36))
     pair_bytes = 2 * 40 * 36 * 3
     source = PairedSource(tmp_path / "pairs", cache=DecodedImages(max_bytes=pair_bytes * 3 // 2))
     reads = []
-    monkeypatch.setattr(datasets, "load_pair", lambda pair: reads.append(pair.name) or load_pair(pair))
+    monkeypatch.setattr(datasets, "load_pair", lambda pair, read: reads.append(pair.name) or load_pair(pair, read))
     for _ in range(2):
         for index in range(3):
             rainy, clean = source.sample(index, np.random.default_rng(0), 32)

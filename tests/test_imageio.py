@@ -326,6 +326,17 @@ _SIDE_SWAPPING = {
 }
 
 
+@pytest.mark.parametrize("mode", ["RGB", "I;16"])
+def test_orientation_left_as_stored_on_request(tmp_path, mode):
+    """Dataset readers take pixels as stored, as the 8-bit pair reader (and MATLAB) do."""
+    a = RNG.integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    stored = a if mode == "RGB" else a[..., 0].astype(np.uint16) * 257 + a[..., 1]
+    Image.fromarray(stored).save(tmp_path / "o.png", exif=_exif(6))
+    ph = read_photo(tmp_path / "o.png", apply_orientation=False)
+    got = _u8(ph.rgb) if mode == "RGB" else _u16(ph.rgb[..., 0])
+    np.testing.assert_array_equal(got, stored)
+
+
 @pytest.mark.parametrize("orientation", sorted(_SIDE_SWAPPING))
 @pytest.mark.parametrize("mode", ["L", "RGBA", "I;16"])
 def test_uncompressed_tiff_with_side_swapping_orientation(tmp_path, mode, orientation):

@@ -592,11 +592,13 @@ def _decode_reason(err: BaseException) -> str:
     return f"cannot decode image ({type(err).__name__}: {msg})" if msg else f"cannot decode image ({type(err).__name__})"
 
 
-def read_photo(path: PathLike, *, max_pixels: int | None = None) -> Photo:
+def read_photo(path: PathLike, *, max_pixels: int | None = None, apply_orientation: bool = True) -> Photo:
     """Read a photo file as a :class:`Photo` (see the module docstring for what is kept).
 
     ``max_pixels``: refuse larger images (None: :data:`DEFAULT_MAX_PIXELS` or the
-    ``NERDRAIN_MAX_PIXELS`` environment variable; 0: no limit).
+    ``NERDRAIN_MAX_PIXELS`` environment variable; 0: no limit). ``apply_orientation=False`` leaves
+    the pixels as Pillow decodes them (it applies a TIFF's own orientation, not a PNG's or JPEG's
+    EXIF), as the dataset readers of :mod:`nerdrain.data.pairs` take 8-bit files.
     Raises :class:`ImageReadError` for missing, unreadable, non-image, truncated or
     too-large files; the pixels are fully decoded here so truncation is caught here.
     """
@@ -619,7 +621,7 @@ def read_photo(path: PathLike, *, max_pixels: int | None = None) -> Photo:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                photo = _read_locked(p, path, limit)
+                photo = _read_locked(p, path, limit, apply_orientation)
         finally:
             Image.MAX_IMAGE_PIXELS = old_limit
     return _warnings_as_notes(photo, caught)
@@ -641,7 +643,7 @@ def _warnings_as_notes(photo: Photo, caught: list[warnings.WarningMessage]) -> P
     return dataclasses.replace(photo, notes=tuple(dict.fromkeys((*photo.notes, *notes))))
 
 
-def _read_locked(p: Path, path: PathLike, limit: int) -> Photo:
+def _read_locked(p: Path, path: PathLike, limit: int, apply_orientation: bool) -> Photo:
     # Opened from a file object, not the path: given a path, Pillow memory-maps uncompressed
     # single-strip images, and for a TIFF whose orientation swaps the sides (5 to 8) it maps the
     # strip with the swapped size, scrambling the pixels.
@@ -652,7 +654,7 @@ def _read_locked(p: Path, path: PathLike, limit: int) -> Photo:
     except OSError as e:
         raise ImageReadError(path, f"cannot open file ({e.strerror or e})") from None
     with fh:
-        return _read_open(fh, p, path, limit)
+        return _read_open(fh, p, path, limit, apply_orientation)
 
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")  # little- and big-endian
@@ -717,7 +719,7 @@ def _reader_says(reader, fh) -> str:
         return " ".join(str(e).split()) or type(e).__name__
 
 
-def _read_open(fh, p: Path, path: PathLike, limit: int) -> Photo:
+def _read_open(fh, p: Path, path: PathLike, limit: int, apply_orientation: bool) -> Photo:
     try:
         img = Image.open(fh)
     except UnidentifiedImageError:
@@ -747,7 +749,7 @@ def _read_open(fh, p: Path, path: PathLike, limit: int) -> Photo:
         try:
             pixels16 = _decode_16bit(p, img)
             img.load()
-            photo = photo_from_pil(img, apply_exif_orientation=True, _pixels16=pixels16)
+            photo = photo_from_pil(img, apply_exif_orientation=apply_orientation, _pixels16=pixels16)
             return dataclasses.replace(photo, frames=max(1, int(getattr(img, "n_frames", 1))))
         except ImageReadError:
             raise

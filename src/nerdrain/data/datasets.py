@@ -18,13 +18,18 @@ from torch.utils.data import Dataset, Sampler
 from ..config import DataConfig
 from ..imageio import DATASET_EXTENSIONS, read_photo
 from .augment import AugmentConfig, augment_pair, reflect_pad_to
-from .pairs import find_pairs, load_pair
+from .pairs import find_pairs, load_pair, read_training
 from .synth import RainMixer
 
 
 
+_INTEGER_PEAKS = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
 def _to_tensor(img: np.ndarray) -> torch.Tensor:
-    array = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
+    """CHW float32 in [0, 1] of an HxWx3 image: 8- or 16-bit integers over their peak, floats as they are."""
+    peak = _INTEGER_PEAKS.get(img.dtype)
+    array = img.astype(np.float32) / np.float32(peak) if peak else img.astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
@@ -53,8 +58,9 @@ class DecodedImages:
 
 
 class PairedSource:
-    """Real (rainy, clean) pairs from any layout :func:`find_pairs` knows, kept as 8-bit pixels
-    (one byte a value, not float32's four) and converted per sample."""
+    """Real (rainy, clean) pairs from any layout :func:`find_pairs` knows, kept as 8- or 16-bit
+    pixels (:func:`read_training`: one or two bytes a value, not float32's four) and converted per
+    sample."""
 
     def __init__(self, root: str | Path, layout: str | None = None, cache: DecodedImages | None = None):
         self.pairs = find_pairs(root, layout)
@@ -65,7 +71,7 @@ class PairedSource:
 
     def sample(self, index: int, rng: np.random.Generator, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         pair = self.pairs[index]
-        rainy, clean = self.cache.get(("pair", pair.input, pair.target, pair.crop), lambda: load_pair(pair))
+        rainy, clean = self.cache.get(("pair", pair.input, pair.target, pair.crop), lambda: load_pair(pair, read_training))
         return _to_tensor(rainy), _to_tensor(clean)
 
 

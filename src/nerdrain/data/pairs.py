@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from ..files import same_file
-from ..imageio import DATASET_EXTENSIONS, stores_16_bits
+from ..imageio import DATASET_EXTENSIONS, read_photo, stores_16_bits
 
 __all__ = [
     "LAYOUTS",
@@ -45,6 +45,7 @@ __all__ = [
     "match_predictions",
     "read_rgb",
     "read_scored",
+    "read_training",
 ]
 
 LAYOUTS: Final = ("input_target", "prenet", "ddn", "jorder", "did")
@@ -344,23 +345,43 @@ def _unreadable(path: Path, err: BaseException) -> ValueError:
     return ValueError(f"{path}: cannot read the image ({reason})")
 
 
-def _read_8bit(path: Path, pixels: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
-    """``pixels`` of the opened file; 16-bit and float files are refused: MATLAB would read them at
-    full depth, not as 8 bits."""
+def _read_8bit(path: Path, pixels: Callable[[Image.Image], np.ndarray],
+               read_16_bits: Callable[[Path], np.ndarray] | None = None) -> np.ndarray:
+    """``pixels`` of the opened file. 16-bit files go to ``read_16_bits``; without it, they are
+    refused, and so are float files: MATLAB would read them at full depth, not as 8 bits."""
     try:
         with Image.open(path) as img:
-            depth = "16-bit" if stores_16_bits(img) else f"32-bit {img.mode}" if img.mode in ("I", "F") else None
-            if depth:
-                raise ValueError(f"{path}: {depth} images are not supported; use 8-bit images")
-            return pixels(img)
+            deep = stores_16_bits(img)
+            if not (deep and read_16_bits):
+                depth = "16-bit" if deep else f"32-bit {img.mode}" if img.mode in ("I", "F") else None
+                if depth:
+                    raise ValueError(f"{path}: {depth} images are not supported; use 8-bit images")
+                return pixels(img)
     except _READ_ERRORS as err:
         raise _unreadable(path, err) from None
+    return read_16_bits(path)
+
+
+def _rgb(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB"))
 
 
 def read_rgb(path: Path) -> np.ndarray:
     """uint8 RGB of an 8-bit file, the network's input; grey, palette and alpha images become RGB
     as Pillow converts them. 16-bit and float files are refused (see :func:`_read_8bit`)."""
-    return _read_8bit(path, lambda img: np.asarray(img.convert("RGB")))
+    return _read_8bit(path, _rgb)
+
+
+def _rgb_16_bits(path: Path) -> np.ndarray:
+    """uint16 RGB at full depth (Pillow alone keeps only the high bytes of colour files)."""
+    return np.rint(read_photo(path, apply_orientation=False).rgb * 65535).astype(np.uint16)
+
+
+def read_training(path: Path) -> np.ndarray:
+    """Training pixels: :func:`read_rgb`'s uint8 RGB of 8-bit files, and uint16 RGB of 16-bit ones
+    at full depth (users' own pairs may be 16-bit; the benchmarks' are 8-bit), both as Pillow
+    decodes them, without EXIF orientation, so that a pair mixing the two stays aligned."""
+    return _read_8bit(path, _rgb, _rgb_16_bits)
 
 
 def _as_matlab_reads(img: Image.Image, path: Path) -> np.ndarray:
@@ -406,14 +427,16 @@ def _grey_to_rgb(img: np.ndarray) -> np.ndarray:
     return np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
 
 
-def load_pair(pair: Pair, *, scored: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(rainy, clean) as uint8 arrays of equal size: rainy as RGB HxWx3 (:func:`read_rgb`), clean
-    likewise or, with ``scored``, as :func:`read_scored` gives it (HxW for grey files)."""
-    read_clean = read_scored if scored else read_rgb
+def load_pair(pair: Pair, read: Callable[[Path], np.ndarray] = read_rgb, *,
+              scored: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(rainy, clean) of equal size, as ``read`` gives them (uint8 RGB HxWx3 by default;
+    :func:`read_training` for training); with ``scored``, clean as :func:`read_scored` gives it
+    (HxW for grey files)."""
+    read_clean = read_scored if scored else read
     if pair.crop is not None:
         both = read_clean(pair.input)
         return _grey_to_rgb(_half(both, pair.crop[0], pair.input)), _half(both, pair.crop[1], pair.input)
-    rainy, clean = read_rgb(pair.input), read_clean(pair.target)
+    rainy, clean = read(pair.input), read_clean(pair.target)
     if rainy.shape[:2] != clean.shape[:2]:
         raise ValueError(
             f"size mismatch: input {pair.input} is {rainy.shape[1]}x{rainy.shape[0]} "
