@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nerdrain.data.pairs import LAYOUTS, Pair, detect_layout, find_pairs, load_pair, read_rgb
+from nerdrain.data.pairs import LAYOUTS, Pair, detect_layout, find_pairs, image_size, load_pair, read_rgb
 from nerdrain.imageio import Photo, write_photo
 
 from conftest import DATA  # the one place ../shared is located (NERDRAIN_SHARED overrides)
@@ -252,6 +252,25 @@ def test_16_bit_colour_files_are_refused_not_cut_to_8_bits(tmp_path: Path, alpha
     with pytest.raises(ValueError, match="16-bit") as err:
         read_rgb(deep)
     assert str(deep) in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_image_size_reads_files_to_their_end(tmp_path: Path, suffix: str) -> None:
+    """Truncated in its pixels, past the header Image.open reads: refused naming the file. A PNG
+    that lost only its end marker (IEND, 12 bytes) fails its checksum walk but has every pixel, as
+    read_rgb reads it: accepted."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"a{suffix}"
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
+    intact = path.read_bytes()
+    assert image_size(path) == (40, 30)
+    path.write_bytes(intact[: len(intact) * 2 // 3])
+    with pytest.raises(ValueError, match="cannot read the image") as err:
+        image_size(path)
+    assert str(err.value).startswith(f"{path}: ")
+    if suffix == ".png":
+        path.write_bytes(intact[:-12])
+        assert image_size(path) == (40, 30) and read_rgb(path).shape == (30, 40, 3)
 
 
 def test_unreadable_file_in_a_did_folder_is_named_during_detection(tmp_path: Path) -> None:

@@ -1014,7 +1014,7 @@ def test_a_data_worker_error_is_one_line_and_the_run_exits(tmp_path):
     image = root / "input" / "0.png"
     image.write_bytes(image.read_bytes()[:120])  # truncated
     config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump(config_dict(root, data={"num_workers": 1})))
+    config.write_text(yaml.safe_dump(config_dict(root, data={"num_workers": 1, "check_files": False})))
     env = subprocess_env()
     result = subprocess.run([sys.executable, "-m", "nerdrain.cli", "train", str(config), "--out", str(tmp_path / "run"),
                              "-q"], env=env, capture_output=True, text=True, timeout=120)
@@ -1023,11 +1023,32 @@ def test_a_data_worker_error_is_one_line_and_the_run_exits(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: training data: ") and str(image) in lines[0]
 
 
+def test_bad_files_are_named_before_training_starts(tmp_path):
+    """Found when first drawn, a bad file would stop a run hours in: every training and validation
+    file is read at the start (a truncated PNG cut in its pixels, past the header Image.open reads,
+    a pair of two sizes, a palette clean image validation cannot score), all named in one line."""
+    root = make_pairs(tmp_path / "pairs", count=3)
+    cut = root / "input" / "1.png"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size * 2 // 3])
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(root / "target" / "2.png")  # input is 52 wide
+    val = make_pairs(tmp_path / "val", count=2)
+    Image.open(val / "target" / "0.png").convert("P").save(val / "target" / "0.png")
+    cfg = make_config(root, val={"root": str(val)})
+    with pytest.raises(ValueError, match=r"^3 training or validation file\(s\) cannot be used") as err:
+        Trainer(cfg, tmp_path / "run", progress=False)
+    message = str(err.value)
+    assert "\n" not in message and f"{cut}: cannot read the image" in message
+    assert f"input {root / 'input' / '2.png'} is 52x40 but target {root / 'target' / '2.png'} is 50x40" in message
+    assert f"{val / 'target' / '0.png'}: a palette image" in message
+    assert not (tmp_path / "run").exists()
+    Trainer(make_config(root, val={"root": str(val)}, data={"check_files": False}), tmp_path / "run", progress=False)
+
+
 def test_a_bad_file_found_mid_run_keeps_the_iterations_done(tmp_path, capsys):
     """The iterations since the last checkpoint are complete when a bad file is drawn: they are
     checkpointed before the error, and --resume goes on from there once the file is fixed."""
     root = make_pairs(tmp_path / "pairs", count=3)
-    cfg = make_config(root, iterations=12, checkpoint_every=100)
+    cfg = make_config(root, iterations=12, checkpoint_every=100, data={"check_files": False})  # found when drawn
     stream = build_stream(cfg)
     names = [pair.name for pair in stream.sources[0].pairs]
     bad = stream.choose(3)[1]  # what sample 3 (iteration 4, batch 1) draws
@@ -1053,7 +1074,8 @@ def test_a_bad_validation_file_keeps_the_iterations_done(tmp_path, data_root, ca
     image = val / "input" / "1.png"
     intact = image.read_bytes()
     image.write_bytes(intact[:120])  # truncated
-    cfg = make_config(data_root, val={"root": str(val), "every": 2}, checkpoint_every=100)
+    cfg = make_config(data_root, val={"root": str(val), "every": 2}, checkpoint_every=100,
+                      data={"check_files": False})  # found at the first validation
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"^validation: 1 of 2 image\(s\) could not be scored") as err:
         train(cfg, out, progress=False)
@@ -1082,7 +1104,7 @@ def test_under_torchrun_a_process_that_loses_another_says_so_in_one_line(tmp_pat
     """Rank 1 draws a bad file: it reports it; rank 0, whose next collective then fails, says in
     one line that another process stopped, instead of a traceback from inside DDP."""
     root = make_pairs(tmp_path / "pairs", count=6)  # pairs are first drawn in epoch 0: at samples 0-5
-    base = config_dict(root, iterations=12, checkpoint_every=100)
+    base = config_dict(root, iterations=12, checkpoint_every=100, data={"check_files": False})  # found when drawn
     stream = build_stream(from_dict(TrainConfig, base))
     first_draw = {}
     for n in range(2 * base["iterations"]):  # 2 processes x batch 1: rank n % 2 reads sample n

@@ -113,6 +113,7 @@ class DataConfig:
     flips: bool = True
     saturation_prob: float = 1 / 3
     cache_mb: int = 2048  # decoded images each data-loading process keeps; past it, read at each use
+    check_files: bool = True  # read every training and validation file at the start, not when first drawn
 
     def __post_init__(self):
         _require(self.patch_size > 0 and self.patch_size % 16 == 0, "patch_size",

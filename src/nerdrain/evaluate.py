@@ -66,6 +66,7 @@ __all__ = [
     "evaluate_model",
     "evaluate_folders",
     "evaluate_saved",
+    "scoring_problems",
     "format_table",
     "write_json",
     "write_csv",
@@ -154,8 +155,7 @@ def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "ra
     with torch.inference_mode():
         for pair in tqdm(pairs, desc="evaluate", disable=not progress, leave=False):
             try:
-                rainy, clean = load_pair(pair, scored=True)
-                check_scorable(clean, protocol, clean_label(pair))
+                rainy, clean = _load_scorable(pair, protocol)
             except ValueError as err:  # a bad file: the others are still run (see _check_all_scored)
                 report.failed.append(str(err))
                 continue
@@ -181,6 +181,25 @@ def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "ra
                 report.failed.append(f"{pair.input}: {err}")
     _check_all_scored(report)
     return report
+
+
+def _load_scorable(pair: Pair, protocol: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rainy RGB, clean as the protocol's script reads it), or the ValueError naming the file."""
+    rainy, clean = load_pair(pair, scored=True)
+    check_scorable(clean, protocol, clean_label(pair))
+    return rainy, clean
+
+
+def scoring_problems(pairs: Sequence[Pair], protocol: str) -> list[str]:
+    """``"file: why"`` for each pair :func:`evaluate_pairs` would fail to score for its files
+    (all are read: a validation set is small), so that training can learn of them at its start."""
+    problems = []
+    for pair in pairs:
+        try:
+            _load_scorable(pair, protocol)
+        except ValueError as err:
+            problems.append(str(err))
+    return problems
 
 
 def _tiled(model: Restorer, cfg: TileConfig) -> Restorer:

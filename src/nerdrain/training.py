@@ -36,10 +36,10 @@ from .accel import FastPathWarning
 from .checkpoint import TORCH_MAGIC, CheckpointError, load_default_model, load_model, save_model, torch_load
 from .config import ConfigError, TrainConfig, to_dict
 from .data.augment import AugmentConfig
-from .data.datasets import DecodedImages, PairedSource, StreamSampler, SyntheticSource, TrainingStream
-from .data.pairs import find_pairs
+from .data.datasets import DecodedImages, PairedSource, StreamSampler, SyntheticSource, TrainingStream, file_problems
+from .data.pairs import find_pairs, shortened
 from .devices import resolve_device
-from .evaluate import EvalReport, IncompleteEvaluation, evaluate_pairs
+from .evaluate import EvalReport, IncompleteEvaluation, evaluate_pairs, scoring_problems
 from .files import atomic_write, remove_stale_temporaries, same_file
 from .losses import NeRDRainLoss
 from .models import NeRDRain, create_model
@@ -490,6 +490,9 @@ class Trainer:
         self.device = training_device(cfg.device, self.dist)
         # Listed on every process, so that a bad folder stops all of them here, not rank 0 alone.
         self.val_pairs = find_pairs(cfg.val.root)[: cfg.val.max_images] if cfg.val.root else []
+        self.stream = build_stream(cfg)
+        if cfg.data.check_files:
+            self._check_files()
         torch.manual_seed(cfg.seed)  # identical initial weights in every process
         self.model: NeRDRain = build_model(cfg)
         if cfg.model.weights and self.resumed_from is None:
@@ -508,6 +511,17 @@ class Trainer:
         self.best_psnr = -math.inf
         if self.resumed_from is not None:
             self.load_state_dict(load_training_checkpoint(self.resumed_from, self.device))
+
+    def _check_files(self) -> None:
+        """Read every training and validation file now, each process its share: a bad one would
+        otherwise stop the run when first drawn, hours in maybe (the training files are checked
+        without decoding PNGs, see :func:`nerdrain.data.datasets.file_problems`)."""
+        rank, world = self.dist.rank, self.dist.world_size
+        problems = (file_problems(self.stream.sources, rank, world, self.progress)
+                    + scoring_problems(self.val_pairs[rank::world], self.cfg.val.protocol))
+        if problems:
+            raise ValueError(f"{len(problems)} training or validation file(s) cannot be used (found before training; "
+                             f"data.check_files: false skips this check): {shortened(problems, '; ')}")
 
     @contextmanager
     def _errors_reported_once(self) -> Iterator[None]:
@@ -610,7 +624,7 @@ class Trainer:
             split = {"data.batch_size"} if "world_size" in state else set()
             changed = _changed_keys(saved, current, ignore={"iterations", "val", "log_every", "checkpoint_every",
                                                             "device", "model.weights", "data.num_workers",
-                                                            "data.cache_mb", *split})
+                                                            "data.cache_mb", "data.check_files", *split})
             if changed:
                 tqdm.write(f"note: resuming with changed settings ({', '.join(changed)}): the run goes on "
                            "differently from one that was never interrupted")
@@ -740,7 +754,7 @@ class Trainer:
                     f.write(yaml.safe_dump(to_dict(cfg)).encode())
             _check_temp_dir_for_workers(cfg.data.num_workers)
             loader = DataLoader(
-                build_stream(cfg), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                self.stream, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                 sampler=StreamSampler(cfg.data.batch_size, self.dist.rank, self.dist.world_size, self.samples),
                 pin_memory=self.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
                 worker_init_fn=_ignore_stop_signals,

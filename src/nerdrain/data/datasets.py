@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from ..imageio import DATASET_EXTENSIONS, read_photo
 from .augment import AugmentConfig, augment_pair, reflect_pad_to
-from .pairs import find_pairs, load_pair, read_training
+from .pairs import check_pair_sizes, find_pairs, image_size, load_pair, read_training
 from .synth import RainMixer
 
 
@@ -115,6 +116,30 @@ class SyntheticSource:
             clean = clean[:, top:top + patch_size, left:left + patch_size].contiguous()
         rainy = self.mixer.render(clean.permute(1, 2, 0).numpy(), rng)
         return _to_tensor(rainy), clean
+
+
+def file_problems(sources: Sequence[PairedSource | SyntheticSource], rank: int = 0, world: int = 1,
+                  progress: bool = False) -> list[str]:
+    """``"file: why"`` for each file of ``sources`` that would stop training when drawn (unreadable,
+    or a pair of two sizes), found without decoding PNGs (:func:`image_size`); this process's share
+    of them: every ``world``-th pair and photo from ``rank``."""
+    pairs = [pair for source in sources if isinstance(source, PairedSource) for pair in source.pairs][rank::world]
+    photos = [path for source in sources if isinstance(source, SyntheticSource) for path in source.paths][rank::world]
+    files = dict.fromkeys([path for pair in pairs for path in (pair.input, pair.target)] + photos)  # DDN shares clean files
+    sizes: dict[Path, tuple[int, int]] = {}
+    problems = []
+    for path in tqdm(files, desc="check data", disable=not progress, leave=False):
+        try:
+            sizes[path] = image_size(path)
+        except ValueError as err:
+            problems.append(str(err))
+    for pair in pairs:
+        if pair.input in sizes and pair.target in sizes:
+            try:
+                check_pair_sizes(pair, sizes[pair.input], sizes[pair.target])
+            except ValueError as err:
+                problems.append(str(err))
+    return problems
 
 
 # Tells the epoch orders' random streams apart from the samples' (which are keyed [seed, n]).
