@@ -1,4 +1,5 @@
-"""The Triton LayerNorm kernel (GPU inference) against float64 LayerNorm and the golden outputs.
+"""The Triton LayerNorm kernels (forward, and backward for training) against float64 LayerNorm,
+the golden outputs and PyTorch's LayerNorm in a training step.
 
 Without a GPU the kernel runs in Triton's interpreter on the CPU, in a subprocess (the interpreter
 is chosen when the kernel is first compiled, so it needs a fresh process with ``TRITON_INTERPRET``
@@ -33,10 +34,8 @@ SHAPES = [(1, 48, 17, 23), (2, 96, 9, 11), (1, 192, 5, 7), (1, 3, 4, 4), (2, 255
 DTYPES = [("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16")]  # (map, weights)
 
 
-def kernel_errors(device: str) -> dict[str, float]:
-    """Worst error against float64 LayerNorm of the same (rounded) inputs, in units of the output
-    dtype's rounding step at 1 (so bf16 rounding of outputs near 8 counts as 8 units)."""
-    errors = {}
+def cases(device: str):
+    """(name, channels-last map, weight, bias) for each of SHAPES and DTYPES, rounded to the dtype."""
     torch.manual_seed(0)
     for shape in SHAPES:
         for x_dtype, w_dtype in DTYPES:
@@ -44,12 +43,100 @@ def kernel_errors(device: str) -> dict[str, float]:
             x = (torch.randn(shape) * 3 + 1).to(getattr(torch, x_dtype)).to(device)
             x = x.contiguous(memory_format=torch.channels_last)
             w, b = (torch.randn(c) * 0.5 + 1).to(getattr(torch, w_dtype)), torch.randn(c).to(getattr(torch, w_dtype))
-            y = triton_ln.layer_norm_channels_last(x, w.to(device), b.to(device), 1e-5)
-            assert y.dtype == x.dtype and y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
-            ref = F.layer_norm(x.double().permute(0, 2, 3, 1), (c,), w.double(), b.double(), 1e-5).permute(0, 3, 1, 2)
-            step = torch.finfo(x.dtype).eps
-            errors[f"{shape} {x_dtype}/{w_dtype}"] = ((y.double().cpu() - ref.cpu()).abs().max() / step).item()
+            yield f"{shape} {x_dtype}/{w_dtype}", x, w.to(device), b.to(device)
+
+
+def kernel_errors(device: str) -> dict[str, float]:
+    """Worst error against float64 LayerNorm of the same (rounded) inputs, in units of the output
+    dtype's rounding step at 1 (so bf16 rounding of outputs near 8 counts as 8 units)."""
+    errors = {}
+    for case, x, w, b in cases(device):
+        c = x.shape[1]
+        y = triton_ln.layer_norm_channels_last(x, w, b, 1e-5)
+        assert y.dtype == x.dtype and y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+        ref = F.layer_norm(x.double().permute(0, 2, 3, 1), (c,), w.double(), b.double(), 1e-5).permute(0, 3, 1, 2)
+        step = torch.finfo(x.dtype).eps
+        errors[case] = ((y.double().cpu() - ref.cpu()).abs().max() / step).item()
     return errors
+
+
+def gradient_errors(device: str) -> dict[str, float]:
+    """The training path's output and input, weight and bias gradients (for a random upstream
+    gradient in the map's dtype) against float64 autograd through LayerNorm of the same rounded
+    inputs: worst error in units of each result's own dtype's rounding step at its largest value."""
+    errors = {}
+    for case, x, w, b in cases(device):
+        dy = torch.randn(x.shape).to(x.dtype).to(device)
+        inputs = [t.detach().requires_grad_() for t in (x, w, b)]
+        y = triton_ln.LayerNormChannelsLast.apply(*inputs, 1e-5)
+        results = [y, *torch.autograd.grad(y, inputs, dy)]
+        assert [t.dtype for t in results] == [x.dtype, x.dtype, w.dtype, w.dtype]
+        assert all(t.is_contiguous(memory_format=torch.channels_last) for t in results[:2])
+        exact = [t.detach().cpu().double().requires_grad_() for t in (x, w, b)]
+        ref = F.layer_norm(exact[0].permute(0, 2, 3, 1), x.shape[1:2], exact[1], exact[2], 1e-5).permute(0, 3, 1, 2)
+        refs = [ref, *torch.autograd.grad(ref, exact, dy.cpu().double())]
+        for name, result, expected in zip(("y", "dx", "dweight", "dbias"), results, refs):
+            units = torch.finfo(result.dtype).eps * expected.abs().max()
+            errors[f"{case} {name}"] = ((result.detach().cpu().double() - expected).abs().max() / units).item()
+    return errors
+
+
+def training_step_errors(device: str) -> dict:
+    """A NeRD-Rain-S (dim 8) training step (forward_all, NeRDRainLoss, backward) on channels-last
+    fp32 maps on ``device``, through the Triton kernels and through PyTorch's LayerNorm, plain and
+    with activation checkpointing: each one's worst parameter gradient error against the step in
+    float64 on the CPU (PyTorch's LayerNorm), relative to that gradient's largest value; with the
+    LayerNorm calls and the kernels' forward and backward calls."""
+    from unittest import mock
+
+    from nerdrain import create_model
+    from nerdrain.losses import NeRDRainLoss
+
+    calls = {"layer_norm": 0, "forward": 0, "backward": 0}
+
+    def counted(name, function):
+        return lambda *args, **kwargs: calls.__setitem__(name, calls[name] + 1) or function(*args, **kwargs)
+
+    def gradients(on: str, dtype: torch.dtype, triton: bool, checkpointing: bool = False) -> list:
+        torch.manual_seed(0)
+        model = create_model("nerd_rain_s", dim=8).to(on, dtype, memory_format=torch.channels_last)
+        model.set_activation_checkpointing(checkpointing).train()
+        for module in model.modules():
+            if isinstance(module, LayerNorm2d):
+                module.register_forward_hook(lambda *_: calls.__setitem__("layer_norm", calls["layer_norm"] + 1))
+        g = torch.Generator().manual_seed(1)
+        x, target = (torch.rand(2, 3, 32, 32, generator=g).to(on, dtype).contiguous(memory_format=torch.channels_last)
+                     for _ in range(2))
+        with mock.patch.object(triton_ln, "DEVICES", {on} if triton else set()):
+            NeRDRainLoss()(model.forward_all(x), target)[0].backward()
+        return [None if p.grad is None else p.grad.cpu().double() for p in model.parameters()]
+
+    def worst_error(grads: list) -> float:
+        assert [g is None for g in grads] == [r is None for r in exact]  # the same parameters unused
+        return max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, exact) if r is not None)
+
+    exact = gradients("cpu", torch.float64, triton=False)
+    result = {}
+    with (mock.patch.object(triton_ln, "_forward", counted("forward", triton_ln._forward)),
+          mock.patch.object(triton_ln, "layer_norm_channels_last_backward",
+                            counted("backward", triton_ln.layer_norm_channels_last_backward))):
+        for checkpointing in (False, True):
+            pytorch = worst_error(gradients(device, torch.float32, False, checkpointing))
+            calls.update(dict.fromkeys(calls, 0))
+            triton = worst_error(gradients(device, torch.float32, True, checkpointing))
+            result[f"checkpointing={checkpointing}"] = {"triton": triton, "pytorch": pytorch, **calls}
+    return result
+
+
+def assert_training_step_matches(result: dict) -> None:
+    # Gradients as close to float64's as PyTorch's LayerNorm in float32 gets (about 2e-4 of the
+    # largest, on the CPU), from every LayerNorm of the step through the kernels
+    plain, recomputed = result["checkpointing=False"], result["checkpointing=True"]
+    for case in (plain, recomputed):
+        assert case["triton"] <= 1.5 * case["pytorch"] + 1e-6, result
+    assert plain["layer_norm"] > 0 and plain["backward"] == plain["forward"] == plain["layer_norm"], result
+    # activation checkpointing runs each transformer block's forward again in the backward
+    assert recomputed["backward"] == plain["backward"] and recomputed["forward"] > plain["forward"], result
 
 
 def interpreted(code: str) -> dict:
@@ -59,6 +146,12 @@ def interpreted(code: str) -> dict:
                             env=env, cwd=ROOT / "tests", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def assert_gradients_within_rounding(errors: dict[str, float]) -> None:
+    # each result within a few rounding steps of its own dtype at its largest value (measured: 1.5)
+    for case, units in errors.items():
+        assert units <= 4, (case, units)
 
 
 def assert_within_rounding(errors: dict[str, float]) -> None:
@@ -101,14 +194,31 @@ def test_golden_model_through_the_kernel_in_the_interpreter():
     assert calls == 2 * 156  # every LayerNorm of both golden cases
 
 
+@TRITON
+def test_training_kernels_equal_float64_layer_norm_gradients_in_the_interpreter():
+    assert_gradients_within_rounding(interpreted("""
+        import json, test_triton_ln
+        print(json.dumps(test_triton_ln.gradient_errors("cpu")))
+    """))
+
+
+@TRITON
+def test_training_step_through_the_kernels_in_the_interpreter_equals_pytorchs():
+    assert_training_step_matches(interpreted("""
+        import json, test_triton_ln
+        print(json.dumps(test_triton_ln.training_step_errors("cpu")))
+    """))
+
+
 def test_used_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(triton_ln, "available", lambda: True)
     monkeypatch.setattr(triton_ln, "DEVICES", {"cpu"})
     x = torch.rand(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        assert triton_ln.applies(x)
-        assert not triton_ln.applies(x.contiguous())  # NCHW rows are not contiguous
-    assert not triton_ln.applies(x)  # autograd: PyTorch's kernel, which has a backward
+    assert triton_ln.applies(x)  # with autograd too: the kernels with a backward
+    assert not triton_ln.applies(x.contiguous())  # NCHW rows are not contiguous
+    monkeypatch.setattr(triton_ln, "is_compiling", lambda: True)
+    assert not triton_ln.applies(x)  # inductor fuses its own
+    monkeypatch.setattr(triton_ln, "is_compiling", lambda: False)
     monkeypatch.setattr(triton_ln, "DEVICES", {"cuda"})
     with torch.no_grad():
         assert not triton_ln.applies(x)
@@ -121,6 +231,20 @@ def test_used_only_where_it_applies(monkeypatch):
 @TRITON
 def test_cuda_kernel_equals_float64_layer_norm():
     assert_within_rounding(kernel_errors("cuda"))
+
+
+@CUDA
+@TRITON
+def test_cuda_triton_training_kernels_equal_float64_layer_norm_gradients():
+    assert_gradients_within_rounding(gradient_errors("cuda"))
+
+
+@CUDA
+@TRITON
+def test_cuda_triton_training_step_equals_pytorchs(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert_training_step_matches(training_step_errors("cuda"))
 
 
 @CUDA
@@ -159,3 +283,50 @@ def test_a_failing_kernel_warns_once_and_pytorch_takes_over(monkeypatch):
             torch.testing.assert_close(norm(x), expected)
         torch.testing.assert_close(norm(x), expected)  # no second attempt, no second warning
     assert calls == [1] and not triton_ln.DEVICES
+
+
+def pytorch_layer_norm_with_statistics(x, weight, bias, eps, stats):
+    """What the Triton forward returns, computed by PyTorch: for the backward's fallback without Triton."""
+    rows = x.permute(0, 2, 3, 1).float()
+    var, mean = torch.var_mean(rows, dim=-1, correction=0)
+    y = F.layer_norm(rows, rows.shape[-1:], weight.float(), bias.float(), eps).permute(0, 3, 1, 2)
+    return y.to(x.dtype), mean.flatten(), (var + eps).rsqrt().flatten()
+
+
+@pytest.mark.parametrize("failing", ["forward", "backward"])
+def test_a_failing_training_kernel_warns_once_and_pytorch_takes_over(monkeypatch, failing):
+    """In training the forward kernel failing gives PyTorch's LayerNorm; the backward kernel failing
+    (after the forward ran) gives PyTorch's gradients for the saved inputs, and its LayerNorm after."""
+    monkeypatch.setattr(triton_ln, "available", lambda: True)
+    monkeypatch.setattr(triton_ln, "DEVICES", {"cpu"})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler for this GPU")
+
+    if failing == "forward":
+        monkeypatch.setattr(triton_ln, "_forward", broken)
+    else:
+        monkeypatch.setattr(triton_ln, "_forward", pytorch_layer_norm_with_statistics)
+        monkeypatch.setattr(triton_ln, "layer_norm_channels_last_backward", broken)
+    torch.manual_seed(0)
+    norm = LayerNorm2d(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 8, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(2, 8, 4, 5, dtype=torch.float64)
+
+    def gradients(module, x):
+        x = x.detach().requires_grad_()
+        return torch.autograd.grad(module(x), [x, *module.parameters()], dy)
+
+    expected = gradients(norm.double(), x.contiguous())  # NCHW: PyTorch's LayerNorm
+    x32, norm32 = x.float(), LayerNorm2d(8)
+    norm32.load_state_dict(norm.float().state_dict())
+    with pytest.warns(UserWarning, match="Triton LayerNorm failed.*no compiler"):
+        first = gradients(norm32, x32)
+    assert not triton_ln.DEVICES
+    second = gradients(norm32, x32)  # PyTorch's from now on, no second warning
+    for got in (first, second):
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)

@@ -30,7 +30,8 @@ class LayerNorm2d(nn.Module):
     fp32: for half-precision maps with half-precision weights (``model.to(torch.bfloat16)``) the
     kernel does so itself, reading and writing the half map (autocast would otherwise cast the map
     to fp32 and back, two more passes over it); for half maps with fp32 weights (autocast alone)
-    the map is cast up and the result down.
+    the map is cast up and the result down. Channels-last maps on GPUs with Triton go through
+    :mod:`~nerdrain.models.triton_ln`'s kernels instead (in training too), which do neither.
     """
 
     def __init__(self, channels: int, eps: float = 1e-5):
@@ -40,7 +41,7 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if triton_ln.applies(x):  # GPU inference: one Triton kernel, several times faster
+        if triton_ln.applies(x):  # on GPUs: Triton kernels, several times faster (a backward for training)
             y = triton_ln.try_layer_norm(x, self.weight, self.bias, self.eps)
             if y is not None:
                 return y

@@ -1,4 +1,4 @@
-"""Per-pixel LayerNorm of channels-last maps as one Triton kernel, for GPU inference.
+"""Per-pixel LayerNorm of channels-last maps as Triton kernels, for GPU inference and training.
 
 PyTorch's LayerNorm kernel gives each row (here: each pixel) a thread block of its own. With rows
 of 32-192 channels that leaves most threads idle and the launch latency-bound: on an H200 it took
@@ -6,10 +6,17 @@ of 32-192 channels that leaves most threads idle and the launch latency-bound: o
 in fp32 and bf16 alike. This kernel normalises a tile of rows per program (statistics in fp32),
 reading and writing each element once.
 
+In training (autograd on) the forward also keeps each row's mean and 1/std (fp32), and the backward
+is one more kernel: the input gradient row by row, the weight and bias gradients as per-program
+partial sums added up afterwards. PyTorch's path there casts a half map up to fp32 and the result
+back down (autocast keeps the LayerNorm weights fp32), three kernels forward and three backward;
+these read and write the half map directly.
+
 Used by :class:`~nerdrain.models.blocks.LayerNorm2d` only where it applies (:func:`applies`):
-Triton installed, a device type in :data:`DEVICES`, channels-last storage, no autograd, not while
-``torch.compile`` traces (inductor writes its own fused kernel); everywhere else, and after the
-kernel once fails on a device (:func:`try_layer_norm` warns), PyTorch's ``F.layer_norm`` runs. Tests run it on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+Triton installed, a device type in :data:`DEVICES`, channels-last storage, not while
+``torch.compile`` traces (inductor writes its own fused kernel); everywhere else, and after a
+kernel once fails on a device (:func:`try_layer_norm` warns), PyTorch's ``F.layer_norm`` runs.
+Tests run it on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import types
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from ..torch_compat import is_compiling
 
@@ -36,19 +45,19 @@ def available() -> bool:
 
 
 def applies(x: torch.Tensor) -> bool:
-    return (x.device.type in DEVICES and not torch.is_grad_enabled() and x.numel() <= _MAX_ELEMENTS
+    return (x.device.type in DEVICES and x.numel() <= _MAX_ELEMENTS
             and x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous()
             and not is_compiling() and available())
 
 
 @functools.cache
-def _kernel():
+def _kernels():
     import triton
     import triton.language as tl
 
     @triton.jit
-    def layer_norm_rows(x_ptr, w_ptr, b_ptr, y_ptr, rows, channels, eps,
-                        BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    def layer_norm_rows(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, channels, eps,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, STATS: tl.constexpr):
         r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         c = tl.arange(0, BLOCK_C)
         mask = (r[:, None] < rows) & (c[None, :] < channels)
@@ -61,32 +70,149 @@ def _kernel():
         b = tl.load(b_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
         y = centred * inv_std[:, None] * w[None, :] + b[None, :]
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+        if STATS:  # for the backward
+            tl.store(mean_ptr + r, mean, mask=r < rows)
+            tl.store(rstd_ptr + r, inv_std, mask=r < rows)
 
-    return layer_norm_rows, triton.next_power_of_2, triton.cdiv
+    @triton.jit
+    def layer_norm_rows_backward(x_ptr, w_ptr, mean_ptr, rstd_ptr, dy_ptr, dx_ptr, partial_ptr,
+                                 rows, channels, tiles, programs,
+                                 BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """dx = rstd (w dy - mean_c(w dy) - xhat mean_c(w dy xhat)) per row; this program's sums
+        of dy xhat and dy over its tiles of rows go to rows ``pid`` and ``programs + pid`` of
+        ``partial`` (weight and bias gradients once summed over the programs)."""
+        pid = tl.program_id(0)
+        c = tl.arange(0, BLOCK_C)
+        c_mask = c < channels
+        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+        db = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for tile in range(pid, tiles, programs):
+            r = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            mask = (r[:, None] < rows) & c_mask[None, :]
+            offsets = r[:, None] * channels + c[None, :]
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(mean_ptr + r, mask=r < rows, other=0.0)
+            rstd = tl.load(rstd_ptr + r, mask=r < rows, other=0.0)
+            x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            w_dy = w[None, :] * dy
+            mean_w_dy_x_hat = tl.sum(w_dy * x_hat, axis=1) / channels
+            mean_w_dy = tl.sum(w_dy, axis=1) / channels
+            dx = (w_dy - x_hat * mean_w_dy_x_hat[:, None] - mean_w_dy[:, None]) * rstd[:, None]
+            tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dw += tl.sum(dy * x_hat, axis=0)
+            db += tl.sum(dy, axis=0)
+        tl.store(partial_ptr + pid * channels + c, dw, mask=c_mask)
+        tl.store(partial_ptr + (programs + pid) * channels + c, db, mask=c_mask)
+
+    return types.SimpleNamespace(forward=layer_norm_rows, backward=layer_norm_rows_backward,
+                                 next_power_of_2=triton.next_power_of_2, cdiv=triton.cdiv)
+
+
+def _tiling(channels: int) -> tuple[int, int]:
+    """Rows a program normalises at once, and the channels padded to a power of two."""
+    block_c = _kernels().next_power_of_2(channels)
+    return max(1, _TILE // block_c), block_c
+
+
+def _on_device(x: torch.Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()  # launch on x's GPU
+
+
+def _fall_back(x: torch.Tensor, err: Exception) -> None:
+    """Turn the kernels off for ``x``'s device type, with a warning (once: they are off after)."""
+    DEVICES.discard(x.device.type)
+    warnings.warn(f"Triton LayerNorm failed ({type(err).__name__}: {err}); using PyTorch's", stacklevel=4)
 
 
 def try_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """:func:`layer_norm_channels_last`, or ``None`` (with a warning, once) where Triton fails here,
-    e.g. a GPU it cannot compile for or no writable cache: the kernel is then off for that device type."""
+    """:func:`layer_norm_channels_last` (:class:`LayerNormChannelsLast` under autograd), or ``None``
+    (with a warning, once) where Triton fails here, e.g. a GPU it cannot compile for or no writable
+    cache: the kernels are then off for that device type."""
     try:
+        if torch.is_grad_enabled():
+            return LayerNormChannelsLast.apply(x, weight, bias, eps)
         return layer_norm_channels_last(x, weight, bias, eps)
     except Exception as err:  # noqa: BLE001 - any Triton failure: PyTorch's LayerNorm from now on
-        DEVICES.discard(x.device.type)
-        warnings.warn(f"Triton LayerNorm failed ({type(err).__name__}: {err}); using PyTorch's", stacklevel=3)
+        _fall_back(x, err)
         return None
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, stats: bool):
+    """The output, and each row's mean and 1/std (fp32) where ``stats``."""
+    kernels = _kernels()
+    b, c, h, w = x.shape
+    rows = b * h * w
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    mean, rstd = (torch.empty(rows if stats else 0, device=x.device, dtype=torch.float32) for _ in range(2))
+    block_rows, block_c = _tiling(c)
+    grid = (kernels.cdiv(rows, block_rows),)
+    with _on_device(x):
+        kernels.forward[grid](x, weight.contiguous(), bias.contiguous(), y, mean, rstd, rows, c, eps,
+                              BLOCK_ROWS=block_rows, BLOCK_C=block_c, STATS=stats)
+    return y, mean, rstd
 
 
 def layer_norm_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the channels of each pixel of a channels-last B x C x H x W map (same
     layout and dtype out); ``weight`` and ``bias`` may be fp32 with a half-precision map."""
-    kernel, next_power_of_2, cdiv = _kernel()
+    return _forward(x, weight, bias, eps, stats=False)[0]
+
+
+def _programs(x: torch.Tensor, tiles: int) -> int:
+    """Backward programs: a few per SM, each summing the weight and bias gradients of its tiles,
+    so the partial sums stay small (programs x channels) and every SM is busy."""
+    if x.is_cuda:
+        return min(tiles, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count)
+    return min(tiles, 4)  # the interpreter: a few programs, each over several tiles
+
+
+def layer_norm_channels_last_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                      mean: torch.Tensor, rstd: torch.Tensor):
+    """Input (x's dtype, channels-last), weight and bias gradients (the weight's dtype)."""
+    kernels = _kernels()
     b, c, h, w = x.shape
     rows = b * h * w
-    y = torch.empty_like(x, memory_format=torch.channels_last)
-    block_c = next_power_of_2(c)
-    block_rows = max(1, _TILE // block_c)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # launch on x's GPU
-        kernel[(cdiv(rows, block_rows),)](x, weight.contiguous(), bias.contiguous(), y, rows, c, eps,
-                                          BLOCK_ROWS=block_rows, BLOCK_C=block_c)
-    return y
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    dx = torch.empty_like(x, memory_format=torch.channels_last)
+    block_rows, block_c = _tiling(c)
+    tiles = kernels.cdiv(rows, block_rows)
+    programs = _programs(x, tiles)
+    partial = torch.empty(2, programs, c, device=x.device, dtype=torch.float32)
+    with _on_device(x):
+        kernels.backward[(programs,)](x, weight.contiguous(), mean, rstd, dy, dx, partial, rows, c, tiles,
+                                      programs, BLOCK_ROWS=block_rows, BLOCK_C=block_c)
+    dw, db = partial.sum(1).to(weight.dtype)
+    return dx, dw, db
 
+
+class LayerNormChannelsLast(torch.autograd.Function):
+    """:func:`layer_norm_channels_last` with a Triton backward. No host syncs: CUDA-graph capture
+    works; activation checkpointing recomputes the forward with its statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = _forward(x, weight, bias, eps, stats=True)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        try:
+            dx, dw, db = layer_norm_channels_last_backward(dy, x, weight, mean, rstd)
+        except Exception as err:  # noqa: BLE001 - as in the forward: PyTorch's from now on
+            _fall_back(x, err)
+            dx, dw, db = _pytorch_backward(dy, x, weight, bias, ctx.eps)
+        return dx, dw, db, None
+
+
+def _pytorch_backward(dy, x, weight, bias, eps):
+    """The three gradients through PyTorch's LayerNorm (fp32 math, as the kernel's)."""
+    with torch.enable_grad():
+        x, weight, bias = (t.detach().requires_grad_() for t in (x, weight, bias))
+        y = F.layer_norm(x.permute(0, 2, 3, 1).float(), x.shape[1:2], weight.float(), bias.float(), eps)
+        return torch.autograd.grad(y.permute(0, 3, 1, 2).to(x.dtype), (x, weight, bias), dy)
