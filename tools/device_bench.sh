@@ -5,7 +5,8 @@
 # released code's form side by side, and banded 1024x1024 memory. Its CUDA tests found three faults
 # (CUDA generator state on resume, a test leaving cudnn.benchmark on, the float64 channels-last
 # attention test), fixed since; this run checks those first, then measures training: the released
-# form's training step side by side with ours, the Trainer's loop, a training profile, compile.
+# form's training step side by side with ours, the Triton LayerNorm's training kernels against
+# PyTorch's LayerNorm (their CUDA tests first), the Trainer's loop, a training profile, compile.
 # Records: $OUT/bench_gpu.jsonl (+ .md).
 # Needs the golden files inside the checkout (../shared does not travel):
 #   mkdir -p .device_shared && cp -r ../shared/golden .device_shared/
@@ -21,14 +22,19 @@ step() {  # step SECONDS_NEEDED command...: run it if the deadline allows, cut o
   if [ "$(left)" -gt "$need" ]; then timeout "$(left)" "$@" 2>>"$E"; else echo "skipped: $*" >>"$E"; fi
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
-NERDRAIN_SHARED=$PWD/.device_shared timeout 110 $PY -m pytest -q -s -p no:cacheprovider --durations=5 \
-  tests/test_models.py tests/test_accel.py tests/test_training.py \
-  -k "channels_last_attention_gradients or cuda_cli_model or cuda_graphs_train_like_eager_steps" \
+NERDRAIN_SHARED=$PWD/.device_shared timeout 150 $PY -m pytest -q -s -p no:cacheprovider --durations=5 \
+  tests/test_models.py tests/test_accel.py tests/test_training.py tests/test_triton_ln.py \
+  -k "channels_last_attention_gradients or cuda_cli_model or cuda_graphs_train_like_eager_steps or cuda_triton_training" \
   > "$OUT/gpu_tests.txt" 2>&1
 T="$PY benchmarks/bench_train.py --device cuda --output $J --sizes 256 --repeats 10 --warmup 3 --channels-last"
 SBS="$PY benchmarks/side_by_side.py --device cuda --output $J --baseline-dtype tf32"
 step 60 $SBS --train --variant nerd_rain --sizes 256 --batch 8 --dtype bf16 --rounds 1 \
   --label "side by side train, channels-last + CUDA graphs"
+# The same step with the Triton LayerNorm's training kernels and with PyTorch's LayerNorm (A/B).
+for LN in "" --no-triton-ln; do
+  step 40 $T --variant nerd_rain --batch 8 --dtype bf16 --cuda-graphs $LN \
+    --label "train, channels-last + CUDA graphs${LN:+, PyTorch LayerNorm}"
+done
 # The real training loop (data workers, fused Adam, EMA) with the Trainer's CUDA graphs.
 step 50 $PY benchmarks/bench_trainer.py --device cuda --output $J --variant nerd_rain --dtype bf16 --sizes 256 \
   --batch 16 --channels-last --cuda-graphs --warmup 5 --repeats 20 --label "Trainer loop, channels-last + CUDA graphs"
