@@ -15,8 +15,15 @@ from torch.utils.data import DataLoader
 
 from nerdrain.data.augment import AugmentConfig
 from nerdrain.data import datasets
-from nerdrain.data.datasets import DecodedImages, PairedSource, StreamSampler, SyntheticSource, TrainingStream
-from nerdrain.data.pairs import load_pair
+from nerdrain.data.datasets import (
+    DecodedImages,
+    PairedSource,
+    StreamSampler,
+    SyntheticSource,
+    TrainingStream,
+    file_problems,
+)
+from nerdrain.data.pairs import load_pair, read_training
 
 
 def write_pairs(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -130,6 +137,26 @@ def test_paired_source_reads_16_bit_pairs_at_full_depth(tmp_path):
     np.testing.assert_allclose(clean.permute(1, 2, 0).numpy(), np.repeat(clean16[..., None] / 65535, 3, axis=2),
                                rtol=0, atol=1e-7)
     assert held_bytes(source) <= 2 * (h * w * 3) * 2
+
+
+def test_the_start_check_refuses_the_32_bit_pair_files_training_would_refuse(tmp_path):
+    """The check at the start must find every file that stops training when drawn: a 32-bit float
+    TIFF passed it (it decodes) and stopped the run at its first draw. 16-bit files train, so the
+    refusal says to use 8- or 16-bit images; a 16-bit pair passes both."""
+    root = tmp_path / "pairs"
+    for folder in ("input", "target"):
+        (root / folder).mkdir(parents=True)
+    Image.fromarray(np.full((20, 24), 0.5, np.float32), "F").save(root / "input" / "float.tif")
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(root / "target" / "float.tif")
+    _write_png16_rgb(root / "input" / "deep.png", np.full((20, 24, 3), 1000, np.uint16))
+    Image.fromarray(np.full((20, 24), 40001, np.uint16)).save(root / "target" / "deep.png")
+    source = PairedSource(root)
+    float_pair, deep_pair = sorted(source.pairs, key=lambda pair: pair.name != "float")
+    with pytest.raises(ValueError) as drawn:
+        load_pair(float_pair, read_training)
+    assert str(drawn.value) == f"{float_pair.input}: 32-bit F images are not supported; use 8- or 16-bit images"
+    load_pair(deep_pair, read_training)
+    assert file_problems([source]) == [str(drawn.value)]
 
 
 def test_cache_keeps_what_fits_its_budget_and_reads_the_rest_again(tmp_path, monkeypatch):

@@ -121,16 +121,18 @@ class SyntheticSource:
 def file_problems(sources: Sequence[PairedSource | SyntheticSource], rank: int = 0, world: int = 1,
                   progress: bool = False) -> list[str]:
     """``"file: why"`` for each file of ``sources`` that would stop training when drawn (unreadable,
-    or a pair of two sizes), found without decoding PNGs (:func:`image_size`); this process's share
-    of them: every ``world``-th pair and photo from ``rank``."""
+    a pair's file of 32 bits a value, or a pair of two sizes), found without decoding PNGs
+    (:func:`image_size`); this process's share of them: every ``world``-th pair and photo from ``rank``."""
     pairs = [pair for source in sources if isinstance(source, PairedSource) for pair in source.pairs][rank::world]
     photos = [path for source in sources if isinstance(source, SyntheticSource) for path in source.paths][rank::world]
-    files = dict.fromkeys([path for pair in pairs for path in (pair.input, pair.target)] + photos)  # DDN shares clean files
+    # each file once (DDN shares clean files), and whether a pair reads it (at read_training's depths)
+    files = dict.fromkeys([path for pair in pairs for path in (pair.input, pair.target)], True)
+    files |= {path: False for path in photos if path not in files}
     sizes: dict[Path, tuple[int, int]] = {}
     problems = []
-    for path in tqdm(files, desc="check data", disable=not progress, leave=False):
+    for path, in_pair in tqdm(files.items(), desc="check data", disable=not progress, leave=False):
         try:
-            sizes[path] = image_size(path)
+            sizes[path] = image_size(path, training_pair=in_pair)
         except ValueError as err:
             problems.append(str(err))
     for pair in pairs:
