@@ -961,6 +961,22 @@ def test_a_folder_of_photos_and_subfolders_notes_that_they_were_not_searched(tmp
     assert s.ok == 3 and lines == []
 
 
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links")
+def test_with_r_a_folder_of_photos_and_links_to_folders_notes_the_links_not_followed(tmp_path):
+    """holiday/ holding a.png and a link to day1/, with -r: the link is not followed (a loop could
+    make the walk endless), and a.png alone derained without a word would pass for the whole
+    folder's, as with subfolders left out without -r; a folder without photos says so already."""
+    _photos(tmp_path / "holiday", ["a.png"])
+    _photos(tmp_path / "elsewhere" / "day1", ["b.png"])
+    (tmp_path / "holiday" / "day1").symlink_to(tmp_path / "elsewhere" / "day1", target_is_directory=True)
+    holiday = str(tmp_path / "holiday")
+    lines: list[str] = []
+    s = derain_files([holiday], str(tmp_path / "out"), identity, tile=0, progress=False, log=lines.append,
+                     recursive=True)
+    assert s.ok == 1 and not s.failed
+    assert lines == [f"note: {holiday}: its 1 link to a folder is not followed"]
+
+
 def test_an_output_folder_the_run_made_and_wrote_nothing_in_is_removed(tmp_path):
     """Every photo failed, or Ctrl-C during the first: no empty out/ (nor its new parents) is left
     behind as if there were results; a folder that was there before stays."""

@@ -476,7 +476,8 @@ def _expand(
 ) -> tuple[list[Path], list[Path], list[tuple[str, str]], list[tuple[str, str]]]:
     """:func:`expand_inputs`, with each file's folder relative to the folder given (or matched)
     that it was found in: ``Path()`` where it was found at the top, or given itself; and
-    [(folder, note)] for folders whose photos were found but not all of their subfolders searched."""
+    [(folder, note)] for folders whose photos were found but not all of their subfolders searched
+    (without -r) or links to folders followed (with -r)."""
     files: list[Path] = []
     subfolders: list[Path] = []
     problems: list[tuple[str, str]] = []
@@ -590,7 +591,7 @@ class _Walk:
             pending += reversed(below)
         unsearched = _unsearched(subfolders, links)
         if found:
-            if subfolders:  # the photos at the top alone would pass for the whole folder's
+            if unsearched:  # the photos found alone would pass for the whole folder's
                 self.notes.append((str(root), unsearched))
             return found, None
         if ours:
@@ -892,7 +893,7 @@ def derain_files(
     ``error: <path>: <reason>`` on stderr (or to ``log``, a callable taking the line)
     and the batch goes on; a multi-frame file (GIF, multi-page TIFF) gets a line
     ``note: <path>: ...`` (only its first frame is derained), as does a folder whose photos were
-    derained but not its subfolders (not ``recursive``).  ``fmt``: the format of outputs
+    derained but not its subfolders (not ``recursive``) or the folders it links to (``recursive``).  ``fmt``: the format of outputs
     beside the inputs or in a folder (None: PNG); a single output file's suffix chooses its own
     (a ``fmt`` that contradicts it is a ``ValueError``).  ``progress``: a tqdm bar
     over files, plus one over tiles for large images.  ``skip_existing``: leave the photos whose
