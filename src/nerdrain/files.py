@@ -87,7 +87,8 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
 def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> int:
     """Remove the temporary files that :func:`atomic_write` left in ``folder`` for files named
     ``names`` when its process was killed outright (SIGKILL, power loss: no clean-up could run);
-    how many went. Only for a caller that knows no other process is writing them (a resumed run)."""
+    how many went. Another process writing one of them at that moment fails to rename it: for a
+    caller that knows none is (a resumed run), or whose outputs would replace that one's anyway (derain)."""
     folder = Path(folder)
     stems = {_temporary_stem(name, name_max(folder)) for name in names}
     pattern = re.compile(rf"\.(.+)\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp")
