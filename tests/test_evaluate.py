@@ -24,6 +24,7 @@ from nerdrain.evaluate import (
     evaluate_pairs,
     evaluate_saved,
     format_table,
+    scoring_problems,
     write_csv,
     write_json,
 )
@@ -191,6 +192,26 @@ def test_a_model_is_scored_against_grey_ground_truth_as_matlab_reads_it(tmp_path
     assert report.psnr == pytest.approx(20 * math.log10(255 / 8), abs=1e-12)
     with pytest.raises(ValueError, match="a grey image, which the did_ddn protocol cannot score"):
         evaluate_model(lambda x: x, tmp_path / "data", "did_ddn")
+
+
+@pytest.mark.parametrize("protocol", ["rain200", "did_ddn"])
+def test_pairs_too_small_for_ssim_are_named_before_any_is_run(tmp_path: Path, protocol: str) -> None:
+    """SSIM's 11x11 window needs 11 pixels a side (did_ddn subsamples only images of 384 or more,
+    to 128 or more): a clean file 10 pixels high cannot be scored, which the training's check at
+    its start (scoring_problems) must say, not its first validation hours later; 11 is scored."""
+    for name, height in (("low", 10), ("fits", 11)):
+        for folder, value in (("input", 100), ("target", 110)):
+            path = tmp_path / "data" / folder / f"{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (400, height), (value,) * 3).save(path)
+    pairs = sorted(find_pairs(tmp_path / "data"), key=lambda pair: pair.name)
+    assert [pair.name for pair in pairs] == ["fits", "low"]
+    low_input = tmp_path / "data" / "input" / "low.png"
+    message = f"{low_input}: SSIM needs images of at least 11x11 (after subsampling), got 400x10"
+    assert scoring_problems(pairs, protocol) == [message]
+    with pytest.raises(ValueError, match="could not be scored") as err:
+        evaluate_pairs(lambda x: x, pairs, protocol)
+    assert err.value.report.failed == [message] and [image.name for image in err.value.report.images] == ["fits"]
 
 
 def test_palette_files_are_refused_naming_them(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ from .data.pairs import (
 from .devices import resolve_device
 from .files import atomic_write, check_output_folder, output_file
 from .imageio import save_png
-from .metrics import PROTOCOLS, check_scorable, score, to_uint8
+from .metrics import PROTOCOLS, check_scorable, check_ssim_size, score, to_uint8
 from .tiling import TileConfig, eval_mode, run_released_windows, run_tiled
 
 __all__ = [
@@ -177,7 +177,7 @@ def evaluate_pairs(restore: Restorer, pairs: Sequence[Pair], protocol: str = "ra
                 on_prediction(pair, prediction)
             try:
                 report.images.append(ImageScore(pair.name, *score(prediction, clean, protocol)))
-            except ValueError as err:  # too small for SSIM
+            except ValueError as err:  # what score refuses that _load_scorable let through
                 report.failed.append(f"{pair.input}: {err}")
     _check_all_scored(report)
     return report
@@ -187,6 +187,10 @@ def _load_scorable(pair: Pair, protocol: str) -> tuple[np.ndarray, np.ndarray]:
     """(rainy RGB, clean as the protocol's script reads it), or the ValueError naming the file."""
     rainy, clean = load_pair(pair, scored=True)
     check_scorable(clean, protocol, clean_label(pair))
+    try:
+        check_ssim_size(*clean.shape[:2], protocol)
+    except ValueError as err:  # named as a failed score names it
+        raise ValueError(f"{pair.input}: {err}") from None
     return rainy, clean
 
 

@@ -32,7 +32,7 @@ from scipy import ndimage
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PROTOCOLS", "check_scorable", "rgb_to_y", "psnr", "ssim", "score", "to_uint8"]
+__all__ = ["PROTOCOLS", "check_scorable", "check_ssim_size", "rgb_to_y", "psnr", "ssim", "score", "to_uint8"]
 
 PROTOCOLS: Final = ("rain200", "did_ddn")
 
@@ -137,14 +137,30 @@ def _filter_valid(img: np.ndarray, g: np.ndarray) -> np.ndarray:
     return ndimage.correlate1d(out, g, axis=1, mode="constant")[:, r : img.shape[1] - r]
 
 
+def _subsampling(height: int, width: int) -> int:
+    """``ssim.m``'s factor f (did_ddn): images of 384 pixels a side or more are averaged f x f."""
+    return max(1, int(_matlab_round(min(height, width) / 256)))
+
+
+def _check_window_fits(height: int, width: int) -> None:
+    if min(height, width) < _WINDOW_SIZE:
+        raise ValueError(f"SSIM needs images of at least {_WINDOW_SIZE}x{_WINDOW_SIZE} "
+                         f"(after subsampling), got {width}x{height}")
+
+
+def check_ssim_size(height: int, width: int, protocol: str) -> None:
+    """Raise :func:`ssim`'s ``ValueError`` where ``protocol``'s SSIM cannot score an image of this
+    size, without scoring one: before a model is run on it, or a training run starts."""
+    if protocol == "did_ddn":
+        f = _subsampling(height, width)
+        height, width = -(-height // f), -(-width // f)  # img(1:f:end, 1:f:end)
+    _check_window_fits(height, width)
+
+
 def _ssim_valid_mean(img1: np.ndarray, img2: np.ndarray) -> float:
     """Mean SSIM map shared by ``ssim_index.m`` (2003) and ``ssim.m`` (2009), whose C1, C2 > 0
     branch is the plain formula, with statistics over the 'valid' region only."""
-    if min(img1.shape) < _WINDOW_SIZE:
-        raise ValueError(
-            f"SSIM needs images of at least {_WINDOW_SIZE}x{_WINDOW_SIZE} "
-            f"(after subsampling), got {img1.shape[1]}x{img1.shape[0]}"
-        )
+    _check_window_fits(*img1.shape)
     c1 = (_SSIM_K1 * _SSIM_L) ** 2
     c2 = (_SSIM_K2 * _SSIM_L) ** 2
     g = _gaussian_1d()
@@ -182,7 +198,7 @@ def ssim(pred: np.ndarray, target: np.ndarray, protocol: str = "rain200") -> flo
         return _ssim_valid_mean(_y(pred, rounded=True), _y(target, rounded=True))
     y1 = rgb_to_y(pred, rounded=False) * 255
     y2 = rgb_to_y(target, rounded=False) * 255
-    f = max(1, int(_matlab_round(min(y1.shape) / 256)))
+    f = _subsampling(*y1.shape)
     if f > 1:
         y1, y2 = _box_subsample(y1, f), _box_subsample(y2, f)
     return _ssim_valid_mean(y1, y2)
