@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from nerdrain.data.augment import AugmentConfig
+from nerdrain.data.checked import CHECKED_FILES, CheckedFiles
 from nerdrain.data import datasets
 from nerdrain.data.datasets import (
     DecodedImages,
@@ -318,3 +319,36 @@ def test_synthetic_source_checks_its_streak_images_when_built(tmp_path):
     (streaks / "bad.png").write_bytes((streaks / "good.png").read_bytes()[:40])
     with pytest.raises(ValueError, match=r"bad\.png: "):
         SyntheticSource(root, ["light"], streak_dir=streaks)
+
+
+def test_check_records_serve_any_number_of_processes(tmp_path, monkeypatch):
+    """Each process records its share's results and reads every process's record: after a start
+    with one process, two read nothing (their shares differ from any earlier process's); after
+    one with two, one reads nothing, and process 0 removes the record of rank 1, which no longer runs."""
+    write_pairs(tmp_path / "pairs", 5, (40, 36))
+    write_clean(tmp_path / "clean", 3, (50, 45))
+    every_file = set((tmp_path / "pairs").rglob("*.png")) | set((tmp_path / "clean").glob("*.png"))
+    reads: list[Path] = []
+    monkeypatch.setattr(datasets, "image_size", lambda path, **_: reads.append(path) or Image.open(path).size)
+    record = tmp_path / "run" / CHECKED_FILES
+
+    def start(world: int) -> set[Path]:
+        reads.clear()
+        sources = [PairedSource(tmp_path / "pairs"), SyntheticSource(tmp_path / "clean", ["light"])]
+        processes = [CheckedFiles(record, rank) for rank in range(world)]  # as a Trainer's: all read, then write
+        for rank, checked in enumerate(processes):
+            assert datasets.file_problems(sources, rank, world, checked=checked) == []
+        for checked in processes:
+            checked.save(world)
+        return set(reads)
+
+    assert start(1) == every_file
+    assert start(2) == set()
+    assert sorted(p.name for p in record.iterdir()) == ["rank-0.npz", "rank-1.npz"]
+    (tmp_path / "clean" / "c0.png").unlink()  # the shares shift: still nothing to read
+    every_file.discard(tmp_path / "clean" / "c0.png")
+    assert start(1) == set()
+    assert sorted(p.name for p in record.iterdir()) == ["rank-0.npz"]
+    assert start(3) == set()
+    (record / "rank-0.npz").unlink()  # rank 0's share, recorded by ranks 1 and 2 alone, is partly read again
+    assert set() < start(1) < every_file

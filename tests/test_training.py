@@ -7,6 +7,7 @@ smoke test reads ../shared/data (and skips without it).
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import re
@@ -31,6 +32,8 @@ from nerdrain import create_model, load_model, save_model
 from nerdrain.checkpoint import CheckpointError, load_default_model
 from nerdrain.cli import main
 from nerdrain.config import ConfigError, TrainConfig, from_dict
+from nerdrain.data import checked as checked_module
+from nerdrain.data.checked import CHECKED_FILES
 from nerdrain.training import (BEST, FINAL, LAST, StopSignals, Trainer, TrainingInterrupted, WeightEMA, atomic_save,
                                build_optimizer, build_stream, lr_at, max_temp_dir_for_workers, train)
 
@@ -1042,6 +1045,118 @@ def test_bad_files_are_named_before_training_starts(tmp_path):
     assert f"{val / 'target' / '0.png'}: a palette image" in message
     assert not (tmp_path / "run").exists()
     Trainer(make_config(root, val={"root": str(val)}, data={"check_files": False}), tmp_path / "run", progress=False)
+
+
+@pytest.fixture
+def content_reads(monkeypatch):
+    """The files the start's check reads (training files, validation pairs' files), in order."""
+    import nerdrain.data.datasets as datasets_module
+    import nerdrain.evaluate as evaluate_module
+    reads: list[Path] = []
+
+    def counted(read, files):
+        def wrapper(item, *args, **kwargs):
+            reads.extend(files(item))
+            return read(item, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(datasets_module, "image_size", counted(datasets_module.image_size, lambda path: [path]))
+    monkeypatch.setattr(evaluate_module, "load_pair",
+                        counted(evaluate_module.load_pair, lambda pair: [pair.input, pair.target]))
+    return reads
+
+
+def rewrite_png(path: Path, value: int, mtime_ns: int | None = None) -> None:
+    """New pixels, same image size; the modification time set to ``mtime_ns`` where given."""
+    Image.fromarray(np.full((40, 52, 3), value, np.uint8)).save(path)
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_a_restart_reads_only_the_files_changed_since_the_last_check(tmp_path, content_reads):
+    """A resumed run re-reads no file the last start checked unless its size, modification or change
+    time differs: new bytes with a new mtime, new bytes with size and mtime put back (the change time
+    still moves), an added pair; a removed pair leaves nothing to read. A start stopped by a bad file
+    records the good ones: once it is fixed, it alone is read."""
+    root = make_pairs(tmp_path / "pairs", count=3)
+    val = make_pairs(tmp_path / "val", count=2, seed=1)
+    cfg = make_config(root, iterations=1, val={"root": str(val)})
+    out = tmp_path / "run"
+    train(cfg, out, progress=False)
+    all_files = {*root.rglob("*.png"), *val.rglob("*.png")}
+    assert set(content_reads) == all_files  # the first start reads everything
+
+    def reads_at_restart() -> set[Path]:
+        content_reads.clear()
+        Trainer(cfg, out, progress=False, resume=True).train()  # the record is written when training starts
+        return set(content_reads)
+
+    assert reads_at_restart() == set()
+    changed = root / "input" / "1.png"
+    rewrite_png(changed, 7, changed.stat().st_mtime_ns + 10**9)
+    changed_val = val / "target" / "0.png"
+    rewrite_png(changed_val, 9, changed_val.stat().st_mtime_ns + 10**9)
+    assert reads_at_restart() == {changed, val / "input" / "0.png", changed_val}
+    assert reads_at_restart() == set()
+
+    for name in ("input", "target"):
+        Image.fromarray(np.zeros((40, 52, 3), np.uint8)).save(root / name / "3.png")
+    assert reads_at_restart() == {root / "input" / "3.png", root / "target" / "3.png"}
+    for name in ("input", "target"):
+        (root / name / "0.png").unlink()
+    assert reads_at_restart() == set()
+
+    corrupted = root / "target" / "2.png"  # a pixel byte changed in place, size and mtime put back
+    before = corrupted.stat()
+    data = bytearray(corrupted.read_bytes())
+    data[-40] ^= 0xFF
+    time.sleep(0.01)
+    corrupted.write_bytes(bytes(data))
+    os.utime(corrupted, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert corrupted.stat().st_size == before.st_size
+    also_changed = root / "input" / "2.png"
+    rewrite_png(also_changed, 3, also_changed.stat().st_mtime_ns + 10**9)
+    content_reads.clear()
+    with pytest.raises(ValueError, match=r"^1 training or validation file\(s\) cannot be used"):
+        Trainer(cfg, out, progress=False, resume=True)
+    assert set(content_reads) == {corrupted, also_changed}
+    rewrite_png(corrupted, 5)  # fixed: the failed start recorded the good files, not read again
+    assert reads_at_restart() == {corrupted}
+
+
+def npz_bytes(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a record", b"PK\x03\x04 cut short", npz_bytes(other=np.zeros(3)),
+                                     npz_bytes(version=np.array(1), keys=np.zeros(2), results=np.zeros((2, 2)))])
+def test_a_broken_or_foreign_check_record_is_ignored(tmp_path, content_reads, content):
+    """A record that cannot be read (emptied, another program's file, a truncated archive, one
+    from another version) is no reason to stop: the files are all checked again."""
+    root = make_pairs(tmp_path / "pairs", count=2)
+    cfg = make_config(root, iterations=1)
+    out = tmp_path / "run"
+    train(cfg, out, progress=False)
+    records = list((out / CHECKED_FILES).iterdir())
+    assert records
+    for record in records:
+        record.write_bytes(content)
+    content_reads.clear()
+    Trainer(cfg, out, progress=False, resume=True)
+    assert set(content_reads) == set(root.rglob("*.png"))
+
+
+def test_a_check_record_of_another_version_is_ignored(tmp_path, content_reads, monkeypatch):
+    root = make_pairs(tmp_path / "pairs", count=2)
+    cfg = make_config(root, iterations=1)
+    out = tmp_path / "run"
+    train(cfg, out, progress=False)
+    monkeypatch.setattr(checked_module, "VERSION", checked_module.VERSION + 1)
+    content_reads.clear()
+    Trainer(cfg, out, progress=False, resume=True)
+    assert set(content_reads) == set(root.rglob("*.png"))
 
 
 def test_a_bad_file_found_mid_run_keeps_the_iterations_done(tmp_path, capsys):

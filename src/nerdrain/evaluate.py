@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .data.checked import CheckedFiles
 from .data.pairs import (
     Pair,
     clean_label,
@@ -194,16 +195,16 @@ def _load_scorable(pair: Pair, protocol: str) -> tuple[np.ndarray, np.ndarray]:
     return rainy, clean
 
 
-def scoring_problems(pairs: Sequence[Pair], protocol: str) -> list[str]:
+def scoring_problems(pairs: Sequence[Pair], protocol: str, checked: CheckedFiles | None = None) -> list[str]:
     """``"file: why"`` for each pair :func:`evaluate_pairs` would fail to score for its files
-    (all are read: a validation set is small), so that training can learn of them at its start."""
-    problems = []
-    for pair in pairs:
-        try:
-            _load_scorable(pair, protocol)
-        except ValueError as err:
-            problems.append(str(err))
-    return problems
+    (all are read: a validation set is small), so that training can learn of them at its start;
+    pairs ``checked`` records as good, their files unchanged since, are not read again."""
+    def scorable(pair: Pair) -> tuple[int, int]:
+        _load_scorable(pair, protocol)
+        return 0, 0  # nothing to keep but that it passed
+
+    return (checked or CheckedFiles()).check(f"validation pairs ({protocol})", pairs,
+                                             lambda pair: [pair.input, pair.target], scorable)[1]
 
 
 def _tiled(model: Restorer, cfg: TileConfig) -> Restorer:

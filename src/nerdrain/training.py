@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from .accel import FastPathWarning
 from .checkpoint import TORCH_MAGIC, CheckpointError, load_default_model, load_model, save_model, torch_load
 from .config import ConfigError, TrainConfig, to_dict
 from .data.augment import AugmentConfig
+from .data.checked import CHECKED_FILES, CheckedFiles
 from .data.datasets import DecodedImages, PairedSource, StreamSampler, SyntheticSource, TrainingStream, file_problems
 from .data.pairs import find_pairs, shortened
 from .devices import resolve_device
@@ -459,8 +460,12 @@ class Trainer:
         # host from queuing the next step ahead.
         self.control_group = (dist.new_group(backend="gloo")
                               if self.dist.world_size > 1 and dist.get_backend() != "gloo" else None)
-        with self._errors_reported_once():
-            self._set_up(resume)
+        try:
+            with self._errors_reported_once():
+                self._set_up(resume)
+        except Exception:
+            self._record_check_of_a_failed_start()
+            raise
 
         wrapped: nn.Module = AllOutputs(self.model)
         if self.dist.world_size > 1:  # wrap AllOutputs, not the model: DDP must see the training forward
@@ -491,6 +496,7 @@ class Trainer:
         # Listed on every process, so that a bad folder stops all of them here, not rank 0 alone.
         self.val_pairs = find_pairs(cfg.val.root)[: cfg.val.max_images] if cfg.val.root else []
         self.stream = build_stream(cfg)
+        self.checked_files: CheckedFiles | None = None
         if cfg.data.check_files:
             self._check_files()
         torch.manual_seed(cfg.seed)  # identical initial weights in every process
@@ -515,13 +521,26 @@ class Trainer:
     def _check_files(self) -> None:
         """Read every training and validation file now, each process its share: a bad one would
         otherwise stop the run when first drawn, hours in maybe (the training files are checked
-        without decoding PNGs, see :func:`nerdrain.data.datasets.file_problems`)."""
+        without decoding PNGs, see :func:`nerdrain.data.datasets.file_problems`). Files the run
+        folder's record (:mod:`nerdrain.data.checked`) holds as good and unchanged are not read
+        again: a resume takes seconds, not the minutes of a large set. The record is written when
+        training starts (or the start fails), once every process has read it."""
         rank, world = self.dist.rank, self.dist.world_size
-        problems = (file_problems(self.stream.sources, rank, world, self.progress)
-                    + scoring_problems(self.val_pairs[rank::world], self.cfg.val.protocol))
+        self.checked_files = CheckedFiles(self.out / CHECKED_FILES, rank)
+        problems = (file_problems(self.stream.sources, rank, world, self.progress, self.checked_files)
+                    + scoring_problems(self.val_pairs[rank::world], self.cfg.val.protocol, self.checked_files))
         if problems:
             raise ValueError(f"{len(problems)} training or validation file(s) cannot be used (found before training; "
                              f"data.check_files: false skips this check): {shortened(problems, '; ')}")
+
+    def _record_check_of_a_failed_start(self) -> None:
+        """Where a start that checked the files fails (bad files, say) in a folder that exists (a
+        resume), record what passed, so that the next start reads only the files fixed. After the
+        processes' exchange of errors: every process has read the record by then."""
+        checked = getattr(self, "checked_files", None)
+        if checked is not None and self.out.is_dir():
+            with suppress(OSError):  # the start's own error is the one to tell
+                checked.save(self.dist.world_size)
 
     @contextmanager
     def _errors_reported_once(self) -> Iterator[None]:
@@ -752,6 +771,8 @@ class Trainer:
                     earlier.unlink()
                 with atomic_write(self.out / "config.yaml") as f:
                     f.write(yaml.safe_dump(to_dict(cfg)).encode())
+            if self.checked_files is not None:
+                self.checked_files.save(self.dist.world_size)
             _check_temp_dir_for_workers(cfg.data.num_workers)
             loader = DataLoader(
                 self.stream, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
-from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from ..imageio import DATASET_EXTENSIONS, read_photo
 from .augment import AugmentConfig, augment_pair, reflect_pad_to
+from .checked import CheckedFiles
 from .pairs import check_pair_sizes, find_pairs, image_size, load_pair, read_training
 from .synth import RainMixer
 
@@ -119,22 +119,23 @@ class SyntheticSource:
 
 
 def file_problems(sources: Sequence[PairedSource | SyntheticSource], rank: int = 0, world: int = 1,
-                  progress: bool = False) -> list[str]:
+                  progress: bool = False, checked: CheckedFiles | None = None) -> list[str]:
     """``"file: why"`` for each file of ``sources`` that would stop training when drawn (unreadable,
     a pair's file of 32 bits a value, or a pair of two sizes), found without decoding PNGs
-    (:func:`image_size`); this process's share of them: every ``world``-th pair and photo from ``rank``."""
+    (:func:`image_size`); this process's share of them: every ``world``-th pair and photo from ``rank``.
+    Files ``checked`` records as good and unchanged since are not read again."""
     pairs = [pair for source in sources if isinstance(source, PairedSource) for pair in source.pairs][rank::world]
     photos = [path for source in sources if isinstance(source, SyntheticSource) for path in source.paths][rank::world]
-    # each file once (DDN shares clean files), and whether a pair reads it (at read_training's depths)
-    files = dict.fromkeys([path for pair in pairs for path in (pair.input, pair.target)], True)
-    files |= {path: False for path in photos if path not in files}
-    sizes: dict[Path, tuple[int, int]] = {}
-    problems = []
-    for path, in_pair in tqdm(files.items(), desc="check data", disable=not progress, leave=False):
-        try:
-            sizes[path] = image_size(path, training_pair=in_pair)
-        except ValueError as err:
-            problems.append(str(err))
+    pair_files = dict.fromkeys(path for pair in pairs for path in (pair.input, pair.target))  # DDN shares clean files
+    photo_files = [path for path in dict.fromkeys(photos) if path not in pair_files]
+    checker = checked or CheckedFiles()
+    # two records: a pair's file is read at read_training's depths, a photo at any
+    sizes, problems = checker.check("training pair files", list(pair_files), lambda path: [path],
+                                    lambda path: image_size(path, training_pair=True), progress)
+    photo_sizes, photo_problems = checker.check("training photos", photo_files, lambda path: [path],
+                                                lambda path: image_size(path), progress)
+    sizes |= photo_sizes
+    problems += photo_problems
     for pair in pairs:
         if pair.input in sizes and pair.target in sizes:
             try:

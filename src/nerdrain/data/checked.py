@@ -1,0 +1,129 @@
+"""What the training start's data check found good, recorded in the run folder, so that a resumed
+or restarted run reads again only the files changed since: SPA-Data's 1.3 million files take
+minutes to check, and seconds to list and stat.
+
+A result is keyed by what was checked (a file, a validation pair and its protocol), the checker's
+:data:`VERSION`, and each file's path, size, modification and change time (``st_ctime_ns``, which
+no program can set back: new bytes with the size and mtime put back still count as a change; on
+Windows it is the creation time, so size and mtime alone count there). The
+keys are 64-bit hashes, kept as sorted arrays: 16 bytes a file where Python objects would take
+hundreds. Each process writes its own record (``rank-N.npz``) and reads them all, so a resume
+with another number of processes, whose shares differ, still finds every file's result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import zipfile
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..files import atomic_write, remove_stale_temporaries
+
+__all__ = ["CHECKED_FILES", "VERSION", "CheckedFiles"]
+
+CHECKED_FILES = "checked-files"  # the folder of the records in a run folder
+VERSION = 1  # raised whenever the check finds more: earlier results then no longer count
+_RECORD = re.compile(r"rank-(\d+)\.npz")
+_UNREADABLE_RECORD = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+Item = TypeVar("Item", bound=Hashable)
+Size = tuple[int, int]
+
+
+def _key(what: str, item: object, files: Sequence[Path]) -> int | None:
+    """The hash of ``item`` checked as ``what`` with ``files`` as they are now; None where one
+    cannot be stat'ed (the check then says why)."""
+    parts: list[object] = [VERSION, what, repr(item)]
+    for path in files:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        parts += [os.fspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return int.from_bytes(hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest(), "little")
+
+
+def _read_record(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(keys, results) of a record file, None where it is not one this version wrote (broken,
+    foreign, older): its files are then checked again rather than the run stopped."""
+    try:
+        with np.load(path, allow_pickle=False) as record:
+            version, keys, results = record["version"], record["keys"], record["results"]
+    except _UNREADABLE_RECORD:
+        return None
+    if (version.shape != () or version != VERSION or keys.dtype != np.uint64 or keys.ndim != 1
+            or results.dtype != np.int64 or results.shape != (len(keys), 2)):
+        return None
+    return keys, results
+
+
+class CheckedFiles:
+    """The check's results recorded in ``folder`` (None: none, and nothing recorded) by earlier
+    starts, and those of this one, which :meth:`save` records as process ``rank``'s."""
+
+    def __init__(self, folder: Path | None = None, rank: int = 0):
+        self.folder, self.rank = folder, rank
+        records = [_read_record(path) for path in self._records()]
+        records = [record for record in records if record is not None]
+        keys = np.concatenate([k for k, _ in records]) if records else np.zeros(0, np.uint64)
+        results = np.concatenate([r for _, r in records]) if records else np.zeros((0, 2), np.int64)
+        order = np.argsort(keys, kind="stable")
+        self._keys, self._results = keys[order], results[order]
+        self._passed: dict[int, Size] = {}
+
+    def _records(self) -> list[Path]:
+        if self.folder is None or not self.folder.is_dir():
+            return []
+        return [self.folder / entry.name for entry in os.scandir(self.folder) if _RECORD.fullmatch(entry.name)]
+
+    def _recorded(self, keys: Sequence[int | None]) -> list[Size | None]:
+        wanted = np.array([0 if key is None else key for key in keys], np.uint64)
+        at = np.minimum(np.searchsorted(self._keys, wanted), max(len(self._keys) - 1, 0))
+        found = (self._keys[at] == wanted) if len(self._keys) else np.zeros(len(keys), bool)
+        return [tuple(map(int, self._results[i])) if hit and key is not None else None
+                for key, i, hit in zip(keys, at, found)]
+
+    def check(self, what: str, items: Sequence[Item], files: Callable[[Item], Sequence[Path]],
+              check: Callable[[Item], Size], progress: bool = False) -> tuple[dict[Item, Size], list[str]]:
+        """``check`` each item whose ``files`` changed since the recorded check (``check`` gives two
+        ints to keep, an image's (width, height), or raises ValueError naming a bad file); the
+        others' results come from the record: (each good item's result, the errors)."""
+        keys = [_key(what, item, files(item)) for item in items]  # stat'ed before reading: a change meanwhile counts
+        results: dict[Item, Size] = {}
+        problems = []
+        for item, key, result in tqdm(list(zip(items, keys, self._recorded(keys))), desc=f"check {what}",
+                                      disable=not progress, leave=False):
+            if result is None:
+                try:
+                    result = check(item)
+                except ValueError as err:
+                    problems.append(str(err))
+                    continue
+            results[item] = result
+            if key is not None:
+                self._passed[key] = result
+        return results, problems
+
+    def save(self, world_size: int) -> None:
+        """Record this start's good results as process ``rank``'s; process 0 also removes those of
+        ranks a larger run had (their files are in this run's shares, recorded again)."""
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"rank-{self.rank}.npz"
+        remove_stale_temporaries(self.folder, [name])  # of a killed start; no other process writes this name
+        with atomic_write(self.folder / name) as f:
+            np.savez(f, version=np.array(VERSION), keys=np.fromiter(self._passed, np.uint64, len(self._passed)),
+                     results=np.array(list(self._passed.values()), np.int64).reshape(-1, 2))
+        if self.rank == 0:
+            for path in self._records():
+                if int(_RECORD.fullmatch(path.name).group(1)) >= world_size:
+                    path.unlink(missing_ok=True)
