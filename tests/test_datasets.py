@@ -25,6 +25,7 @@ from nerdrain.data.datasets import (
     file_problems,
 )
 from nerdrain.data.pairs import load_pair, read_training
+from nerdrain.imageio import read_photo
 
 
 def write_pairs(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -352,3 +353,47 @@ def test_check_records_serve_any_number_of_processes(tmp_path, monkeypatch):
     assert start(3) == set()
     (record / "rank-0.npz").unlink()  # rank 0's share, recorded by ranks 1 and 2 alone, is partly read again
     assert set() < start(1) < every_file
+
+
+def test_the_start_check_and_the_readers_apply_one_pixel_limit(tmp_path, monkeypatch):
+    """Every file training reads, 8- or 16-bit pair or photo, and the start check standing for its
+    reader, take read_photo's limit (NERDRAIN_MAX_PIXELS) and not Pillow's decompression-bomb guard
+    (~179 Mpx, which no setting of ours moves): before, the check refused photos between the two
+    that training reads, and 8-bit pairs, unlike 16-bit ones, were past NERDRAIN_MAX_PIXELS's reach.
+    A small Pillow guard and a small limit stand for the real ones; the images are 24x20 = 480 px.
+    What passed under one limit is checked again under another."""
+    root = tmp_path / "pairs"
+    for folder in ("input", "target"):
+        (root / folder).mkdir(parents=True)
+    Image.fromarray(np.full((20, 24, 3), 10, np.uint8)).save(root / "input" / "flat.png")
+    Image.fromarray(np.full((20, 24, 3), 20, np.uint8)).save(root / "target" / "flat.jpg")
+    _write_png16_rgb(root / "input" / "deep.png", np.full((20, 24, 3), 1000, np.uint16))
+    _write_png16_rgb(root / "target" / "deep.png", np.full((20, 24, 3), 2000, np.uint16))
+    (tmp_path / "clean").mkdir()
+    Image.fromarray(np.full((20, 24, 3), 30, np.uint8)).save(tmp_path / "clean" / "photo.jpg")
+    sources = [PairedSource(root), SyntheticSource(tmp_path / "clean", ["light"])]
+    files = [path for pair in sources[0].pairs for path in (pair.input, pair.target)] + sources[1].paths
+
+    def read(path: Path) -> None:
+        read_training(path) if path.parent.parent == root else read_photo(path)
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses over twice this
+    for path in files:
+        read(path)
+    record = tmp_path / "run" / CHECKED_FILES
+    checked = CheckedFiles(record)
+    assert file_problems(sources, checked=checked) == []
+    checked.save(1)
+
+    monkeypatch.undo()
+    monkeypatch.setenv("NERDRAIN_MAX_PIXELS", "479")
+    errors = []
+    for path in files:
+        with pytest.raises(ValueError) as refused:
+            read(path)
+        errors.append(str(refused.value))
+    limit = "exceeds the limit of 0 megapixels (raise it with max_pixels= or NERDRAIN_MAX_PIXELS)"
+    assert errors == [f"{path}: image too large: 24x20 = 0 megapixels {limit}" for path in files]
+    assert sorted(file_problems(sources, checked=CheckedFiles(record))) == sorted(errors)  # passed at 300 Mpx
+    monkeypatch.setenv("NERDRAIN_MAX_PIXELS", "480")
+    assert file_problems(sources) == []

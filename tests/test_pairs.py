@@ -281,12 +281,17 @@ def test_unreadable_file_in_a_did_folder_is_named_during_detection(tmp_path: Pat
     assert str(tmp_path / "b.png") in str(err.value)
 
 
-def test_decompression_bomb_is_a_read_error_naming_the_file(tmp_path: Path, monkeypatch) -> None:
-    big = _write(tmp_path / "big.png", 10, size=(64, 64))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # over twice the limit is Pillow's error
-    with pytest.raises(ValueError, match="cannot read the image") as err:
-        read_rgb(big)
-    assert str(big) in str(err.value)
+def test_an_image_over_the_pixel_limit_is_a_read_error_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    """The limit is read_photo's (NERDRAIN_MAX_PIXELS), in detection and reading alike, not Pillow's
+    decompression-bomb guard (here made small: over twice 100 pixels would be its error)."""
+    big = _write(tmp_path / "big.png", 10, size=(64, 32))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    assert find_pairs(tmp_path)[0].crop == ("left", "right") and read_rgb(big).shape == (32, 64, 3)
+    monkeypatch.setenv("NERDRAIN_MAX_PIXELS", "2047")
+    for read in (find_pairs, read_rgb):
+        with pytest.raises(ValueError, match="image too large: 64x32") as err:
+            read(big if read is read_rgb else tmp_path)
+        assert str(err.value).startswith(f"{big}: ")
 
 
 @pytest.mark.parametrize("root", ["empty", "input_target", "missing"])

@@ -44,7 +44,8 @@ replaced by our own limit: images up to :data:`DEFAULT_MAX_PIXELS` (300 Mpx, e.g
 ``max_pixels=`` (``0`` = no limit) or process-wide with the environment variable
 ``NERDRAIN_MAX_PIXELS``.  Note that inference needs roughly 35 bytes per pixel of host
 memory (float32 copies of the input and the output; 34 measured for a 6000 x 4000 photo),
-i.e. ~10 GB at 300 Mpx.
+i.e. ~10 GB at 300 Mpx.  The dataset readers (:mod:`nerdrain.data.pairs`) and training's
+check of its files open images through :func:`open_image`, under the same limit.
 
 Quantisation is round-half-up after clipping to [0, 1]: ``floor(x * (2**bits - 1) + 0.5)``.
 """
@@ -59,7 +60,8 @@ import sys
 import threading
 import warnings
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -81,6 +83,7 @@ __all__ = [
     "check_writable_size",
     "fit_metadata",
     "format_for_path",
+    "open_image",
     "photo_from_pil",
     "photo_to_pil",
     "quantize",
@@ -614,17 +617,46 @@ def read_photo(path: PathLike, *, max_pixels: int | None = None, apply_orientati
     except OSError as e:
         raise ImageReadError(path, f"cannot access file ({e.strerror or e})") from None
 
+    with _without_pillow_guard(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        photo = _read_locked(p, path, limit, apply_orientation)
+    return _warnings_as_notes(photo, caught)
+
+
+@contextmanager
+def _without_pillow_guard() -> Iterator[None]:
+    """Pillow's decompression-bomb guard (~179 Mpx, a module global) off: our pixel limit
+    (:func:`resolve_max_pixels`) replaces it. Other threads' reads wait meanwhile."""
     with _PIL_GLOBALS_LOCK:
         old_limit = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None  # our own limit below replaces Pillow's bomb guard
+        Image.MAX_IMAGE_PIXELS = None
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                photo = _read_locked(p, path, limit, apply_orientation)
+            yield
         finally:
             Image.MAX_IMAGE_PIXELS = old_limit
-    return _warnings_as_notes(photo, caught)
+
+
+def _check_pixel_limit(path: PathLike, width: int, height: int, limit: int) -> None:
+    if limit > 0 and width * height > limit:
+        raise ImageReadError(
+            path,
+            f"image too large: {width}x{height} = {width * height / 1e6:.0f} megapixels exceeds the limit of "
+            f"{limit / 1e6:.0f} megapixels (raise it with max_pixels= or NERDRAIN_MAX_PIXELS)",
+        )
+
+
+@contextmanager
+def open_image(path: PathLike) -> Iterator[Image.Image]:
+    """``Image.open(path)`` (its header read, its pixels not yet) under :func:`read_photo`'s pixel
+    limit instead of Pillow's guard, refused with read_photo's :class:`ImageReadError` above it: the
+    dataset readers and training's start check take exactly the images read_photo takes."""
+    limit = resolve_max_pixels(None)
+    with _without_pillow_guard():
+        img = Image.open(path)
+    with img:
+        _check_pixel_limit(path, *img.size, limit)
+        yield img
 
 
 def _warnings_as_notes(photo: Photo, caught: list[warnings.WarningMessage]) -> Photo:
@@ -740,12 +772,7 @@ def _read_open(fh, p: Path, path: PathLike, limit: int, apply_orientation: bool)
         w, h = img.size
         if w < 1 or h < 1:
             raise ImageReadError(path, f"image has no pixels ({w}x{h})")
-        if limit > 0 and w * h > limit:
-            raise ImageReadError(
-                path,
-                f"image too large: {w}x{h} = {w * h / 1e6:.0f} megapixels exceeds the limit of "
-                f"{limit / 1e6:.0f} megapixels (raise it with max_pixels= or NERDRAIN_MAX_PIXELS)",
-            )
+        _check_pixel_limit(path, w, h, limit)
         try:
             pixels16 = _decode_16bit(p, img)
             img.load()

@@ -3,9 +3,10 @@ or restarted run reads again only the files changed since: SPA-Data's 1.3 millio
 minutes to check, and seconds to list and stat.
 
 A result is keyed by what was checked (a file, a validation pair and its protocol), the checker's
-:data:`VERSION`, and each file's path, size, modification and change time (``st_ctime_ns``, which
-no program can set back: new bytes with the size and mtime put back still count as a change; on
-Windows it is the creation time, so size and mtime alone count there). The
+:data:`VERSION`, the image readers' pixel limit (``NERDRAIN_MAX_PIXELS``), and each file's path,
+size, modification and change time (``st_ctime_ns``, which no program can set back: new bytes with
+the size and mtime put back still count as a change; on Windows it is the creation time, so size
+and mtime alone count there). The
 keys are 64-bit hashes, kept as sorted arrays: 16 bytes a file where Python objects would take
 hundreds. Each process writes its own record (``rank-N.npz``) and reads them all, so a resume
 with another number of processes, whose shares differ, still finds every file's result.
@@ -26,11 +27,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..files import atomic_write, remove_stale_temporaries
+from ..imageio import resolve_max_pixels
 
 __all__ = ["CHECKED_FILES", "VERSION", "CheckedFiles"]
 
 CHECKED_FILES = "checked-files"  # the folder of the records in a run folder
-VERSION = 1  # raised whenever the check finds more: earlier results then no longer count
+VERSION = 2  # raised whenever the check finds more: earlier results then no longer count
 _RECORD = re.compile(r"rank-(\d+)\.npz")
 _UNREADABLE_RECORD = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
@@ -38,10 +40,10 @@ Item = TypeVar("Item", bound=Hashable)
 Size = tuple[int, int]
 
 
-def _key(what: str, item: object, files: Sequence[Path]) -> int | None:
-    """The hash of ``item`` checked as ``what`` with ``files`` as they are now; None where one
-    cannot be stat'ed (the check then says why)."""
-    parts: list[object] = [VERSION, what, repr(item)]
+def _key(what: str, item: object, files: Sequence[Path], max_pixels: int) -> int | None:
+    """The hash of ``item`` checked as ``what`` under the pixel limit ``max_pixels`` with ``files``
+    as they are now; None where one cannot be stat'ed (the check then says why)."""
+    parts: list[object] = [VERSION, max_pixels, what, repr(item)]
     for path in files:
         try:
             st = os.stat(path)
@@ -96,7 +98,8 @@ class CheckedFiles:
         """``check`` each item whose ``files`` changed since the recorded check (``check`` gives two
         ints to keep, an image's (width, height), or raises ValueError naming a bad file); the
         others' results come from the record: (each good item's result, the errors)."""
-        keys = [_key(what, item, files(item)) for item in items]  # stat'ed before reading: a change meanwhile counts
+        max_pixels = resolve_max_pixels(None)  # a file passed under a larger limit is checked again
+        keys = [_key(what, item, files(item), max_pixels) for item in items]  # stat'ed before reading: a change meanwhile counts
         results: dict[Item, Size] = {}
         problems = []
         for item, key, result in tqdm(list(zip(items, keys, self._recorded(keys))), desc=f"check {what}",

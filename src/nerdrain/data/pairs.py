@@ -18,6 +18,10 @@ detected automatically (and can be forced). Layouts, in detection order:
 
 Pairs are matched by file stem, never by sorted position, so a file without its partner is an
 error rather than a silent shift of every later pair.
+
+Every reader here, 8- or 16-bit, and :func:`image_size` refuse images over one pixel limit,
+:func:`nerdrain.imageio.read_photo`'s (``NERDRAIN_MAX_PIXELS``, 300 million by default), in its
+words; Pillow's own guard (~179 Mpx) is not used (:func:`nerdrain.imageio.open_image`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from ..files import same_file
-from ..imageio import DATASET_EXTENSIONS, read_photo, stores_16_bits
+from ..imageio import DATASET_EXTENSIONS, open_image, read_photo, stores_16_bits
 
 __all__ = [
     "LAYOUTS",
@@ -133,7 +137,7 @@ def _prenet_files(root: Path, prefix: str) -> list[Path]:
 
 def _is_side_by_side(path: Path) -> bool:
     try:
-        with Image.open(path) as img:  # reads the header only
+        with open_image(path) as img:  # reads the header only
             width, height = img.size
     except _READ_ERRORS as err:
         raise _unreadable(path, err) from None
@@ -338,8 +342,9 @@ def match_predictions(pred_dir: Path, pairs: Sequence[Pair], data_dir: Path) -> 
     return [(preds[pair.name], pair) for pair in pairs]
 
 
-# Truncated or corrupt files, and ones over Pillow's pixel limit: its messages omit the file.
-_READ_ERRORS: Final = (OSError, SyntaxError, EOFError, Image.DecompressionBombError)
+# Truncated or corrupt files: Pillow's messages omit the file. (Images over the pixel limit are
+# refused by open_image, naming it.)
+_READ_ERRORS: Final = (OSError, SyntaxError, EOFError)
 
 
 def _unreadable(path: Path, err: BaseException) -> ValueError:
@@ -364,7 +369,7 @@ def _read_8bit(path: Path, pixels: Callable[[Image.Image], np.ndarray],
     """``pixels`` of the opened file. 16-bit files go to ``read_16_bits``; without it, they are
     refused, and so are 32-bit files (see :func:`_is_16_bit`)."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             if not _is_16_bit(img, path, accept_16_bits=read_16_bits is not None):
                 return pixels(img)
     except _READ_ERRORS as err:
@@ -421,13 +426,13 @@ def image_size(path: Path, *, training_pair: bool = False) -> tuple[int, int]:
     pixels); other formats by decoding them (1.0 s per 1000 such JPEGs). With ``training_pair``,
     the depths :func:`read_training` refuses are refused too, in its words."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             if training_pair:
                 _is_16_bit(img, path, accept_16_bits=True)
             size = img.size
             if img.format == "PNG" and _chunks_intact(img):
                 return size
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.load()
     except _READ_ERRORS as err:
         raise _unreadable(path, err) from None
