@@ -156,7 +156,7 @@ def test_the_start_check_refuses_the_32_bit_pair_files_training_would_refuse(tmp
     float_pair, deep_pair = sorted(source.pairs, key=lambda pair: pair.name != "float")
     with pytest.raises(ValueError) as drawn:
         load_pair(float_pair, read_training)
-    assert str(drawn.value) == f"{float_pair.input}: 32-bit F images are not supported; use 8- or 16-bit images"
+    assert str(drawn.value) == f"{float_pair.input}: 32-bit floating-point images are not supported; use 8- or 16-bit images"
     load_pair(deep_pair, read_training)
     assert file_problems([source]) == [str(drawn.value)]
 

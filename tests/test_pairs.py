@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nerdrain.data.pairs import LAYOUTS, Pair, detect_layout, find_pairs, image_size, load_pair, read_rgb
+from nerdrain.data.pairs import (LAYOUTS, Pair, detect_layout, find_pairs, image_size, load_pair, read_rgb,
+                                  read_scored, read_training)
 from nerdrain.imageio import Photo, write_photo
 
 from conftest import DATA  # the one place ../shared is located (NERDRAIN_SHARED overrides)
@@ -305,3 +306,23 @@ def test_forced_prenet_without_its_files_is_an_error_not_zero_pairs(tmp_path: Pa
         _write(folder / "target" / "rain-1.png", 1 + CLEAN)
     with pytest.raises(ValueError, match="no rain-N / norain-N images"):
         find_pairs(folder, "prenet")
+
+
+def test_refused_modes_are_named_in_words_not_pillow_codes(tmp_path: Path) -> None:
+    """Pillow's mode "1" pasted into a sentence read "a 1 image"; "F" and "I" were as cryptic."""
+    Image.new("1", (8, 6), 1).save(tmp_path / "bw.png")
+    Image.new("CMYK", (8, 6), (0, 50, 100, 0)).save(tmp_path / "ink.jpg")
+    Image.fromarray(np.full((6, 8), 0.5, np.float32)).save(tmp_path / "float.tif")
+    Image.fromarray(np.full((6, 8), 70000, np.int32)).save(tmp_path / "int.tif")
+    cases = [
+        ("bw.png", "1", read_scored, "a 1-bit black-and-white image, which the MATLAB scripts cannot score"),
+        ("ink.jpg", "CMYK", read_scored, "a CMYK image, which the MATLAB scripts cannot score"),
+        ("float.tif", "F", read_rgb, "32-bit floating-point images are not supported; use 8-bit images"),
+        ("int.tif", "I", read_training, "32-bit integer images are not supported; use 8- or 16-bit images"),
+    ]
+    for name, mode, read, words in cases:
+        with Image.open(tmp_path / name) as img:
+            assert img.mode == mode
+        with pytest.raises(ValueError) as err:
+            read(tmp_path / name)
+        assert str(err.value).startswith(f"{tmp_path / name}: {words}")

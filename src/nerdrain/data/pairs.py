@@ -352,12 +352,21 @@ def _unreadable(path: Path, err: BaseException) -> ValueError:
     return ValueError(f"{path}: cannot read the image ({reason})")
 
 
+# Pillow modes the readers refuse, in words for their messages ("a 1 image" says nothing).
+_MODE_WORDS: Final = {"1": "1-bit black-and-white", "I": "32-bit integer", "F": "32-bit floating-point",
+                      "CMYK": "CMYK", "YCbCr": "YCbCr", "LAB": "CIELAB"}
+
+
+def _mode_words(mode: str) -> str:
+    return _MODE_WORDS.get(mode, f"Pillow {mode!r} mode")
+
+
 def _is_16_bit(img: Image.Image, path: Path, accept_16_bits: bool) -> bool:
     """Whether the opened file stores 16 bits a value; refused where not ``accept_16_bits``, and
     32-bit grey and float files always: MATLAB would read them at full depth, not as 8 bits."""
     deep = stores_16_bits(img)
     depth = ("16-bit" if deep and not accept_16_bits else None if deep else
-             f"32-bit {img.mode}" if img.mode in ("I", "F") else None)
+             _mode_words(img.mode) if img.mode in ("I", "F") else None)
     if depth:
         raise ValueError(f"{path}: {depth} images are not supported; "
                          f"use {'8- or 16-bit' if accept_16_bits else '8-bit'} images")
@@ -407,7 +416,7 @@ def _as_matlab_reads(img: Image.Image, path: Path) -> np.ndarray:
     if img.mode in ("L", "LA"):
         return np.asarray(img.convert("L"))
     what = ("a palette image (MATLAB's imread gives its colour indices, not its colours)" if img.mode in ("P", "PA")
-            else f"a {img.mode} image")
+            else f"a {_mode_words(img.mode)} image")
     raise ValueError(f"{path}: {what}, which the MATLAB scripts cannot score; save it as RGB or grey")
 
 
