@@ -58,11 +58,15 @@ def _check_uint8(img: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: empty image of shape {img.shape}")
 
 
+def _check_rgb_shape(img: np.ndarray, name: str) -> None:
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"{name}: expected an RGB image of shape HxWx3, got shape {img.shape}")
+
+
 def _check_rgb_uint8(img: np.ndarray, name: str) -> None:
     """Reject anything but the uint8 HxWx3 arrays the MATLAB scripts read from 8-bit colour files."""
     _check_uint8(img, name)
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"{name}: expected an RGB image of shape HxWx3, got shape {img.shape}")
+    _check_rgb_shape(img, name)
 
 
 def check_scorable(img: np.ndarray, protocol: str, name: str = "image") -> None:
@@ -74,7 +78,7 @@ def check_scorable(img: np.ndarray, protocol: str, name: str = "image") -> None:
             raise ValueError(f"{name}: a grey image, which the did_ddn protocol cannot score: its MATLAB script "
                              "calls rgb2ycbcr on every image, an error for a grey one (save it as RGB)")
         return
-    _check_rgb_uint8(img, name)
+    _check_rgb_shape(img, name)
 
 
 def _check_pair(pred: np.ndarray, target: np.ndarray, protocol: str) -> None:
