@@ -211,17 +211,20 @@ def test_training_step_through_the_kernels_in_the_interpreter_equals_pytorchs():
 
 
 def test_used_only_where_it_applies(monkeypatch):
+    """Which maps take the kernels, whether Triton is installed or not (``available`` is patched,
+    nothing is compiled): grad mode plays no part, since the kernels have a backward."""
     monkeypatch.setattr(triton_ln, "available", lambda: True)
     monkeypatch.setattr(triton_ln, "DEVICES", {"cpu"})
     x = torch.rand(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
-    assert triton_ln.applies(x)  # with autograd too: the kernels with a backward
+    for training in (True, False):
+        with torch.set_grad_enabled(training):
+            assert triton_ln.applies(x)
     assert not triton_ln.applies(x.contiguous())  # NCHW rows are not contiguous
     monkeypatch.setattr(triton_ln, "is_compiling", lambda: True)
     assert not triton_ln.applies(x)  # inductor fuses its own
     monkeypatch.setattr(triton_ln, "is_compiling", lambda: False)
     monkeypatch.setattr(triton_ln, "DEVICES", {"cuda"})
-    with torch.no_grad():
-        assert not triton_ln.applies(x)
+    assert not triton_ln.applies(x)  # a CPU map where the kernels serve CUDA ones only
     # where it does not apply, LayerNorm2d is PyTorch's LayerNorm over channels
     norm = LayerNorm2d(8)
     torch.testing.assert_close(norm(x), F.layer_norm(x.permute(0, 2, 3, 1), (8,)).permute(0, 3, 1, 2))
