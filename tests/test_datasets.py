@@ -397,3 +397,24 @@ def test_the_start_check_and_the_readers_apply_one_pixel_limit(tmp_path, monkeyp
     assert sorted(file_problems(sources, checked=CheckedFiles(record))) == sorted(errors)  # passed at 300 Mpx
     monkeypatch.setenv("NERDRAIN_MAX_PIXELS", "480")
     assert file_problems(sources) == []
+
+
+def test_a_file_checked_as_a_photo_is_checked_again_as_a_pair_file(tmp_path):
+    """A 32-bit float TIFF is a good clean photo (read_photo takes any depth) but not a pair's file
+    (read_training refuses 32 bits): recorded good as a photo, it is still refused once a pair uses it."""
+    write_pairs(tmp_path / "pairs", 2, (40, 36))
+    deep = tmp_path / "pairs" / "target" / "0.tif"
+    Image.fromarray(np.random.default_rng(0).random((40, 36), np.float32)).save(deep)
+    (tmp_path / "pairs" / "target" / "0.png").unlink()
+    record = tmp_path / "run" / CHECKED_FILES
+
+    def problems(source) -> list[str]:
+        checked = CheckedFiles(record)
+        found = datasets.file_problems([source], checked=checked)
+        checked.save(1)
+        return found
+
+    assert problems(SyntheticSource(tmp_path / "pairs" / "target", ["light"])) == []
+    assert (tmp_path / "run" / CHECKED_FILES / "rank-0.npz").is_file()
+    assert problems(PairedSource(tmp_path / "pairs")) == [
+        f"{deep}: 32-bit floating-point images are not supported; use 8- or 16-bit images"]
