@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import os
 import struct
+import time
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from nerdrain.data import checked as checked_module
 from nerdrain.data.augment import AugmentConfig
 from nerdrain.data.checked import CHECKED_FILES, CheckedFiles
 from nerdrain.data import datasets
@@ -322,7 +326,7 @@ def test_synthetic_source_checks_its_streak_images_when_built(tmp_path):
         SyntheticSource(root, ["light"], streak_dir=streaks)
 
 
-def test_check_records_serve_any_number_of_processes(tmp_path, monkeypatch):
+def test_check_records_serve_any_number_of_processes(tmp_path, monkeypatch, exact_timestamps):
     """Each process records its share's results and reads every process's record: after a start
     with one process, two read nothing (their shares differ from any earlier process's); after
     one with two, one reads nothing, and process 0 removes the record of rank 1, which no longer runs."""
@@ -355,7 +359,7 @@ def test_check_records_serve_any_number_of_processes(tmp_path, monkeypatch):
     assert set() < start(1) < every_file
 
 
-def test_the_start_check_and_the_readers_apply_one_pixel_limit(tmp_path, monkeypatch):
+def test_the_start_check_and_the_readers_apply_one_pixel_limit(tmp_path, monkeypatch, exact_timestamps):
     """Every file training reads, 8- or 16-bit pair or photo, and the start check standing for its
     reader, take read_photo's limit (NERDRAIN_MAX_PIXELS) and not Pillow's decompression-bomb guard
     (~179 Mpx, which no setting of ours moves): before, the check refused photos between the two
@@ -377,6 +381,7 @@ def test_the_start_check_and_the_readers_apply_one_pixel_limit(tmp_path, monkeyp
     def read(path: Path) -> None:
         read_training(path) if path.parent.parent == root else read_photo(path)
 
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses over twice this
     for path in files:
         read(path)
@@ -385,7 +390,7 @@ def test_the_start_check_and_the_readers_apply_one_pixel_limit(tmp_path, monkeyp
     assert file_problems(sources, checked=checked) == []
     checked.save(1)
 
-    monkeypatch.undo()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillow_limit)
     monkeypatch.setenv("NERDRAIN_MAX_PIXELS", "479")
     errors = []
     for path in files:
@@ -399,7 +404,7 @@ def test_the_start_check_and_the_readers_apply_one_pixel_limit(tmp_path, monkeyp
     assert file_problems(sources) == []
 
 
-def test_a_file_checked_as_a_photo_is_checked_again_as_a_pair_file(tmp_path):
+def test_a_file_checked_as_a_photo_is_checked_again_as_a_pair_file(tmp_path, exact_timestamps):
     """A 32-bit float TIFF is a good clean photo (read_photo takes any depth) but not a pair's file
     (read_training refuses 32 bits): recorded good as a photo, it is still refused once a pair uses it."""
     write_pairs(tmp_path / "pairs", 2, (40, 36))
@@ -418,3 +423,59 @@ def test_a_file_checked_as_a_photo_is_checked_again_as_a_pair_file(tmp_path):
     assert (tmp_path / "run" / CHECKED_FILES / "rank-0.npz").is_file()
     assert problems(PairedSource(tmp_path / "pairs")) == [
         f"{deep}: 32-bit floating-point images are not supported; use 8- or 16-bit images"]
+
+
+class CoarseTimestamps:
+    """``os`` as seen on a filesystem keeping whole ``seconds`` of modification and change time
+    (FAT: 2 s; ext3, HFS+: 1 s; Linux's own move by the clock tick only)."""
+
+    def __init__(self, seconds: int):
+        self.granule = seconds * 10**9
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def stat(self, path, *args, **kwargs):
+        st = os.stat(path, *args, **kwargs)
+        return SimpleNamespace(st_size=st.st_size, st_mtime_ns=st.st_mtime_ns - st.st_mtime_ns % self.granule,
+                               st_ctime_ns=st.st_ctime_ns - st.st_ctime_ns % self.granule)
+
+
+def test_a_file_rewritten_within_its_timestamps_granule_is_read_again(tmp_path, monkeypatch):
+    """Where timestamps are coarse, a file rewritten with as many bytes just after the check read it
+    keeps its size, mtime and change time: what the check found must not be recorded then (git's
+    "racily clean" files), or the new bytes would pass unread."""
+    monkeypatch.setattr(checked_module, "os", CoarseTimestamps(2))
+    write_pairs(tmp_path / "pairs", 1, (40, 36))
+    record = tmp_path / "run" / CHECKED_FILES
+    target = tmp_path / "pairs" / "target" / "0.png"
+    corrupted = bytearray(target.read_bytes())
+    corrupted[-40] ^= 0xFF
+
+    def problems() -> list[str]:
+        checked = CheckedFiles(record)
+        found = datasets.file_problems([PairedSource(tmp_path / "pairs")], checked=checked)
+        checked.save(1)
+        return found
+
+    time.sleep(-time.time() % 2 + 0.05)  # early in a granule: the rewrite falls in the same one
+    target.write_bytes(target.read_bytes())
+    assert problems() == []
+    target.write_bytes(bytes(corrupted))
+    assert [problem.split(":")[0] for problem in problems()] == [str(target)]
+
+
+def test_a_settled_file_with_an_mtime_in_the_future_is_recorded(tmp_path, monkeypatch, exact_timestamps):
+    """An mtime says nothing of when the bytes changed (an archive sets it, into the future where its
+    maker's clock ran ahead): a file changed long enough before the check is recorded whatever it says."""
+    write_pairs(tmp_path / "pairs", 1, (40, 36))
+    future = time.time_ns() + 3600 * 10**9
+    for path in (tmp_path / "pairs").rglob("*.png"):
+        os.utime(path, ns=(future, future))
+    reads: list[Path] = []
+    monkeypatch.setattr(datasets, "image_size", lambda path, **_: reads.append(path) or Image.open(path).size)
+    for _ in range(2):
+        checked = CheckedFiles(tmp_path / "run" / CHECKED_FILES)
+        assert datasets.file_problems([PairedSource(tmp_path / "pairs")], checked=checked) == []
+        checked.save(1)
+    assert len(reads) == 2  # the first check's two files, none at the second

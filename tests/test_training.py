@@ -1048,7 +1048,7 @@ def test_bad_files_are_named_before_training_starts(tmp_path):
 
 
 @pytest.fixture
-def content_reads(monkeypatch):
+def content_reads(monkeypatch, exact_timestamps):
     """The files the start's check reads (training files, validation pairs' files), in order."""
     import nerdrain.data.datasets as datasets_module
     import nerdrain.evaluate as evaluate_module

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import zipfile
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
@@ -33,6 +34,10 @@ __all__ = ["CHECKED_FILES", "VERSION", "CheckedFiles"]
 
 CHECKED_FILES = "checked-files"  # the folder of the records in a run folder
 VERSION = 2  # raised whenever the check finds more: earlier results then no longer count
+# Coarsest timestamps in use (FAT's 2 s mtime): a file changed later than this before the check may
+# be rewritten after it with its size and times unchanged, so its result is not recorded (git's
+# "racily clean" files; Linux's own timestamps move by the clock tick, not the nanosecond).
+_TIMESTAMP_GRANULE_NS = 2 * 10**9
 _RECORD = re.compile(r"rank-(\d+)\.npz")
 _UNREADABLE_RECORD = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
@@ -40,14 +45,23 @@ Item = TypeVar("Item", bound=Hashable)
 Size = tuple[int, int]
 
 
-def _key(what: str, item: object, files: Sequence[Path], max_pixels: int) -> int | None:
+def _last_change_ns(st: os.stat_result) -> int:
+    """When the file's bytes last changed: the change time, which, unlike an mtime (set into the
+    future by an archive, say), no program sets; Windows has only the mtime."""
+    return st.st_mtime_ns if os.name == "nt" else st.st_ctime_ns
+
+
+def _key(what: str, item: object, files: Sequence[Path], max_pixels: int, now_ns: int) -> int | None:
     """The hash of ``item`` checked as ``what`` under the pixel limit ``max_pixels`` with ``files``
-    as they are now; None where one cannot be stat'ed (the check then says why)."""
+    as they are now; None where one cannot be stat'ed (the check then says why) or changed too near
+    ``now_ns`` to be told from a rewrite after the check (it is then checked, its result not recorded)."""
     parts: list[object] = [VERSION, max_pixels, what, repr(item)]
     for path in files:
         try:
             st = os.stat(path)
         except OSError:
+            return None
+        if _last_change_ns(st) > now_ns - _TIMESTAMP_GRANULE_NS:
             return None
         parts += [os.fspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns]
     return int.from_bytes(hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest(), "little")
@@ -99,7 +113,8 @@ class CheckedFiles:
         ints to keep, an image's (width, height), or raises ValueError naming a bad file); the
         others' results come from the record: (each good item's result, the errors)."""
         max_pixels = resolve_max_pixels(None)  # a file passed under a larger limit is checked again
-        keys = [_key(what, item, files(item), max_pixels) for item in items]  # stat'ed before reading: a change meanwhile counts
+        now_ns = time.time_ns()
+        keys = [_key(what, item, files(item), max_pixels, now_ns) for item in items]  # stat'ed before reading: a change meanwhile counts
         results: dict[Item, Size] = {}
         problems = []
         for item, key, result in tqdm(list(zip(items, keys, self._recorded(keys))), desc=f"check {what}",
