@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import struct
@@ -479,3 +480,31 @@ def test_a_settled_file_with_an_mtime_in_the_future_is_recorded(tmp_path, monkey
         assert datasets.file_problems([PairedSource(tmp_path / "pairs")], checked=checked) == []
         checked.save(1)
     assert len(reads) == 2  # the first check's two files, none at the second
+
+
+def test_the_check_record_version_covers_every_rule_of_the_check():
+    """A record is reused only under the rules that wrote it: the version is taken from the source of
+    every function that decides what passes (a rule added to any of them, such as the 32-bit pair
+    file's, voids earlier records without a number to remember to raise)."""
+    from nerdrain import evaluate, imageio, metrics
+    from nerdrain.data import pairs
+    rules = [datasets.file_problems, pairs.image_size, pairs.check_pair_sizes, pairs.load_pair, pairs.clean_label,
+             imageio.stores_16_bits, evaluate._load_scorable, metrics.check_scorable, metrics.check_ssim_size,
+             CheckedFiles.check]
+    covered = {path.resolve() for path in checked_module._RULE_FILES}
+    assert {Path(inspect.getsourcefile(rule)).resolve() for rule in rules} <= covered
+    assert checked_module.VERSION == checked_module._rules_version(checked_module._RULE_FILES)
+
+
+def test_the_rules_version_does_without_the_sources_of_the_rules(tmp_path):
+    """Installed from compiled files only, the check's modules cannot be read: the version then
+    stands on the release, instead of the import failing, and still changes with a rule's code."""
+    from nerdrain.data.checked import _rules_version
+
+    rule = tmp_path / "rule.py"
+    rule.write_text("LIMIT = 1\n")
+    first = _rules_version([rule])
+    assert _rules_version([rule]) == first
+    rule.write_text("LIMIT = 2\n")
+    assert _rules_version([rule]) != first
+    assert isinstance(_rules_version([tmp_path / "gone.py"]), int)

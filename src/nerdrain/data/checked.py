@@ -15,6 +15,7 @@ with another number of processes, whose shares differ, still finds every file's 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import PIL
 from tqdm.auto import tqdm
 
 from ..files import atomic_write, remove_stale_temporaries
@@ -33,7 +35,36 @@ from ..imageio import resolve_max_pixels
 __all__ = ["CHECKED_FILES", "VERSION", "CheckedFiles"]
 
 CHECKED_FILES = "checked-files"  # the folder of the records in a run folder
-VERSION = 2  # raised whenever the check finds more: earlier results then no longer count
+
+
+def _release() -> str:
+    try:
+        return importlib.metadata.version("nerdrain")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _rules_version(rule_files: Sequence[Path]) -> int:
+    """A hash of the code that decides what passes and of the Pillow that decodes: any change to a
+    rule (a depth refused, a size too small to score) voids earlier records by itself, where a
+    number raised by hand is forgotten by the change that needed it. At worst an edit elsewhere
+    in these modules costs one full check."""
+    digest = hashlib.blake2b(PIL.__version__.encode(), digest_size=7)
+    for path in rule_files:
+        try:
+            digest.update(path.read_bytes())
+        except OSError:  # installed without its sources (compiled files only): the release stands for them
+            digest.update(f"nerdrain {_release()}".encode())
+            break
+    return int.from_bytes(digest.digest(), "little")
+
+
+# the modules of the check's rules: file_problems, image_size and check_pair_sizes, the validation's
+# _load_scorable with load_pair, check_scorable and check_ssim_size, the depths of imageio
+_PACKAGE = Path(__file__).resolve().parent.parent
+_RULE_FILES = tuple(_PACKAGE / name for name in ("data/checked.py", "data/datasets.py", "data/pairs.py",
+                                                  "imageio.py", "evaluate.py", "metrics.py"))
+VERSION = _rules_version(_RULE_FILES)  # earlier results count only under the same rules
 # Coarsest timestamps in use (FAT's 2 s mtime): a file changed later than this before the check may
 # be rewritten after it with its size and times unchanged, so its result is not recorded (git's
 # "racily clean" files; Linux's own timestamps move by the clock tick, not the nanosecond).
