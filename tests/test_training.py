@@ -718,22 +718,32 @@ def test_under_ddp_an_error_in_one_share_stops_every_process_at_the_validation(t
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("case", ["config", "folder"])
+@pytest.mark.parametrize("case", ["config", "folder", "files"])
 def test_a_setup_error_under_torchrun_is_printed_once(tmp_path, data_root, case):
     """An error every process meets alike (a bad config key, read before the processes meet; an
-    earlier run in --out, found after) is one line for the job, from rank 0, not one per process."""
+    earlier run in --out, found after) is one line for the job, from rank 0, not one per process;
+    so are bad files found in both processes' shares of the data, named together."""
     cfg_path, out = tmp_path / "cfg.yaml", tmp_path / "run"
+    if case == "files":  # pairs 0 and 2 are rank 0's share, 1 rank 1's
+        data_root = make_pairs(tmp_path / "pairs", count=3)
+        bad = [data_root / "input" / f"{i}.png" for i in (1, 2)]
+        for path in bad:
+            path.write_bytes(b"not a PNG")
     cfg_path.write_text(yaml.safe_dump(config_dict(data_root)))
     out.mkdir()
-    (out / LAST).write_bytes(b"an earlier run's checkpoint")
+    if case != "files":
+        (out / LAST).write_bytes(b"an earlier run's checkpoint")
     extra = ["--set", "optim.lrr=1"] if case == "config" else []
     env = subprocess_env()
     cmd = [*torchrun(tmp_path), "-m", "nerdrain.cli", "train", str(cfg_path), "--out", str(out), "-q", *extra]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
-    expected = ("error: config.optim: unknown key(s) lrr (did you mean lr?)" if case == "config" else
-                f"error: {out} holds an earlier run (last.pt)")
+    expected = {"config": "error: config.optim: unknown key(s) lrr (did you mean lr?)",
+                "folder": f"error: {out} holds an earlier run (last.pt)",
+                "files": "error: 2 training or validation file(s) cannot be used"}[case]
     assert len(errors) == 1 and errors[0].startswith(expected), result.stderr[-3000:]
+    if case == "files":
+        assert all(f"{path}: " in errors[0] for path in bad), errors[0]
     assert result.returncode != 0
     root_cause = result.stderr.partition("Root Cause")[2]  # torchrun's summary names the process that reported
     assert re.search(r"rank\s*: (\d+)", root_cause)[1] == "0", result.stderr[-3000:]
@@ -772,6 +782,50 @@ def test_setup_errors_are_reported_by_the_first_process_that_has_them(monkeypatc
     if raised == "quiet":
         failed = 0 if rank0 is not None else 1
         assert str(err.value).startswith(f"process {failed} ") and str(err.value).endswith(messages[failed])
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_bad_files_found_by_several_processes_are_reported_once_together(monkeypatch, rank):
+    """Each process checks its share of the files: the bad ones of every share are named in one
+    error, raised by the first process that found any, not in one line per process."""
+    import nerdrain.training as training
+
+    found = {0: ["a.png: truncated"], 1: ["b.png: not an image", "c.png: 16x16, too small"]}
+
+    def all_gather_object(out, obj, group=None):
+        assert obj == found[rank]
+        out[:] = [found[0], found[1]]
+
+    monkeypatch.setattr(training.dist, "all_gather_object", all_gather_object)
+    trainer = Trainer.__new__(Trainer)
+    trainer.dist, trainer.control_group = training.DistInfo(rank=rank, world_size=2), None
+    with pytest.raises(training.UnusableFiles if rank == 0 else training.ReportedElsewhere) as err:
+        with trainer._errors_reported_once():
+            raise training.UnusableFiles(found[rank])
+    message = str(err.value)
+    assert message.startswith("3 training or validation file(s) cannot be used" if rank == 0 else
+                              "process 0 reports it: 3 training or validation file(s)")
+    assert message.endswith("a.png: truncated; b.png: not an image; c.png: 16x16, too small")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_bad_files_beside_another_error_are_each_reported_by_their_process(monkeypatch, rank):
+    import nerdrain.training as training
+
+    errors = {0: training.UnusableFiles(["a.png: truncated"]), 1: ValueError("out of memory")}
+    sent = {0: ["a.png: truncated"], 1: "out of memory"}
+
+    def all_gather_object(out, obj, group=None):
+        assert obj == sent[rank]
+        out[:] = [sent[0], sent[1]]
+
+    monkeypatch.setattr(training.dist, "all_gather_object", all_gather_object)
+    trainer = Trainer.__new__(Trainer)
+    trainer.dist, trainer.control_group = training.DistInfo(rank=rank, world_size=2), None
+    with pytest.raises(type(errors[rank])) as err:
+        with trainer._errors_reported_once():
+            raise errors[rank]
+    assert err.value is errors[rank]
 
 
 def test_the_cli_leaves_an_error_another_process_reports_unprinted(tmp_path, data_root, monkeypatch, capsys):

@@ -105,6 +105,17 @@ class ReportedElsewhere(RuntimeError):
     reported by the first of them only, not once per process."""
 
 
+class UnusableFiles(ValueError):
+    """Training or validation files the start's check refused. Under ``torchrun`` each process
+    checks its share, and the processes' lists are joined into one error (see
+    :meth:`Trainer._errors_reported_once`): one line naming them all, not one per process."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} training or validation file(s) cannot be used (found before training; "
+                         f"data.check_files: false skips this check): {shortened(problems, '; ')}")
+
+
 def build_model(cfg: TrainConfig) -> NeRDRain:
     """The config's network, checked by a forward pass on a 16x16 input (milliseconds, no
     randomness drawn), so that overrides that cannot work fail now, in one line naming them."""
@@ -530,8 +541,7 @@ class Trainer:
         problems = (file_problems(self.stream.sources, rank, world, self.progress, self.checked_files)
                     + scoring_problems(self.val_pairs[rank::world], self.cfg.val.protocol, self.checked_files))
         if problems:
-            raise ValueError(f"{len(problems)} training or validation file(s) cannot be used (found before training; "
-                             f"data.check_files: false skips this check): {shortened(problems, '; ')}")
+            raise UnusableFiles(problems)
 
     def _record_check_of_a_failed_start(self) -> None:
         """Where a start that checked the files fails (bad files, say) in a folder that exists (a
@@ -549,8 +559,10 @@ class Trainer:
         Of the processes that failed with the same message, the lowest rank raises its error and
         the others, and those that did not fail, raise :class:`ReportedElsewhere` (which the CLI
         leaves unprinted): one line for an error all meet alike, one per process for those that
-        differ. Left alone, a process that failed would exit and those that did not would wait in
-        their next collective until ``torchrun`` ends them.
+        differ. Where every process that failed found bad files in its share of the data
+        (:class:`UnusableFiles`), their lists are joined, and reported as one error. Left alone, a
+        process that failed would exit and those that did not would wait in their next collective
+        until ``torchrun`` ends them.
         """
         error: Exception | None = None
         try:
@@ -558,9 +570,16 @@ class Trainer:
         except Exception as err:  # noqa: BLE001 - exchanged, then raised again below
             error = err
         if self.dist.world_size > 1:
-            messages: list[str | None] = [None] * self.dist.world_size
-            dist.all_gather_object(messages, None if error is None else str(error), group=self.control_group)
-            failed = [rank for rank, message in enumerate(messages) if message is not None]
+            # A list of bad files is sent as a list, to be joined; other errors as their message.
+            sent = error.problems if isinstance(error, UnusableFiles) else None if error is None else str(error)
+            received: list[str | list[str] | None] = [None] * self.dist.world_size
+            dist.all_gather_object(received, sent, group=self.control_group)
+            failed = [rank for rank, message in enumerate(received) if message is not None]
+            if failed and all(isinstance(received[rank], list) for rank in failed):
+                joined = UnusableFiles([problem for rank in failed for problem in received[rank]])
+                error = None if error is None else joined
+                received = [None if message is None else joined.problems for message in received]
+            messages = [str(UnusableFiles(m)) if isinstance(m, list) else m for m in received]
             if error is not None and messages.index(str(error)) != self.dist.rank:
                 raise ReportedElsewhere(f"process {messages.index(str(error))} reports it: {error}") from error
             if error is None and failed:
