@@ -56,7 +56,8 @@ def test_channels_last_forward_all_matches_all_seven_golden_outputs(model, golde
 
 
 def test_fused_depthwise_gelu_matches_separate_ops_and_its_fallback_the_golden(model, golden_io, monkeypatch):
-    """fp32 CPU inference computes the FFN's GELU inside the depthwise convolution (oneDNN)."""
+    """CPU inference (fp32, or bf16 maps with bf16 weights) computes the FFN's GELU inside the
+    depthwise convolution (oneDNN)."""
     from nerdrain.models import blocks
 
     if blocks._CONV_POINTWISE is None:
@@ -72,8 +73,16 @@ def test_fused_depthwise_gelu_matches_separate_ops_and_its_fallback_the_golden(m
     assert calls == [1]
     blocks.depthwise_gelu(x, weight)  # with autograd: the separate ops
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        blocks.depthwise_gelu(x, weight)
-    assert calls == [1]
+        blocks.depthwise_gelu(x, weight)  # fp32 weights under autocast: a bf16 convolution, not fused
+        assert calls == [1]
+        # bf16 map and weights (the half-weight copy): fused, with or without autocast around it,
+        # rounded once to bf16 from the exact value (separate ops round the convolution first)
+        x_half, weight_half = x.bfloat16(), weight.bfloat16()
+        exact = torch.nn.functional.gelu(torch.nn.functional.conv2d(x_half.double(), weight_half.double(),
+                                                                    padding=1, groups=40))
+        y = blocks.depthwise_gelu(x_half, weight_half)
+    assert calls == [1, 1] and y.dtype == torch.bfloat16
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()  # within one bf16 rounding
     monkeypatch.setattr(blocks, "_CONV_POINTWISE", None)
     assert_all_outputs_match_golden(model, golden_io, channels_last=True)
 
