@@ -57,6 +57,9 @@ def main(argv=None) -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--calls", type=int, default=3, help="profiled forwards (after 3 warm-ups)")
     p.add_argument("--rows", type=int, default=30)
+    p.add_argument("--optimized", action="store_true",
+                   help="profile the forward through optimize_for_inference (bf16/fp16: weights stored in "
+                        "that dtype, as the CLI runs it) instead of autocast over the bare model")
     p.add_argument("--train", action="store_true",
                    help="profile training steps (forward, NeRDRainLoss, backward, fused Adam) instead")
     args = p.parse_args(argv)
@@ -72,6 +75,15 @@ def main(argv=None) -> None:
     def forward() -> None:
         with torch.no_grad(), common.precision(args.dtype, device):
             model(x)
+
+    if args.optimized and not args.train:
+        from nerdrain.accel import optimize_for_inference
+
+        fast = optimize_for_inference(model, device, channels_last=args.channels_last,
+                                      dtype=common.INFERENCE_DTYPES[args.dtype])
+
+        def forward() -> None:  # noqa: F811 - the shipped path in place of the bare one
+            fast(x)
 
     call = train_step(model, x, args.dtype, device) if args.train else forward
 
