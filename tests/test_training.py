@@ -749,6 +749,21 @@ def test_a_setup_error_under_torchrun_is_printed_once(tmp_path, data_root, case)
     assert re.search(r"rank\s*: (\d+)", root_cause)[1] == "0", result.stderr[-3000:]
 
 
+def trainer_of_two_processes(monkeypatch, rank: int, sent: dict[int, object]) -> Trainer:
+    """A bare Trainer as process ``rank`` of 2, whose error exchange checks what it sends and
+    receives ``sent`` (what each process sent)."""
+    import nerdrain.training as training
+
+    def all_gather_object(out, obj, group=None):
+        assert obj == sent[rank]
+        out[:] = [sent[0], sent[1]]
+
+    monkeypatch.setattr(training.dist, "all_gather_object", all_gather_object)
+    trainer = Trainer.__new__(Trainer)
+    trainer.dist, trainer.control_group = training.DistInfo(rank=rank, world_size=2), None
+    return trainer
+
+
 @pytest.mark.parametrize("rank, own, rank0, raised", [
     (1, "same", "same", "quiet"),  # rank 0 reports it
     (1, "mine", "theirs", "own"),  # an error of this process alone: it reports it
@@ -760,14 +775,7 @@ def test_setup_errors_are_reported_by_the_first_process_that_has_them(monkeypatc
     import nerdrain.training as training
 
     messages = {0: rank0, 1: own} if rank == 1 else {0: own, 1: None}
-
-    def all_gather_object(out, obj, group=None):
-        assert obj == messages[rank]
-        out[:] = [messages[0], messages[1]]
-
-    monkeypatch.setattr(training.dist, "all_gather_object", all_gather_object)
-    trainer = Trainer.__new__(Trainer)
-    trainer.dist, trainer.control_group = training.DistInfo(rank=rank, world_size=2), None
+    trainer = trainer_of_two_processes(monkeypatch, rank, messages)
 
     def set_up():
         with trainer._errors_reported_once():
@@ -791,14 +799,7 @@ def test_bad_files_found_by_several_processes_are_reported_once_together(monkeyp
     import nerdrain.training as training
 
     found = {0: ["a.png: truncated"], 1: ["b.png: not an image", "c.png: 16x16, too small"]}
-
-    def all_gather_object(out, obj, group=None):
-        assert obj == found[rank]
-        out[:] = [found[0], found[1]]
-
-    monkeypatch.setattr(training.dist, "all_gather_object", all_gather_object)
-    trainer = Trainer.__new__(Trainer)
-    trainer.dist, trainer.control_group = training.DistInfo(rank=rank, world_size=2), None
+    trainer = trainer_of_two_processes(monkeypatch, rank, found)
     with pytest.raises(training.UnusableFiles if rank == 0 else training.ReportedElsewhere) as err:
         with trainer._errors_reported_once():
             raise training.UnusableFiles(found[rank])
@@ -813,15 +814,7 @@ def test_bad_files_beside_another_error_are_each_reported_by_their_process(monke
     import nerdrain.training as training
 
     errors = {0: training.UnusableFiles(["a.png: truncated"]), 1: ValueError("out of memory")}
-    sent = {0: ["a.png: truncated"], 1: "out of memory"}
-
-    def all_gather_object(out, obj, group=None):
-        assert obj == sent[rank]
-        out[:] = [sent[0], sent[1]]
-
-    monkeypatch.setattr(training.dist, "all_gather_object", all_gather_object)
-    trainer = Trainer.__new__(Trainer)
-    trainer.dist, trainer.control_group = training.DistInfo(rank=rank, world_size=2), None
+    trainer = trainer_of_two_processes(monkeypatch, rank, {0: ["a.png: truncated"], 1: "out of memory"})
     with pytest.raises(type(errors[rank])) as err:
         with trainer._errors_reported_once():
             raise errors[rank]
