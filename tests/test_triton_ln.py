@@ -34,6 +34,12 @@ SHAPES = [(1, 48, 17, 23), (2, 96, 9, 11), (1, 192, 5, 7), (1, 3, 4, 4), (2, 255
 DTYPES = [("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16")]  # (map, weights)
 
 
+@pytest.fixture(autouse=True)
+def no_first_use_checks_yet(monkeypatch):
+    """Each test starts with the kernels' first-use checks not yet run."""
+    monkeypatch.setattr(triton_ln, "_checks", {})
+
+
 def cases(device: str):
     """(name, channels-last map, weight, bias) for each of SHAPES and DTYPES, rounded to the dtype."""
     torch.manual_seed(0)
@@ -86,13 +92,13 @@ def training_step_errors(device: str) -> dict:
     fp32 maps on ``device``, through the Triton kernels and through PyTorch's LayerNorm, plain and
     with activation checkpointing: each one's worst parameter gradient error against the step in
     float64 on the CPU (PyTorch's LayerNorm), relative to that gradient's largest value; with the
-    LayerNorm calls and the kernels' forward and backward calls."""
+    LayerNorm calls, the kernels' forward and backward calls and the first-use checks run."""
     from unittest import mock
 
     from nerdrain import create_model
     from nerdrain.losses import NeRDRainLoss
 
-    calls = {"layer_norm": 0, "forward": 0, "backward": 0}
+    calls = {"layer_norm": 0, "forward": 0, "backward": 0, "checks": 0}
 
     def counted(name, function):
         return lambda *args, **kwargs: calls.__setitem__(name, calls[name] + 1) or function(*args, **kwargs)
@@ -119,7 +125,8 @@ def training_step_errors(device: str) -> dict:
     result = {}
     with (mock.patch.object(triton_ln, "_forward", counted("forward", triton_ln._forward)),
           mock.patch.object(triton_ln, "layer_norm_channels_last_backward",
-                            counted("backward", triton_ln.layer_norm_channels_last_backward))):
+                            counted("backward", triton_ln.layer_norm_channels_last_backward)),
+          mock.patch.object(triton_ln, "_self_check", counted("checks", triton_ln._self_check))):
         for checkpointing in (False, True):
             pytorch = worst_error(gradients(device, torch.float32, False, checkpointing))
             calls.update(dict.fromkeys(calls, 0))
@@ -134,9 +141,12 @@ def assert_training_step_matches(result: dict) -> None:
     plain, recomputed = result["checkpointing=False"], result["checkpointing=True"]
     for case in (plain, recomputed):
         assert case["triton"] <= 1.5 * case["pytorch"] + 1e-6, result
-    assert plain["layer_norm"] > 0 and plain["backward"] == plain["forward"] == plain["layer_norm"], result
+    # each first-use check (one per channel count, in the first step only) runs a forward and a backward
+    assert recomputed["checks"] == 0, result
+    forward, backward = (plain[name] - plain["checks"] for name in ("forward", "backward"))
+    assert plain["layer_norm"] > 0 and backward == forward == plain["layer_norm"], result
     # activation checkpointing runs each transformer block's forward again in the backward
-    assert recomputed["backward"] == plain["backward"] and recomputed["forward"] > plain["forward"], result
+    assert recomputed["backward"] == backward and recomputed["forward"] > forward, result
 
 
 def interpreted(code: str) -> dict:
@@ -189,9 +199,10 @@ def test_golden_model_through_the_kernel_in_the_interpreter():
         model = load_model("{GOLDEN / 'official_dim16_seed0.safetensors'}")
         io = load_file("{GOLDEN / 'official_dim16_seed0_io.safetensors'}")
         assert_all_outputs_match_golden(model, io, channels_last=True)
-        print(json.dumps(count[0]))
+        assert all(triton_ln._checks.values())
+        print(json.dumps(count[0] - len(triton_ln._checks)))
     """)
-    assert calls == 2 * 156  # every LayerNorm of both golden cases
+    assert calls == 2 * 156  # every LayerNorm of both golden cases (besides one first-use check per width)
 
 
 @TRITON
@@ -265,7 +276,7 @@ def test_cuda_golden_model_runs_the_kernel(golden_dir, monkeypatch):
     model = load_model(golden_dir / "official_dim16_seed0.safetensors")
     io = load_file(str(golden_dir / "official_dim16_seed0_io.safetensors"))
     assert_all_outputs_match_golden(model, io, channels_last=True, device="cuda")
-    assert len(calls) == 2 * 156
+    assert all(triton_ln._checks.values()) and len(calls) == 2 * 156 + len(triton_ln._checks)
 
 
 def test_a_failing_kernel_warns_once_and_pytorch_takes_over(monkeypatch):
@@ -311,6 +322,7 @@ def test_a_failing_training_kernel_warns_once_and_pytorch_takes_over(monkeypatch
     else:
         monkeypatch.setattr(triton_ln, "_forward", pytorch_layer_norm_with_statistics)
         monkeypatch.setattr(triton_ln, "layer_norm_channels_last_backward", broken)
+        monkeypatch.setattr(triton_ln, "_self_check", lambda *args: None)  # passed, on other maps
     torch.manual_seed(0)
     norm = LayerNorm2d(8)
     with torch.no_grad():
@@ -333,3 +345,146 @@ def test_a_failing_training_kernel_warns_once_and_pytorch_takes_over(monkeypatch
     for got in (first, second):
         for a, b in zip(got, expected):
             torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+def pytorch_layer_norm_backward(dy, x, weight, mean, rstd, programs=None):
+    """What the Triton backward returns, computed by PyTorch (for LayerNorm2d's eps; the bias plays
+    no part in the gradients)."""
+    return triton_ln._pytorch_backward(dy, x, weight, torch.zeros_like(weight), 1e-5)
+
+
+def with_pytorch_kernels(monkeypatch) -> dict[str, int]:
+    """The kernels' launchers replaced by PyTorch's (no Triton needed) on CPU maps; their calls counted."""
+    monkeypatch.setattr(triton_ln, "available", lambda: True)
+    monkeypatch.setattr(triton_ln, "DEVICES", {"cpu"})
+    calls = {"forward": 0, "backward": 0}
+
+    def counted(name, function):
+        return lambda *args, **kwargs: calls.__setitem__(name, calls[name] + 1) or function(*args, **kwargs)
+
+    monkeypatch.setattr(triton_ln, "_forward", counted("forward", pytorch_layer_norm_with_statistics))
+    monkeypatch.setattr(triton_ln, "layer_norm_channels_last_backward",
+                        counted("backward", pytorch_layer_norm_backward))
+    return calls
+
+
+def random_layer_norm(channels: int) -> LayerNorm2d:
+    torch.manual_seed(0)
+    norm = LayerNorm2d(channels)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    return norm
+
+
+def pytorch_layer_norm(norm: LayerNorm2d, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], norm.weight, norm.bias, norm.eps).permute(0, 3, 1, 2)
+
+
+def channels_last_map(*shape: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("wrong, training", [("output", False), ("output", True), ("input gradient", True),
+                                             ("weight gradient", True), ("bias gradient", True)])
+def test_a_kernel_computing_wrong_numbers_is_caught_on_first_use(monkeypatch, wrong, training):
+    """A kernel that runs but is off by 1e-3 of its values in one result (ten times what fp32 is
+    allowed): the first use warns which, the kernels are off, and the layer is PyTorch's LayerNorm."""
+    with_pytorch_kernels(monkeypatch)
+    names = ("output", "input gradient", "weight gradient", "bias gradient")
+    launcher = "_forward" if wrong == "output" else "layer_norm_channels_last_backward"
+    right = getattr(triton_ln, launcher)
+
+    def off(*args, **kwargs):
+        results = list(right(*args, **kwargs))
+        index = names.index(wrong) - (wrong != "output")  # the backward's results start at the input gradient
+        results[index] = results[index] * (1 + 1e-3)
+        return results
+
+    monkeypatch.setattr(triton_ln, launcher, off)
+    norm, x = random_layer_norm(8), channels_last_map(2, 8, 5, 7)
+    with torch.set_grad_enabled(training):
+        with pytest.warns(UserWarning, match=rf"first-use check failed \({wrong} off by 0.001 of"):
+            y = norm(x)
+        assert torch.equal(y, pytorch_layer_norm(norm, x))
+    assert not triton_ln.DEVICES and triton_ln._checks == {(x.device, torch.float32, torch.float32, 8, training): False}
+
+
+def test_the_first_use_check_runs_once_per_device_dtypes_width_and_direction(monkeypatch):
+    calls = with_pytorch_kernels(monkeypatch)
+    checked = []
+    check = triton_ln._self_check
+    monkeypatch.setattr(triton_ln, "_self_check", lambda *key: checked.append(key[:-1]) or check(*key))
+    uses = [(8, torch.float32, False), (8, torch.float32, True), (8, torch.bfloat16, False), (16, torch.float32, False)]
+    for channels, dtype, training in uses + uses:
+        norm = random_layer_norm(channels)
+        with torch.set_grad_enabled(training):
+            y = norm(channels_last_map(1, channels, 5, 7).to(dtype))
+            if training:
+                y.sum().backward()
+    cpu = torch.device("cpu")
+    assert checked == [(cpu, dtype, torch.float32, channels, training) for channels, dtype, training in uses]
+    # the layers' calls went through the kernels (each check one forward, and one backward in training)
+    assert calls == {"forward": 2 * len(uses) + len(uses), "backward": 2 + 1}
+
+
+def test_a_first_use_check_inside_activation_checkpointing_leaves_its_recomputation_alone(monkeypatch):
+    """The check's own autograd graph (PyTorch's gradients to compare with) saves its tensors
+    outside the checkpoint's hooks, which would count them in the original forward only."""
+    from torch.utils.checkpoint import checkpoint
+
+    with_pytorch_kernels(monkeypatch)
+    norm, x = random_layer_norm(8), channels_last_map(2, 8, 5, 7).requires_grad_()
+    # a block as in the model: the LayerNorm's tensors are not the last it saves
+    checkpoint(lambda x: norm(x).sin(), x, use_reentrant=False).sum().backward()
+    expected = torch.autograd.grad(pytorch_layer_norm(norm, x).sin().sum(), [x, *norm.parameters()])
+    for got, want in zip([x.grad, norm.weight.grad, norm.bias.grad], expected):
+        torch.testing.assert_close(got, want)
+    assert list(triton_ln._checks.values()) == [True]
+
+
+def test_no_first_use_check_while_a_cuda_graph_is_captured(monkeypatch):
+    """The check's host sync is illegal in capture: an unchecked width goes to PyTorch's LayerNorm
+    (captured in the graph), the kernels stay on, and the check runs at the first use after."""
+    calls = with_pytorch_kernels(monkeypatch)
+    monkeypatch.setattr(triton_ln, "_capturing", lambda x: True)
+    norm, x = random_layer_norm(8), channels_last_map(1, 8, 5, 7)
+    with torch.no_grad():
+        assert torch.equal(norm(x), pytorch_layer_norm(norm, x))
+        assert calls["forward"] == 0 and not triton_ln._checks and triton_ln.DEVICES == {"cpu"}
+        monkeypatch.setattr(triton_ln, "_capturing", lambda x: False)
+        norm(x)
+    assert calls["forward"] == 2 and list(triton_ln._checks.values()) == [True]
+
+
+@TRITON
+def test_the_real_kernels_pass_their_first_use_check_in_the_interpreter():
+    """For NeRD-Rain's widths, an odd one and one that fills no tile, in each of DTYPES, inference
+    and training; and LayerNorm2d then runs through the kernels (one forward launch per call after
+    the check's), without a warning."""
+    result = interpreted("""
+        import json, warnings
+        import torch
+        from nerdrain.models import triton_ln
+        from nerdrain.models.blocks import LayerNorm2d
+        from test_triton_ln import DTYPES, channels_last_map, pytorch_layer_norm, random_layer_norm
+
+        warnings.simplefilter("error")
+        triton_ln.DEVICES.add("cpu")
+        mismatches = {f"{c} {x}/{w} backward={b}": triton_ln._self_check(
+                          torch.device("cpu"), getattr(torch, x), getattr(torch, w), c, b, 1e-5)
+                      for c in (48, 255, 3) for x, w in DTYPES for b in (False, True)}
+        launches = []
+        forward = triton_ln._forward
+        triton_ln._forward = lambda *args, **kwargs: launches.append(1) or forward(*args, **kwargs)
+        norm, x = random_layer_norm(48), channels_last_map(1, 48, 5, 7)
+        errors = []
+        for training in (False, True, False, True):
+            with torch.set_grad_enabled(training):
+                errors.append((norm(x) - pytorch_layer_norm(norm, x)).abs().max().item())
+        print(json.dumps({"mismatches": mismatches, "launches": len(launches), "errors": errors,
+                          "checks": list(triton_ln._checks.values()), "on": sorted(triton_ln.DEVICES)}))
+    """)
+    assert result["mismatches"] == dict.fromkeys(result["mismatches"])  # all None
+    assert result["checks"] == [True, True] and "cpu" in result["on"]
+    assert result["launches"] == 2 + 4 and max(result["errors"]) < 1e-4, result

@@ -17,6 +17,11 @@ Triton installed, a device type in :data:`DEVICES`, channels-last storage, not w
 ``torch.compile`` traces (inductor writes its own fused kernel); everywhere else, and after a
 kernel once fails on a device (:func:`try_layer_norm` warns), PyTorch's ``F.layer_norm`` runs.
 Tests run it on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+
+A kernel that compiles but computes wrong numbers on some GPU (a compiler bug, a tiling edge case)
+would raise nothing, so before the kernels first serve a device, dtypes, channel count and
+direction (inference, or training with the backward) they are checked once against PyTorch's
+LayerNorm on a small map (:func:`_self_check`); a mismatch warns and turns them off like a failure.
 """
 
 from __future__ import annotations
@@ -30,13 +35,15 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ..torch_compat import is_compiling
+from ..torch_compat import is_compiling, no_autocast
 
 # Device types the kernel is used on; the benchmarks empty it to time PyTorch's kernel, the tests
 # add "cpu" to run the kernel in Triton's interpreter.
 DEVICES = {"cuda"}
 _MAX_ELEMENTS = 2**31 - 1  # int32 offsets inside the kernel
 _TILE = 4096  # elements a program normalises: rows x next power of two of the channels
+# First-use checks done: (device, map dtype, weight dtype, channels, backward) -> passed
+_checks: dict[tuple, bool] = {}
 
 
 @functools.cache
@@ -106,13 +113,12 @@ def _kernels():
         tl.store(partial_ptr + pid * channels + c, dw, mask=c_mask)
         tl.store(partial_ptr + (programs + pid) * channels + c, db, mask=c_mask)
 
-    return types.SimpleNamespace(forward=layer_norm_rows, backward=layer_norm_rows_backward,
-                                 next_power_of_2=triton.next_power_of_2, cdiv=triton.cdiv)
+    return types.SimpleNamespace(forward=layer_norm_rows, backward=layer_norm_rows_backward, cdiv=triton.cdiv)
 
 
 def _tiling(channels: int) -> tuple[int, int]:
     """Rows a program normalises at once, and the channels padded to a power of two."""
-    block_c = _kernels().next_power_of_2(channels)
+    block_c = 1 << (channels - 1).bit_length()
     return max(1, _TILE // block_c), block_c
 
 
@@ -120,23 +126,85 @@ def _on_device(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()  # launch on x's GPU
 
 
-def _fall_back(x: torch.Tensor, err: Exception) -> None:
+def _fall_back(x: torch.Tensor, reason: str) -> None:
     """Turn the kernels off for ``x``'s device type, with a warning (once: they are off after)."""
     DEVICES.discard(x.device.type)
-    warnings.warn(f"Triton LayerNorm failed ({type(err).__name__}: {err}); using PyTorch's", stacklevel=4)
+    warnings.warn(f"Triton LayerNorm {reason}; using PyTorch's", stacklevel=4)
+
+
+def _failed(err: Exception) -> str:
+    return f"failed ({type(err).__name__}: {err})"
 
 
 def try_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor | None:
     """:func:`layer_norm_channels_last` (:class:`LayerNormChannelsLast` under autograd), or ``None``
     (with a warning, once) where Triton fails here, e.g. a GPU it cannot compile for or no writable
-    cache: the kernels are then off for that device type."""
+    cache, or computes wrong numbers in its first-use check: the kernels are then off for that
+    device type. Also ``None``, without a warning, while a CUDA graph is captured before the check
+    could run (its host sync is illegal there): the graph records PyTorch's LayerNorm."""
+    backward = torch.is_grad_enabled()
     try:
-        if torch.is_grad_enabled():
+        if not _checked(x, weight, eps, backward):
+            return None
+        if backward:
             return LayerNormChannelsLast.apply(x, weight, bias, eps)
         return layer_norm_channels_last(x, weight, bias, eps)
     except Exception as err:  # noqa: BLE001 - any Triton failure: PyTorch's LayerNorm from now on
-        _fall_back(x, err)
+        _fall_back(x, _failed(err))
         return None
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _checked(x: torch.Tensor, weight: torch.Tensor, eps: float, backward: bool) -> bool:
+    """Whether the kernels passed their first-use check for maps like ``x``: run now if not yet
+    (unless a CUDA graph is being captured), once per process; a mismatch turns them off."""
+    key = (x.device, x.dtype, weight.dtype, x.shape[1], backward)
+    if key not in _checks:
+        if _capturing(x):
+            return False
+        mismatch = _self_check(*key, eps)
+        _checks[key] = mismatch is None
+        if mismatch:
+            _fall_back(x, f"first-use check failed ({mismatch})")
+    return _checks[key]
+
+
+def _self_check(device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype, channels: int,
+                backward: bool, eps: float) -> str | None:
+    """The kernels on a small seeded map against ``F.layer_norm`` in fp32 of the same rounded inputs:
+    which result is off and by how much, or ``None``. Why: the kernels were validated only in
+    Triton's interpreter, and wrong numbers on a GPU would raise nothing. The map spans a few row
+    tiles, the last one partial, with odd sizes (masks); the backward runs two programs over several
+    tiles each. Allowed error, relative to each result's largest value: 1e-4 (fp32 math in both,
+    summed in other orders), or 4 rounding steps of a half-precision result (rounded once)."""
+    generator = torch.Generator().manual_seed(0)
+    block_rows, _ = _tiling(channels)
+    x = torch.randn(2, channels, 3, block_rows // 2 + 1, generator=generator) * 3 + 1
+    x = x.to(device, dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(channels, generator=generator) * 0.5 + 1).to(device, weight_dtype)
+    bias = torch.randn(channels, generator=generator).to(device, weight_dtype)
+    exact = [t.to(torch.float32, copy=True).requires_grad_(backward) for t in (x, weight, bias)]
+    # own saved tensors: inside a checkpointed block the checkpoint's hooks must not see this graph
+    with no_autocast(device.type), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        y = F.layer_norm(exact[0].permute(0, 2, 3, 1), (channels,), exact[1], exact[2], eps).permute(0, 3, 1, 2)
+        if backward:
+            dy = torch.randn(x.shape, generator=generator).to(device, dtype)  # NCHW: made channels-last
+            expected = [y.detach(), *torch.autograd.grad(y, exact, dy.float())]
+            out, mean, rstd = _forward(x, weight, bias, eps, stats=True)
+            results = [out, *layer_norm_channels_last_backward(dy, x, weight, mean, rstd, programs=2)]
+        else:
+            expected, results = [y], [layer_norm_channels_last(x, weight, bias, eps)]
+    names = ("output", "input gradient", "weight gradient", "bias gradient")
+    for name, result, reference in zip(names, results, expected):
+        error = ((result.float() - reference).abs().max() / reference.abs().max()).item()
+        allowed = max(1e-4, 4 * torch.finfo(result.dtype).eps)
+        if not error <= allowed:  # NaN fails too
+            return (f"{name} off by {error:.2g} of its largest value, {allowed:.0e} allowed; {device}, "
+                    f"{dtype} map, {weight_dtype} weights, {channels} channels")
+    return None
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, stats: bool):
@@ -169,8 +237,9 @@ def _programs(x: torch.Tensor, tiles: int) -> int:
 
 
 def layer_norm_channels_last_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                                      mean: torch.Tensor, rstd: torch.Tensor):
-    """Input (x's dtype, channels-last), weight and bias gradients (the weight's dtype)."""
+                                      mean: torch.Tensor, rstd: torch.Tensor, programs: int | None = None):
+    """Input (x's dtype, channels-last), weight and bias gradients (the weight's dtype); ``programs``
+    (default :func:`_programs`) fewer than the tiles makes each program loop over several."""
     kernels = _kernels()
     b, c, h, w = x.shape
     rows = b * h * w
@@ -178,7 +247,7 @@ def layer_norm_channels_last_backward(dy: torch.Tensor, x: torch.Tensor, weight:
     dx = torch.empty_like(x, memory_format=torch.channels_last)
     block_rows, block_c = _tiling(c)
     tiles = kernels.cdiv(rows, block_rows)
-    programs = _programs(x, tiles)
+    programs = programs or _programs(x, tiles)
     partial = torch.empty(2, programs, c, device=x.device, dtype=torch.float32)
     with _on_device(x):
         kernels.backward[(programs,)](x, weight.contiguous(), mean, rstd, dy, dx, partial, rows, c, tiles,
@@ -205,7 +274,7 @@ class LayerNormChannelsLast(torch.autograd.Function):
         try:
             dx, dw, db = layer_norm_channels_last_backward(dy, x, weight, mean, rstd)
         except Exception as err:  # noqa: BLE001 - as in the forward: PyTorch's from now on
-            _fall_back(x, err)
+            _fall_back(x, _failed(err))
             dx, dw, db = _pytorch_backward(dy, x, weight, bias, ctx.eps)
         return dx, dw, db, None
 
