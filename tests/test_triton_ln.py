@@ -488,3 +488,22 @@ def test_the_real_kernels_pass_their_first_use_check_in_the_interpreter():
     assert result["mismatches"] == dict.fromkeys(result["mismatches"])  # all None
     assert result["checks"] == [True, True] and "cpu" in result["on"]
     assert result["launches"] == 2 + 4 and max(result["errors"]) < 1e-4, result
+
+
+def test_a_layer_norm_ending_a_checkpointed_region_keeps_the_kernels(monkeypatch):
+    """Non-reentrant checkpointing stops its recomputation by raising, once the last tensor it needs
+    is saved; where that is the LayerNorm's, the exception passes through the kernels' error
+    handling, which must not take it for a failure of theirs (a warning, the kernels off)."""
+    import warnings
+
+    from torch.utils.checkpoint import checkpoint
+
+    calls = with_pytorch_kernels(monkeypatch)
+    norm, x = random_layer_norm(8), channels_last_map(2, 8, 5, 7).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (checkpoint(lambda x: norm(x) * 2, x, use_reentrant=False) ** 2).sum().backward()
+    expected = torch.autograd.grad(((pytorch_layer_norm(norm, x) * 2) ** 2).sum(), [x, *norm.parameters()])
+    for got, want in zip([x.grad, norm.weight.grad, norm.bias.grad], expected):
+        torch.testing.assert_close(got, want)
+    assert triton_ln.DEVICES == {"cpu"} and calls["backward"] == 2  # the check's, and the layer's

@@ -34,6 +34,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..torch_compat import is_compiling, no_autocast
 
@@ -132,6 +133,13 @@ def _fall_back(x: torch.Tensor, reason: str) -> None:
     warnings.warn(f"Triton LayerNorm {reason}; using PyTorch's", stacklevel=4)
 
 
+# Raised through the kernels' calls but not by them: non-reentrant activation checkpointing stops
+# its recomputation this way once the last tensor it needs is saved (the LayerNorm's, where it
+# ends a checkpointed region).
+_NOT_FAILURES = tuple(getattr(torch.utils.checkpoint, name) for name in ("_StopRecomputationError",)
+                      if hasattr(torch.utils.checkpoint, name))
+
+
 def _failed(err: Exception) -> str:
     return f"failed ({type(err).__name__}: {err})"
 
@@ -149,6 +157,8 @@ def try_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
         if backward:
             return LayerNormChannelsLast.apply(x, weight, bias, eps)
         return layer_norm_channels_last(x, weight, bias, eps)
+    except _NOT_FAILURES:
+        raise
     except Exception as err:  # noqa: BLE001 - any Triton failure: PyTorch's LayerNorm from now on
         _fall_back(x, _failed(err))
         return None
