@@ -63,6 +63,8 @@ def main(argv=None) -> None:
     p.add_argument("--train", action="store_true",
                    help="profile training steps (forward, NeRDRainLoss, backward, fused Adam) instead")
     args = p.parse_args(argv)
+    if args.optimized and args.train:
+        p.error("--optimized profiles a forward through optimize_for_inference, not a training step")
     device = common.resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -76,11 +78,13 @@ def main(argv=None) -> None:
         with torch.no_grad(), common.precision(args.dtype, device):
             model(x)
 
-    if args.optimized and not args.train:
+    paths = ""
+    if args.optimized:
         from nerdrain.accel import optimize_for_inference
 
         fast = optimize_for_inference(model, device, channels_last=args.channels_last,
                                       dtype=common.INFERENCE_DTYPES[args.dtype])
+        paths = f", optimize_for_inference {fast.paths}"
 
         def forward() -> None:  # noqa: F811 - the shipped path in place of the bare one
             fast(x)
@@ -98,7 +102,7 @@ def main(argv=None) -> None:
     sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"# {args.variant} {args.dtype} {args.batch}x3x{args.size}x{args.size} channels_last={args.channels_last} "
           f"on {torch.cuda.get_device_name(device) if device.type == 'cuda' else common.cpu_model()}, "
-          f"{args.calls} {'training steps' if args.train else 'forwards'}")
+          f"{args.calls} {'training steps' if args.train else 'forwards'}{paths}")
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
 
 

@@ -90,6 +90,9 @@ def test_profile_prints_an_operator_table():
     text = run("profile_forward.py", "--device", "cpu", "--variant", "nerd_rain_s", "--size", "32", "--calls", "1",
                "--rows", "40", "--train")
     assert "1 training steps" in text and "convolution_backward" in text
+    text = run("profile_forward.py", "--device", "cpu", "--variant", "nerd_rain_s", "--size", "32", "--calls", "1",
+               "--rows", "5", "--dtype", "bf16", "--channels-last", "--optimized")
+    assert "'precision': 'bf16', 'half_weights': True" in text  # the CLI's path: weights stored in bf16
 
 
 def test_cpu_memory_record_measures_the_heap():
