@@ -8,8 +8,9 @@ BEFORE=${2:-}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$HERE/.venv/bin/python}
 # OMP_WAIT_POLICY is left as the caller has it (unset: what users run). It used to default to PASSIVE,
-# which on the 2-core Intel Xeon of stop 20 made the 128x128 forward about 35 % slower (0.73 against
-# 0.52-0.54 s, NeRD-Rain fp32): threads then sleep between the many small parallel regions.
+# which on the 2-core Intel Xeon of stop 20 made the 128x128 fp32 forward 1.3-1.5x slower (alternating
+# runs: NeRD-Rain 0.69-0.76 against 0.53-0.55 s, -S 0.55 against 0.36 s): threads then sleep between
+# the many small parallel regions.
 COMMON=(--device cpu --threads 2 --repeats 3 --warmup 1 --output "$OUT")
 if [[ -n "$BEFORE" ]]; then
   rm -rf "$BEFORE/benchmarks" && cp -r "$HERE/benchmarks" "$BEFORE/benchmarks"
