@@ -578,8 +578,9 @@ class Trainer:
             if failed and all(isinstance(received[rank], list) for rank in failed):
                 joined = UnusableFiles([problem for rank in failed for problem in received[rank]])
                 error = None if error is None else joined
-                received = [None if message is None else joined.problems for message in received]
-            messages = [str(UnusableFiles(m)) if isinstance(m, list) else m for m in received]
+                messages = [None if message is None else str(joined) for message in received]
+            else:
+                messages = [str(UnusableFiles(m)) if isinstance(m, list) else m for m in received]
             if error is not None and messages.index(str(error)) != self.dist.rank:
                 raise ReportedElsewhere(f"process {messages.index(str(error))} reports it: {error}") from error
             if error is None and failed:
