@@ -398,8 +398,8 @@ def test_the_start_check_and_the_readers_apply_one_pixel_limit(tmp_path, monkeyp
         with pytest.raises(ValueError) as refused:
             read(path)
         errors.append(str(refused.value))
-    limit = "exceeds the limit of 0 megapixels (raise it with max_pixels= or NERDRAIN_MAX_PIXELS)"
-    assert errors == [f"{path}: image too large: 24x20 = 0 megapixels {limit}" for path in files]
+    limit = "exceeds the limit of 479 pixels (raise it with NERDRAIN_MAX_PIXELS, or max_pixels= where a function takes it)"
+    assert errors == [f"{path}: image too large: 24x20 = 480 pixels {limit}" for path in files]
     assert sorted(file_problems(sources, checked=CheckedFiles(record))) == sorted(errors)  # passed at 300 Mpx
     monkeypatch.setenv("NERDRAIN_MAX_PIXELS", "480")
     assert file_problems(sources) == []

@@ -637,12 +637,20 @@ def _without_pillow_guard() -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = old_limit
 
 
+def _pixel_count(pixels: int) -> str:
+    """A pixel count in words: megapixels from one million up, else the count itself (a limit of
+    479 pixels is not "0 megapixels")."""
+    if pixels < 1_000_000:
+        return f"{pixels} pixels"
+    return f"{pixels / 1e6:.1f}".rstrip("0").rstrip(".") + " megapixels"
+
+
 def _check_pixel_limit(path: PathLike, width: int, height: int, limit: int) -> None:
     if limit > 0 and width * height > limit:
         raise ImageReadError(
             path,
-            f"image too large: {width}x{height} = {width * height / 1e6:.0f} megapixels exceeds the limit of "
-            f"{limit / 1e6:.0f} megapixels (raise it with max_pixels= or NERDRAIN_MAX_PIXELS)",
+            f"image too large: {width}x{height} = {_pixel_count(width * height)} exceeds the limit of "
+            f"{_pixel_count(limit)} (raise it with NERDRAIN_MAX_PIXELS, or max_pixels= where a function takes it)",
         )
 
 
