@@ -136,8 +136,7 @@ def _fall_back(x: torch.Tensor, reason: str) -> None:
 # Raised through the kernels' calls but not by them: non-reentrant activation checkpointing stops
 # its recomputation this way once the last tensor it needs is saved (the LayerNorm's, where it
 # ends a checkpointed region).
-_NOT_FAILURES = tuple(getattr(torch.utils.checkpoint, name) for name in ("_StopRecomputationError",)
-                      if hasattr(torch.utils.checkpoint, name))
+_NOT_FAILURES = getattr(torch.utils.checkpoint, "_StopRecomputationError", ())
 
 
 def _failed(err: Exception) -> str:
