@@ -102,6 +102,7 @@ def test_a_name_that_fits_the_file_system_is_written_though_its_temporary_name_w
             left = next(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
             raise KeyboardInterrupt
     assert len(os.fsencode(left)) <= 255
+    left = _with_writer(left, _dead_pid())  # as a killed process left it
     (tmp_path / left).write_bytes(b"half")
     assert remove_stale_temporaries(tmp_path, [name]) == 1
     assert [p.name for p in tmp_path.iterdir()] == [name]
@@ -113,3 +114,86 @@ def test_name_problem_counts_bytes_against_the_file_systems_limit(tmp_path):
     assert name_problem(tmp_path / ("x" * 251 + ".png")) is None
     assert name_problem(tmp_path / "missing" / "folder" / ("x" * 251 + ".png")) is None
     assert name_problem(tmp_path / ("é" * 126 + ".png")) == "name too long for the file system (256 bytes, at most 255)"
+
+
+# files.py alone (standard library only), not the package with torch: a child that starts in a blink
+_WRITES_UNTIL_TOLD = ("import importlib.util, sys\n"
+                      "spec = importlib.util.spec_from_file_location('files', sys.argv[2])\n"
+                      "files = importlib.util.module_from_spec(spec); spec.loader.exec_module(files)\n"
+                      "with files.atomic_write(sys.argv[1]) as f:\n"
+                      "    f.write(b'whole'); f.flush(); print('writing', flush=True); sys.stdin.readline()\n")
+
+
+def _dead_pid() -> int:
+    """The process id of a child that has ended and been reaped: no process has it now (until the
+    system hands the number out again, long after a test)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _with_writer(temporary: str, pid: int, host: str | None = None) -> str:
+    """``temporary`` (a name atomic_write gave) as written by process ``pid`` (of machine ``host``)."""
+    stem, writer, token, suffix = temporary.rsplit(".", 3)
+    return f"{stem}.{host or writer.split('-')[0]}-{pid}.{token}.{suffix}"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process ids looked up with kill(pid, 0)")
+def test_another_live_runs_temporary_is_kept_and_its_file_arrives_whole(tmp_path):
+    """Two runs writing the same output into one folder: the second one's clean-up, while the first
+    is still writing, must leave the first one's temporary file, which then becomes the output."""
+    files_py = Path(__file__).resolve().parents[1] / "src" / "nerdrain" / "files.py"
+    writer = subprocess.Popen([sys.executable, "-c", _WRITES_UNTIL_TOLD, str(tmp_path / "a.png"), str(files_py)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout.readline() == b"writing\n"
+        (temporary,) = [p.name for p in tmp_path.iterdir()]
+        assert str(writer.pid) in temporary
+        assert remove_stale_temporaries(tmp_path, ["a.png"]) == 0
+        assert [p.name for p in tmp_path.iterdir()] == [temporary]
+        writer.communicate(b"done\n", timeout=60)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert writer.returncode == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"] and (tmp_path / "a.png").read_bytes() == b"whole"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process ids looked up with kill(pid, 0)")
+def test_only_a_dead_writer_on_this_machine_counts_as_gone(tmp_path):
+    """A temporary named after a live process (a sleeping child) stays, one after a process that
+    has ended goes; one written from another machine (a shared network folder) stays, whatever its
+    process id says here."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with pytest.raises(KeyboardInterrupt):  # a temporary file of our own, to read the name's form
+            with atomic_write(tmp_path / "a.png"):
+                ours = next(p.name for p in tmp_path.iterdir())
+                raise KeyboardInterrupt
+        stem, writer, token, suffix = ours.rsplit(".", 3)
+        host, pid = writer.split("-")
+        assert (stem, pid, suffix) == (".a.png", str(os.getpid()), "tmp") and len(host) == len(token) == 8
+        dead = _dead_pid()
+        names = {"live": _with_writer(ours, sleeper.pid), "dead": _with_writer(ours, dead),
+                 "other host": _with_writer(ours, dead, host=f"{int(host, 16) ^ 1:08x}")}
+        for name in names.values():
+            (tmp_path / name).write_bytes(b"half")
+        assert remove_stale_temporaries(tmp_path, ["a.png"]) == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["live"], names["other host"]])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_temporary_of_an_earlier_version_goes_only_once_untouched_for_an_hour(tmp_path):
+    """Names without the writer (an earlier version's) cannot tell a live writer from a killed one:
+    a file modified recently may be being written; one untouched for over an hour is left over."""
+    import time
+
+    fresh, old = tmp_path / ".a.png.0123abcd.tmp", tmp_path / ".a.png.89abcdef.tmp"
+    fresh.write_bytes(b"being written")
+    old.write_bytes(b"left by a kill")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    assert remove_stale_temporaries(tmp_path, ["a.png"]) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [fresh.name]

@@ -261,6 +261,14 @@ def _write_clean_folder(folder: Path, photos: list[np.ndarray]) -> list[str]:
     return names
 
 
+def _left_by_a_kill(temporary: Path) -> None:
+    """Half a PNG under ``temporary``, as a SIGKILL of an earlier version left it an hour ago (its
+    name does not give its writer: it goes by age)."""
+    temporary.write_bytes(b"\x89PNG half")
+    an_hour_ago = time.time() - 3700
+    os.utime(temporary, (an_hour_ago, an_hour_ago))
+
+
 def _leftovers(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
 
@@ -284,7 +292,7 @@ def test_synthesize_folder_round_trip(tmp_path, photos):
     with pytest.raises(FileExistsError):
         synthesize_folder(clean, out, preset="heavy", count_per_image=2, seed=4, size=48)
     first = (out / "input" / inputs[0]).read_bytes()
-    (out / "target" / f".{inputs[1]}.0badf00d.tmp").write_bytes(b"\x89PNG half")  # as a SIGKILL leaves it
+    _left_by_a_kill(out / "target" / f".{inputs[1]}.0badf00d.tmp")
     synthesize_folder(clean, out, preset="heavy", count_per_image=2, seed=4, size=48,
                       overwrite=True)
     assert (out / "input" / inputs[0]).read_bytes() == first
@@ -472,7 +480,7 @@ def test_resume_keeps_complete_pairs_and_makes_the_rest(tmp_path, photos, monkey
     (out / "input" / names[1]).unlink()
     marker = np.full((32, 32, 3), 7, np.uint8)  # stands for a kept pair: must not be rewritten
     Image.fromarray(marker).save(out / "input" / names[0])
-    (out / "input" / f".{names[2]}.0badf00d.tmp").write_bytes(b"\x89PNG half")  # as a SIGKILL leaves it
+    _left_by_a_kill(out / "input" / f".{names[2]}.0badf00d.tmp")
     summary = synthesize_folder(clean, out, **options, resume=True)
     assert (summary.kept, summary.written, summary.failed) == (1, 5, [])
     assert np.array_equal(np.asarray(Image.open(out / "input" / names[0])), marker)

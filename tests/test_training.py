@@ -1011,8 +1011,10 @@ def test_activation_checkpointing_trains_like_storing_activations(tmp_path, data
 def test_stale_temporary_checkpoints_are_removed(tmp_path, data_root):
     out = tmp_path / "run"
     out.mkdir()
+    an_hour_ago = time.time() - 3700
     for name in (LAST, BEST, FINAL, "config.yaml"):  # every file a run writes, as a SIGKILL leaves them
         (out / f".{name}.1a2b3c4d.tmp").write_bytes(b"half a file from a killed process")
+        os.utime(out / f".{name}.1a2b3c4d.tmp", (an_hour_ago, an_hour_ago))  # of an earlier version: by age
     train(make_config(data_root, iterations=1), out, progress=False)
     assert no_tmp_files(out) and (out / LAST).is_file()
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
+import socket
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,8 +16,18 @@ from typing import BinaryIO
 
 
 _TOKEN_BYTES = 4  # of the random part of a temporary file's name
+_HOST_DIGITS = 8  # hex digits naming the writer's machine in a temporary file's name
+_PID_DIGITS = 10  # at most, of the writer's process id (32 bits)
 _DEFAULT_NAME_MAX = 255  # bytes in a name: ext4, XFS, APFS, NTFS (in UTF-16 units), tmpfs
-_TEMPORARY_EXTRA = len(f"..{'0' * 2 * _TOKEN_BYTES}.tmp")  # what a temporary name adds to the file's
+# What a temporary name adds to the file's: ".NAME.HOST-PID.TOKEN.tmp"
+_TEMPORARY_EXTRA = len(f"..{'0' * _HOST_DIGITS}-{'9' * _PID_DIGITS}.{'0' * 2 * _TOKEN_BYTES}.tmp")
+_TEMPORARY = re.compile(
+    rf"\.(.+)\.([0-9a-f]{{{_HOST_DIGITS}}})-([0-9]{{1,{_PID_DIGITS}}})\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp")
+# Before the writer was named (".NAME.TOKEN.tmp"), and how long one must lie untouched to count as
+# a killed writer's: a writer modifies its file as it encodes, then renames it within seconds.
+_UNNAMED_TEMPORARY_EXTRA = len(f"..{'0' * 2 * _TOKEN_BYTES}.tmp")
+_UNNAMED_TEMPORARY = re.compile(rf"\.(.+)\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp")
+STALE_AFTER_S = 3600
 
 
 def name_max(folder: str | Path) -> int:
@@ -36,12 +49,38 @@ def name_problem(path: str | Path) -> str | None:
     return f"name too long for the file system ({size} bytes, at most {limit})" if size > limit else None
 
 
-def _temporary_stem(name: str, limit: int) -> str:
+def _temporary_stem(name: str, limit: int, extra: int = _TEMPORARY_EXTRA) -> str:
     """``name``, shortened where needed so that the temporary name built on it stays within
     ``limit`` bytes: a name that fits its file system is written, however little room it leaves."""
-    while len(os.fsencode(name)) > limit - _TEMPORARY_EXTRA:
+    while len(os.fsencode(name)) > limit - extra:
         name = name[:-1]
     return name
+
+
+def _host_id() -> str:
+    """The machine whose process ids a temporary file's name gives: its name, as a folder shared
+    over the network is written from several, and on Linux its pid namespace, as containers on one
+    machine number their processes apart."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except (OSError, AttributeError):
+        namespace = ""
+    identity = f"{socket.gethostname()}\0{namespace}".encode(errors="surrogateescape")
+    return hashlib.sha256(identity).hexdigest()[:_HOST_DIGITS]
+
+
+def _process_gone(pid: int) -> bool | None:
+    """Whether no process ``pid`` runs here (a zombie still counts as running); None where that
+    cannot be told (on Windows, ``os.kill`` would end it)."""
+    if os.name != "posix":
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # another user's (EPERM), or no such pid at all
+        return False
+    return False
 
 
 def one_line(text: str) -> str:
@@ -58,14 +97,16 @@ def _naming(err: OSError, path: Path) -> OSError:
 def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file whose contents appear under ``path`` only when the block ends without error.
 
-    It is written as a hidden temporary file beside ``path``, flushed to disk, then renamed over
+    It is written as a hidden temporary file beside ``path`` (named after it and its writer: see
+    :func:`remove_stale_temporaries`), flushed to disk, then renamed over
     it: until then readers see the previous file (or none), and on any exception, Ctrl-C included,
     the temporary file is removed. Created with ``open(..., "xb")``, so it gets the usual
     permissions (0666 less the umask), unlike ``mkstemp``'s 0600. Where the temporary file cannot
     be created or renamed (``path`` is a folder, say), the ``OSError`` names ``path``.
     """
     path = Path(path)
-    tmp = path.with_name(f".{_temporary_stem(path.name, name_max(path.parent))}.{secrets.token_hex(_TOKEN_BYTES)}.tmp")
+    stem = _temporary_stem(path.name, name_max(path.parent))
+    tmp = path.with_name(f".{stem}.{_host_id()}-{os.getpid()}.{secrets.token_hex(_TOKEN_BYTES)}.tmp")
     try:
         f = open(tmp, "xb")
     except OSError as err:
@@ -87,18 +128,37 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
 def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> int:
     """Remove the temporary files that :func:`atomic_write` left in ``folder`` for files named
     ``names`` when its process was killed outright (SIGKILL, power loss: no clean-up could run);
-    how many went. Another process writing one of them at that moment fails to rename it: for a
-    caller that knows none is (a resumed run), or whose outputs would replace that one's anyway (derain)."""
+    how many went.
+
+    Only a dead writer's go: the name gives the writer's machine and process id, so a file that
+    another process still writes (a second run writing the same outputs) is kept, and so is one
+    written from another machine (a shared network folder), whose processes cannot be seen from
+    here. Where a process cannot be looked up (Windows), and for names without the writer (from
+    earlier versions), only a file untouched for :data:`STALE_AFTER_S` seconds counts as left."""
     folder = Path(folder)
-    stems = {_temporary_stem(name, name_max(folder)) for name in names}
-    pattern = re.compile(rf"\.(.+)\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp")
+    names, limit = list(names), name_max(folder)
+    stems = {_temporary_stem(name, limit) for name in names}
+    unnamed_stems = {_temporary_stem(name, limit, _UNNAMED_TEMPORARY_EXTRA) for name in names}
+    here = _host_id()
     removed = 0
     if folder.is_dir():
         for entry in os.scandir(folder):
-            match = pattern.fullmatch(entry.name)
-            if match and match.group(1) in stems and entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)
-                removed += 1
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if (match := _TEMPORARY.fullmatch(entry.name)) and match.group(1) in stems:
+                gone = _process_gone(int(match.group(3))) if match.group(2) == here else False
+            elif (match := _UNNAMED_TEMPORARY.fullmatch(entry.name)) and match.group(1) in unnamed_stems:
+                gone = None
+            else:
+                continue
+            try:
+                if gone is None:
+                    gone = time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
+                if gone:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:  # renamed into place by its writer meanwhile
+                pass
     return removed
 
 

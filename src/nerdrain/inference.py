@@ -840,10 +840,9 @@ def _is_done(output: Path | None) -> bool:
 
 def _remove_partial_outputs(outputs: Iterable[Path | None]) -> None:
     """Remove the hidden temporary files that a run killed outright (SIGKILL, power loss: no
-    clean-up could run) left while writing these outputs, our own names for these outputs only.
-    Another run writing the same outputs at that moment could see one fail through this; it would
-    be replacing this run's results anyway. A folder that cannot be listed or
-    changed keeps them: its photos fail on their own when written."""
+    clean-up could run) left while writing these outputs, our own names for these outputs only;
+    another run's that is still writing them is kept. A folder that cannot be listed or changed
+    keeps them: its photos fail on their own when written."""
     by_folder: dict[Path, list[str]] = {}
     for output in outputs:
         if output is not None:
