@@ -113,6 +113,7 @@ def assert_all_outputs_match_golden(model, golden_io, channels_last: bool = Fals
 @pytest.fixture
 def exact_timestamps(monkeypatch):
     """Files the test has just written count as settled, as on a filesystem whose timestamps tell
-    every write apart: their check results are recorded (see nerdrain.data.checked)."""
-    from nerdrain.data import checked
-    monkeypatch.setattr(checked, "_TIMESTAMP_GRANULE_NS", 0)
+    every write apart: their check results are recorded (see nerdrain.data.checked), a model read
+    from one is kept (nerdrain.inference)."""
+    from nerdrain import files
+    monkeypatch.setattr(files, "TIMESTAMP_GRANULE_NS", 0)

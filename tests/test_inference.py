@@ -313,11 +313,13 @@ def test_model_given_as_a_checkpoint_path(tmp_path):
         derain(x, 5)
 
 
-def test_a_checkpoint_path_is_read_once_until_the_file_changes(tmp_path, monkeypatch, no_cached_default):
+def test_a_checkpoint_path_is_read_once_until_the_file_changes(tmp_path, monkeypatch, no_cached_default,
+                                                               exact_timestamps):
     """derain(photo, "weights.pth") in a loop read and built the network at every call; the last
     model read from a path is kept while the file is unchanged, and a file rewritten since (another
-    size or time) is read again, as is any file after clear_default_model_cache."""
-    from nerdrain import checkpoint, clear_default_model_cache, create_model, save_model
+    size or time) is read again, as is any file after clear_default_model_cache. (Files written
+    just now count as settled here; with coarse timestamps, see the next test.)"""
+    from nerdrain import checkpoint, clear_default_model_cache, create_model, files, save_model
 
     torch.manual_seed(0)
     model = create_model("nerd_rain_s", dim=8, depths=(1, 1, 1), inr_hidden=(16,))
@@ -346,6 +348,44 @@ def test_a_checkpoint_path_is_read_once_until_the_file_changes(tmp_path, monkeyp
     clear_default_model_cache()
     derain(x, path, tile=0)
     assert len(reads) == 5
+
+    monkeypatch.setattr(files, "TIMESTAMP_GRANULE_NS", 2 * 10**9)  # coarse: one written just now is not kept
+    save_model(model, path)
+    derain(x, path, tile=0)
+    derain(x, path, tile=0)  # read again: the first could not trust the file's stat
+    assert len(reads) == 7
+
+
+@pytest.mark.parametrize("timestamps", ["coarse", "exact"])
+def test_a_checkpoint_rewritten_in_place_with_its_size_and_mtime_is_read_again(tmp_path, request, timestamps,
+                                                                             no_cached_default):
+    """The same file (inode), rewritten with other weights of the same size and its mtime set back:
+    the second derain must run the new weights, as a model built from them directly does. With
+    coarse timestamps a file changed in the 2 s before it was read is never trusted by its stat
+    (git's "racily clean" rule); with exact ones its change time still tells the rewrite."""
+    from nerdrain import create_model, save_model
+
+    if timestamps == "exact":
+        request.getfixturevalue("exact_timestamps")
+    torch.manual_seed(0)
+    a = create_model("nerd_rain_s", dim=8, depths=(1, 1, 1), inr_hidden=(16,))
+    b = create_model("nerd_rain_s", dim=8, depths=(1, 1, 1), inr_hidden=(16,))
+    path = save_model(a, tmp_path / "weights.safetensors")
+    b_bytes = save_model(b, tmp_path / "b.safetensors").read_bytes()
+    x = torch.rand(1, 3, 24, 32)
+    of_a = derain(x, a, tile=0)
+    torch.testing.assert_close(derain(x, path, tile=0), of_a, atol=0, rtol=0)
+
+    before = os.stat(path)
+    assert len(b_bytes) == before.st_size
+    with open(path, "r+b") as f:  # in place: the same inode
+        f.write(b_bytes)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    expected = derain(x, b, tile=0)
+    assert not torch.equal(expected, of_a)
+    torch.testing.assert_close(derain(x, path, tile=0), expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

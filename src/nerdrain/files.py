@@ -28,6 +28,10 @@ _TEMPORARY = re.compile(
 _UNNAMED_TEMPORARY_EXTRA = len(f"..{'0' * 2 * _TOKEN_BYTES}.tmp")
 _UNNAMED_TEMPORARY = re.compile(rf"\.(.+)\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp")
 STALE_AFTER_S = 3600
+# Coarsest timestamps in use (FAT's 2 s mtime): a file changed later than this before it was read may
+# be rewritten after it with its size and times unchanged (git's "racily clean" files; Linux's own
+# timestamps move by the clock tick, not the nanosecond).
+TIMESTAMP_GRANULE_NS = 2 * 10**9
 
 
 def name_max(folder: str | Path) -> int:
@@ -81,6 +85,19 @@ def _process_gone(pid: int) -> bool | None:
     except (OSError, OverflowError):  # another user's (EPERM), or no such pid at all
         return False
     return False
+
+
+def last_change_ns(st: os.stat_result) -> int:
+    """When the file's bytes last changed: the change time, which, unlike an mtime (set into the
+    future by an archive, say), no program sets; Windows has only the mtime."""
+    return st.st_mtime_ns if os.name == "nt" else st.st_ctime_ns
+
+
+def racily_clean(st: os.stat_result, read_ns: int) -> bool:
+    """Whether the file ``st`` describes changed so near ``read_ns`` (when it was read) that a
+    rewrite after that could leave its size and times as they are: what was read cannot be
+    known, by a later stat, to be what the file still holds."""
+    return last_change_ns(st) > read_ns - TIMESTAMP_GRANULE_NS
 
 
 def one_line(text: str) -> str:

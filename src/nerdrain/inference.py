@@ -19,6 +19,7 @@ import os
 import stat
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from nerdrain.files import (
     missing_folders,
     name_problem,
     one_line,
+    racily_clean,
     remove_empty_folders,
     remove_stale_temporaries,
     same_file,
@@ -222,21 +224,27 @@ def _default_model(dev: torch.device) -> torch.nn.Module:
 
 def _path_model(path: str | os.PathLike[str], dev: torch.device) -> torch.nn.Module:
     """The checkpoint at ``path`` on ``dev``, kept until another path or device is asked for, for
-    the reason the default model is kept. The file is known by its resolved name, inode, size and
-    modification time, so one rewritten since (a training run's newer weights) is read again."""
+    the reason the default model is kept. The file is known by its resolved name, inode, size,
+    modification and change times, so one rewritten since (a training run's newer weights) is read
+    again; one changed in the 2 s before it was read is not kept, as a rewrite right after could
+    leave all of these as they were (:func:`nerdrain.files.racily_clean`)."""
     global _path_model_kept
     from nerdrain.checkpoint import load_model
 
     dev = _one_device(dev)
+    read_ns = time.time_ns()
     try:
         info = os.stat(path)
     except (OSError, ValueError):  # load_model says what is wrong with the path, in its words
         return load_model(path, dev)
-    key = (os.path.realpath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, dev)
+    key = (os.path.realpath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, dev)
     with _default_models_lock:
         if _path_model_kept is None or _path_model_kept[0] != key:
             _path_model_kept = None  # the previous model's memory freed before the next one is built
-            _path_model_kept = (key, _kept(load_model(path, dev)))
+            model = _kept(load_model(path, dev))
+            if racily_clean(info, read_ns):
+                return model
+            _path_model_kept = (key, model)
         return _path_model_kept[1]
 
 

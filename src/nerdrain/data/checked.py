@@ -29,7 +29,7 @@ import numpy as np
 import PIL
 from tqdm.auto import tqdm
 
-from ..files import atomic_write, remove_stale_temporaries
+from ..files import atomic_write, racily_clean, remove_stale_temporaries
 from ..imageio import resolve_max_pixels
 
 __all__ = ["CHECKED_FILES", "VERSION", "CheckedFiles"]
@@ -65,21 +65,11 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 _RULE_FILES = tuple(_PACKAGE / name for name in ("data/checked.py", "data/datasets.py", "data/pairs.py",
                                                   "imageio.py", "evaluate.py", "metrics.py"))
 VERSION = _rules_version(_RULE_FILES)  # earlier results count only under the same rules
-# Coarsest timestamps in use (FAT's 2 s mtime): a file changed later than this before the check may
-# be rewritten after it with its size and times unchanged, so its result is not recorded (git's
-# "racily clean" files; Linux's own timestamps move by the clock tick, not the nanosecond).
-_TIMESTAMP_GRANULE_NS = 2 * 10**9
 _RECORD = re.compile(r"rank-(\d+)\.npz")
 _UNREADABLE_RECORD = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 Item = TypeVar("Item", bound=Hashable)
 Size = tuple[int, int]
-
-
-def _last_change_ns(st: os.stat_result) -> int:
-    """When the file's bytes last changed: the change time, which, unlike an mtime (set into the
-    future by an archive, say), no program sets; Windows has only the mtime."""
-    return st.st_mtime_ns if os.name == "nt" else st.st_ctime_ns
 
 
 def _key(what: str, item: object, files: Sequence[Path], max_pixels: int, now_ns: int) -> int | None:
@@ -92,7 +82,7 @@ def _key(what: str, item: object, files: Sequence[Path], max_pixels: int, now_ns
             st = os.stat(path)
         except OSError:
             return None
-        if _last_change_ns(st) > now_ns - _TIMESTAMP_GRANULE_NS:
+        if racily_clean(st, now_ns):  # a rewrite after the check could keep its size and times
             return None
         parts += [os.fspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns]
     return int.from_bytes(hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest(), "little")
