@@ -509,6 +509,29 @@ def test_folder_with_good_and_bad_files(photo_folder, tmp_path, capsys):
     assert np.abs(np.asarray(Image.open(out / "good1.png")).astype(np.int64) - ref).max() <= 1
 
 
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links")
+@pytest.mark.parametrize("recursive", [False, True])
+def test_a_link_to_nothing_in_a_folder_is_named_not_skipped(tmp_path, recursive, capsys):
+    """A photo in a folder that is a link whose target is gone (a library on an unplugged drive)
+    or a loop was passed over in silence, the run saying all went well; it fails on its own, named
+    with what is wrong, given in the folder or by itself, and the others are derained."""
+    _photos(tmp_path / "in", ["good.png"])
+    os.symlink(tmp_path / "unplugged" / "IMG_1.jpg", tmp_path / "in" / "gone.jpg")
+    os.symlink("loop.png", tmp_path / "in" / "loop.png")
+    out = tmp_path / "out"
+    s = derain_files([str(tmp_path / "in")], str(out), identity, tile=0, progress=False, recursive=recursive)
+    failed = {Path(p).name: r for p, r in s.failed}
+    assert [p.name for p in s.outputs] == ["good.png"] and sorted(failed) == ["gone.jpg", "loop.png"]
+    assert failed["gone.jpg"] == f"broken link to {tmp_path / 'unplugged' / 'IMG_1.jpg'} (No such file or directory)"
+    assert failed["loop.png"] == "broken link to loop.png (Too many levels of symbolic links)"
+    assert sorted(p.name for p in out.iterdir()) == ["good.png"]
+    s = derain_files([str(tmp_path / "in" / "gone.jpg")], str(tmp_path / "out2"), _never, tile=0, progress=False)
+    assert [r for _, r in s.failed] == [failed["gone.jpg"]] and not (tmp_path / "out2").exists()
+    s = derain_files([str(tmp_path / "in" / "*.jpg")], str(tmp_path / "out3"), _never, tile=0, progress=False)
+    assert s.failed == [(str(tmp_path / "in" / "gone.jpg"), failed["gone.jpg"])]
+    capsys.readouterr()
+
+
 def test_multi_frame_file_is_derained_with_a_note(tmp_path):
     frames = [Image.fromarray(np.full((8, 10, 3), v, dtype=np.uint8)) for v in (40, 200)]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])

@@ -100,6 +100,21 @@ def racily_clean(st: os.stat_result, read_ns: int) -> bool:
     return last_change_ns(st) > read_ns - TIMESTAMP_GRANULE_NS
 
 
+def broken_link(path: str | Path) -> str | None:
+    """What is wrong with ``path`` where it is a link that leads to no file (its target gone, an
+    unplugged drive, a loop): "broken link to TARGET (why)". None where it is no link, or leads
+    somewhere."""
+    try:
+        target = os.readlink(path)
+    except (OSError, ValueError):  # no link (or a NUL in the name)
+        return None
+    try:
+        os.stat(path)
+    except OSError as err:
+        return f"broken link to {target} ({err.strerror or err})"
+    return None
+
+
 def one_line(text: str) -> str:
     """A file name may hold line breaks; a report stays one line per file (escaped as ``\\n``)."""
     return text.replace("\r", "\\r").replace("\n", "\\n")

@@ -69,7 +69,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, TiffTags, UnidentifiedImageError
 
-from .files import atomic_write, same_file
+from .files import atomic_write, broken_link, same_file
 
 __all__ = [
     "DATASET_EXTENSIONS",
@@ -608,7 +608,7 @@ def read_photo(path: PathLike, *, max_pixels: int | None = None, apply_orientati
     p = Path(path)
     limit = resolve_max_pixels(max_pixels)
     if not p.exists():
-        raise ImageReadError(path, "no such file")
+        raise ImageReadError(path, broken_link(p) or "no such file")
     if p.is_dir():
         raise ImageReadError(path, "is a directory, not an image file")
     try:

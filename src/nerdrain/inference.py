@@ -32,6 +32,7 @@ from PIL import Image
 
 from nerdrain.devices import resolve_device
 from nerdrain.files import (
+    broken_link,
     missing_folders,
     name_problem,
     one_line,
@@ -462,7 +463,8 @@ def expand_inputs(
     recursive: bool = False,
     exclude: Iterable[str | os.PathLike[str]] = (),
 ) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files, folders (image extensions only, hidden files skipped) and globs -> (unique files
+    """Files, folders (image extensions only, hidden files skipped; links with an image name that
+    lead nowhere listed too, to fail named when read) and globs -> (unique files
     in order, [(input, problem)] for inputs that matched nothing, or subfolders that could not be
     listed).
 
@@ -549,7 +551,7 @@ class _Walk:
         if _has_glob(s):
             found: list[tuple[Path, Path]] = []
             for m in map(Path, sorted(glob.glob(s))):
-                if m.is_file() and not self.ours(m):
+                if (m.is_file() or broken_link(m)) and not self.ours(m):
                     found.append((m, Path()))
                 elif self.recursive and m.is_dir() and _real_key(m) not in self.exclude:
                     try:  # as the shell's expansion of the pattern would give this folder
@@ -557,7 +559,7 @@ class _Walk:
                     except OSError as err:
                         self.problems.append((str(m), f"cannot be listed ({err.strerror or err})"))
             return found, None if found else "no files match this pattern"
-        return [], "no such file or directory"
+        return [], broken_link(p) or "no such file or directory"
 
     def folder(self, root: Path) -> tuple[list[tuple[Path, Path]], str | None]:
         """A folder's photos (and, recursive, its subfolders'), sorted by name folder by folder."""
@@ -591,7 +593,8 @@ class _Walk:
                         links += 1
                     else:
                         below.append(relative / entry.name)
-                elif path.suffix.lower() in IMAGE_EXTENSIONS and _is_file(entry):
+                elif path.suffix.lower() in IMAGE_EXTENSIONS and (_is_file(entry) or broken_link(path)):
+                    # a link to nothing is listed, to fail named when read rather than go unseen
                     if self.ours(path):
                         ours += 1
                     else:
