@@ -556,6 +556,22 @@ def test_float_pixels_outside_the_unit_range_are_clipped_with_a_note(tmp_path):
                      "and were clipped"]
 
 
+def test_32_bit_integer_pixels_outside_16_bits_are_clipped_with_a_note(tmp_path):
+    """A 32-bit integer TIFF (a scientific camera's) is taken as 16-bit data: values above 65535
+    (or below 0) came out white (black) without a word; say so, as for float pixels. The pixels
+    that fit are kept exactly."""
+    values = (np.arange(8 * 10, dtype=np.int32).reshape(8, 10) - 10) * 1000  # -10000 .. 69000
+    Image.fromarray(values, "I").save(tmp_path / "i.tif")
+    lines = []
+    s = derain_files([str(tmp_path / "i.tif")], str(tmp_path / "out"), identity, tile=0, progress=False,
+                     log=lines.append)
+    assert s.ok == 1
+    outside = np.mean((values < 0) | (values > 65535))
+    assert lines == [f"note: {tmp_path / 'i.tif'}: {outside:.1%} of its 32-bit integer pixels lie outside "
+                     "0..65535 and were clipped"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "i.png")), np.clip(values, 0, 65535))
+
+
 def test_cmyk_with_an_unusable_profile_is_converted_with_a_note(tmp_path):
     Image.new("CMYK", (6, 4), (0, 128, 255, 10)).save(tmp_path / "c.jpg", icc_profile=b"not a profile")
     lines = []

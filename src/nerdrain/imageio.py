@@ -25,7 +25,7 @@ What is kept, and how
   by Pillow/libtiff); 16-bit gray+alpha PNGs are decoded once as raw bytes.  16-bit
   PNGs are written by a small PNG encoder in this module (IHDR, iCCP, eXIf, IDAT with
   per-row adaptive filters, IEND).  Mode ``I`` (32-bit integer) images are taken as
-  16-bit data (clipped to 0..65535); mode ``F`` is taken as [0, 1] data and written as
+  16-bit data (clipped to 0..65535, with a note); mode ``F`` is taken as [0, 1] data and written as
   16-bit.  16-bit data written as JPEG/WebP is reduced to 8 bits; 16-bit TIFF output is
   kept for grayscale (``I;16``) but reduced to 8 bits for colour (Pillow cannot write
   16-bit RGB TIFF).
@@ -496,6 +496,15 @@ def _cmyk_to_rgb(img: Image.Image, icc: bytes | None) -> tuple[Image.Image, byte
     return img.convert("RGB"), None, None
 
 
+def _clipped(raw: np.ndarray, low: float, high: float, which: str, notes: list[str]) -> np.ndarray:
+    """``raw`` clipped to [low, high], with a note where that changed any pixel ("N% of its
+    ``which`` and were clipped"): they would come out white or black without a word."""
+    outside = float(np.mean((raw < low) | (raw > high)))
+    if outside:
+        notes.append(f"{outside:.1%} of its {which} and were clipped")
+    return np.clip(raw, low, high)
+
+
 def photo_from_pil(
     img: Image.Image,
     *,
@@ -536,17 +545,14 @@ def photo_from_pil(
         bit_depth = 16
         raw = np.asarray(img)
         if mode == "I":
-            raw = np.clip(raw, 0, 65535)
+            raw = _clipped(raw, 0, 65535, "32-bit integer pixels lie outside 0..65535", notes)
         g = raw.astype(np.float32) / np.float32(65535.0)
         rgb = np.repeat(g[..., None], 3, axis=-1)
         alpha = _transparency_mask(raw, transparency)
     elif mode == "F":
         bit_depth = 16
         raw = np.nan_to_num(np.asarray(img, dtype=np.float32))
-        outside = float(np.mean((raw < 0) | (raw > 1)))
-        if outside:
-            notes.append(f"{outside:.1%} of its float pixels lie outside [0, 1] and were clipped")
-        g = np.clip(raw, 0.0, 1.0)
+        g = _clipped(raw, 0.0, 1.0, "float pixels lie outside [0, 1]", notes)
         rgb = np.repeat(g[..., None], 3, axis=-1)
     elif mode in ("1", "L"):
         raw = np.asarray(img.convert("L"))
