@@ -532,6 +532,17 @@ def test_a_link_to_nothing_in_a_folder_is_named_not_skipped(tmp_path, recursive,
     capsys.readouterr()
 
 
+@pytest.mark.skipif(os.name != "posix", reason="named pipes, /dev/null")
+def test_a_pipe_or_a_device_is_named_as_such_not_as_an_empty_file(tmp_path):
+    """derain <(curl ...) hands over a pipe, whose size reads 0: 'empty file' blamed a photo that
+    was there. A pipe or device is named for what it is, without waiting on it."""
+    os.mkfifo(tmp_path / "photo.png")  # no writer: opening it would wait forever
+    s = derain_files([str(tmp_path / "photo.png"), os.devnull], str(tmp_path / "out"), _never, tile=0,
+                     progress=False)
+    assert s.failed == [(str(tmp_path / "photo.png"), "a pipe, not a file: save the image to a file first"),
+                        (os.devnull, "a device, not a file: save the image to a file first")]
+
+
 def test_multi_frame_file_is_derained_with_a_note(tmp_path):
     frames = [Image.fromarray(np.full((8, 10, 3), v, dtype=np.uint8)) for v in (40, 200)]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])

@@ -55,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import stat
 import struct
 import sys
 import threading
@@ -618,10 +619,14 @@ def read_photo(path: PathLike, *, max_pixels: int | None = None, apply_orientati
     if p.is_dir():
         raise ImageReadError(path, "is a directory, not an image file")
     try:
-        if p.stat().st_size == 0:
-            raise ImageReadError(path, "empty file")
+        info = p.stat()
     except OSError as e:
         raise ImageReadError(path, f"cannot access file ({e.strerror or e})") from None
+    if not stat.S_ISREG(info.st_mode):  # a pipe's size reads 0, and opening one may wait forever
+        kind = "a pipe" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device"
+        raise ImageReadError(path, f"{kind}, not a file: save the image to a file first")
+    if info.st_size == 0:
+        raise ImageReadError(path, "empty file")
 
     with _without_pillow_guard(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
