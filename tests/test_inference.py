@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -861,6 +862,19 @@ def test_a_line_break_in_a_file_name_keeps_the_report_one_line(tmp_path):
     lines = []
     s = derain_files([str(bad)], str(tmp_path / "out"), identity, tile=0, progress=False, log=lines.append)
     assert len(s.failed) == 1 and len(lines) == 1 and "\n" not in lines[0] and "bad\\nname.jpg" in lines[0]
+
+
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="names are bytes on Linux, not on Windows or macOS")
+def test_a_name_that_is_no_utf8_is_reported_with_its_bytes_escaped(tmp_path):
+    """A photo named in Latin-1 (an old camera card: b'caf\\xe9.jpg'): Python holds the byte as the
+    surrogate U+DCE9, which the report printed as '\\udce9', a character no one named it with;
+    the byte is shown as '\\xe9', as for the line break above."""
+    folder = os.fsencode(tmp_path)
+    with open(folder + b"/caf\xe9.jpg", "wb") as f:
+        f.write(b"not a photo")
+    lines = []
+    s = derain_files([str(tmp_path)], str(tmp_path / "out"), identity, tile=0, progress=False, log=lines.append)
+    assert len(s.failed) == 1 and lines == [f"error: {tmp_path}/caf\\xe9.jpg: {s.failed[0][1]}"]
 
 
 def test_a_folder_of_earlier_outputs_says_so(tmp_path):

@@ -116,7 +116,13 @@ def broken_link(path: str | Path) -> str | None:
 
 
 def one_line(text: str) -> str:
-    """A file name may hold line breaks; a report stays one line per file (escaped as ``\\n``)."""
+    """A file name may hold line breaks, or bytes that are no UTF-8 (an old camera card's Latin-1),
+    which Python holds as surrogates and would print as ``\\udce9``: a report stays one line per
+    file, naming it with what it holds (escaped as ``\\n``, ``\\xe9``)."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no byte became (a Windows name): left to the stream
+        pass
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
