@@ -7,8 +7,8 @@ A result is keyed by what was checked (a file, a validation pair and its protoco
 size, modification and change time (``st_ctime_ns``, which no program can set back: new bytes with
 the size and mtime put back still count as a change; on Windows it is the creation time, so size
 and mtime alone count there). The
-keys are 64-bit hashes, kept as sorted arrays: 16 bytes a file where Python objects would take
-hundreds. Each process writes its own record (``rank-N.npz``) and reads them all, so a resume
+keys are 64-bit hashes, kept as sorted arrays beside each file's two results (an image's width
+and height): 24 bytes a file where Python objects would take hundreds. Each process writes its own record (``rank-N.npz``) and reads them all, so a resume
 with another number of processes, whose shares differ, still finds every file's result.
 """
 
