@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_derain)
 
     p = sub.add_parser("evaluate", help="PSNR/SSIM as the paper's MATLAB scripts compute them")
-    p.add_argument("--pred", help="folder of predictions to score against --gt")
+    p.add_argument("--pred", help="folder of predictions to score against --gt, or against --data's clean images")
     p.add_argument("--gt", help="folder of ground-truth images")
     p.add_argument("--data", help="paired dataset to run the model on; with --pred, whose clean images to score "
                                   "predictions saved by --save against (any layout)")
