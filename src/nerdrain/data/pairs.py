@@ -145,7 +145,8 @@ def _is_side_by_side(path: Path) -> bool:
 
 
 def detect_layout(root: str | Path) -> str:
-    """The first of ``LAYOUTS`` (in the module's detection order) that ``root`` looks like."""
+    """The first layout that ``root`` looks like, in the module docstring's detection order
+    (input_target, ddn, jorder, prenet, did; not ``LAYOUTS``' order)."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: not a folder")
