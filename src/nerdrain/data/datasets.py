@@ -1,9 +1,10 @@
 """Training pairs as a deterministic stream: sample number -> (rainy patch, clean patch).
 
-Every random choice for sample ``n`` (which source, which image, the crop, the rain, the flips)
-comes from a generator seeded by ``(seed, n)``. Resuming at iteration ``i`` therefore only needs
-``i``; worker count and process count do not change what sample ``n`` is; and synthetic rain never
-runs out, since each sample number renders fresh rain.
+Every random choice for sample ``n`` (which source, the crop, the rain, the flips) comes from a
+generator seeded by ``(seed, n)``, and which image from the source's shuffled order for epoch
+``n // len(source)`` (seeded by the seed, the source and the epoch). Resuming at iteration ``i``
+therefore only needs ``i``; worker count and process count do not change what sample ``n`` is;
+and synthetic rain never runs out, since each sample number renders fresh rain.
 """
 
 from __future__ import annotations
