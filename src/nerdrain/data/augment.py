@@ -9,8 +9,8 @@
 3. **Random crop** P x P at a uniform position (``randint(0, H - P)`` inclusive).
 4. **One of the 8 dihedral transforms** (flips and rotations), uniformly; see :func:`dihedral`.
 
-All randomness comes from the ``torch.Generator`` passed in, so a (seed, worker) pair reproduces
-its patches exactly.
+All randomness comes from the ``torch.Generator`` passed in, so the same generator state reproduces
+the same patches exactly (training seeds one per sample number: :class:`~nerdrain.data.datasets.TrainingStream`).
 """
 
 from __future__ import annotations
