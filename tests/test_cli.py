@@ -257,9 +257,10 @@ def test_evaluate_model_on_dataset(tmp_path, tiny_weights):
 
 
 @pytest.mark.parametrize("extra", [["--layout", "did"], ["--save", "out"], ["--weights", "w.pth", "--layout", "did"],
-                                   ["--released-windows"]])
+                                   ["--released-windows"], ["--tile", "256"]])
 def test_evaluate_pred_refuses_options_of_a_model_run(tmp_path, capsys, extra):
-    """--pred scores saved files: a --save that writes nothing or a --layout that splits nothing is an error."""
+    """--pred scores saved files: a --save that writes nothing, a --layout that splits nothing or a --tile
+    that cuts nothing is an error."""
     for folder in ("pred", "gt"):
         (tmp_path / folder).mkdir()
         write_image(tmp_path / folder / "1.png", 7)

@@ -86,7 +86,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("score saved predictions with --pred DIR and either --gt DIR or --data DIR (a dataset), "
                          "or run a model with --data DIR")
     model_only = [flag for flag, value in (("--layout", args.layout and args.gt), ("--save", args.save),
-                                           ("--weights", args.weights is not None),
+                                           ("--weights", args.weights is not None), ("--tile", args.tile),
                                            ("--released-windows", args.released_windows)) if value]
     if args.pred and model_only:  # silently ignored, they would leave a wrong idea of what was scored
         raise ValueError(f"{', '.join(model_only)}: only with --data (a model run), not with --pred/--gt")
