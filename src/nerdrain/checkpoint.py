@@ -559,8 +559,9 @@ def _cpu_tensors(state: Mapping[str, torch.Tensor], dtype: torch.dtype | str | N
 
 
 def stored_dtype(path: str | Path) -> torch.dtype:
-    """The floating-point type a checkpoint's weights are stored in, so that a conversion can keep it
-    (the network's own, as :func:`read_checkpoint` gives it)."""
+    """The floating-point type a checkpoint's weights are stored in (the network's own, as
+    :func:`read_checkpoint` gives it), without building the network; ``nerd-rain convert`` takes the
+    type from its one :func:`read_checkpoint` instead."""
     path = _checkpoint_path(path)
     return _first_float_dtype(_unprefixed(_read_tensors(path)[0], path))
 
