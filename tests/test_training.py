@@ -648,12 +648,13 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path, data_ro
     assert len(list((ddp_out / "tb").glob("events.out.tfevents.*"))) == 1
     assert (ddp_out / "config.yaml").is_file() and no_tmp_files(ddp_out)
 
-    # Resumed in one process at batch 2 (the same global batch): no note, and it goes on as the
-    # single-process run does.
+    # Resumed in one process at batch 2 (the same global batch): no note of changed settings (that
+    # of the files not read again aside), and it goes on as the single-process run does.
     longer = {**base, "iterations": 5, "data": {**base["data"], "batch_size": 2}}
     capsys.readouterr()
     train(from_dict(TrainConfig, longer), ddp_out, resume=True, progress=False)
-    assert "note:" not in capsys.readouterr().out
+    assert [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("note:") and "not read again" not in line] == []
     train(from_dict(TrainConfig, longer), single_out, resume=True, progress=False)
     ddp_final, single_final = load_file(ddp_out / "final.safetensors"), load_file(single_out / "final.safetensors")
     assert max((ddp_final[k] - single_final[k]).abs().max().item() for k in single_final) < 1e-5
@@ -1473,3 +1474,22 @@ def test_a_temporary_folder_too_long_for_the_workers_sockets_is_refused_not_a_ha
     assert not (tmp_path / "run" / LAST).exists()
     train(make_config(data_root, iterations=1), tmp_path / "run0", progress=False)  # no workers, no sockets
     assert (tmp_path / "run0" / FINAL).exists()
+
+
+def test_a_restart_says_how_many_files_it_did_not_read_again(tmp_path, exact_timestamps, capsys):
+    """A resume's start in seconds is told from a check that read nothing: one note counts the files
+    the record let pass unread (a validation pair's two files count as two; one changed file
+    makes its pair read again)."""
+    root = make_pairs(tmp_path / "pairs", count=3)
+    val = make_pairs(tmp_path / "val", count=2, seed=1)
+    cfg = make_config(root, iterations=1, val={"root": str(val)})
+    out = tmp_path / "run"
+    train(cfg, out, progress=False)
+    assert "not read again" not in capsys.readouterr().out  # nothing recorded before the first start
+    Trainer(cfg, out, progress=False, resume=True)
+    assert "note: 10 of 10 training and validation files not read again: unchanged since the last check" \
+        in capsys.readouterr().out
+    changed = val / "input" / "1.png"
+    rewrite_png(changed, 7, changed.stat().st_mtime_ns + 10**9)
+    Trainer(cfg, out, progress=False, resume=True)
+    assert "note: 8 of 10 training and validation files not read again" in capsys.readouterr().out

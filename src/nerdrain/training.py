@@ -477,6 +477,7 @@ class Trainer:
         except Exception:
             self._record_check_of_a_failed_start()
             raise
+        self._note_unchanged_files()
 
         wrapped: nn.Module = AllOutputs(self.model)
         if self.dist.world_size > 1:  # wrap AllOutputs, not the model: DDP must see the training forward
@@ -542,6 +543,19 @@ class Trainer:
                     + scoring_problems(self.val_pairs[rank::world], self.cfg.val.protocol, self.checked_files))
         if problems:
             raise UnusableFiles(problems)
+
+    def _note_unchanged_files(self) -> None:
+        """Say how many files the check let pass unread, unchanged since the recorded one: a resume's
+        start in seconds is then told from a check that did nothing (all processes' shares counted)."""
+        if self.checked_files is None:
+            return
+        counts = torch.tensor([self.checked_files.unchanged, self.checked_files.files])
+        if self.dist.world_size > 1:
+            dist.all_reduce(counts, group=self.control_group)
+        unchanged, files = counts.tolist()
+        if unchanged and self.dist.is_main:
+            tqdm.write(f"note: {unchanged} of {files} training and validation files not read again: unchanged "
+                       f"since the last check (recorded in {self.out / CHECKED_FILES})")
 
     def _record_check_of_a_failed_start(self) -> None:
         """Where a start that checked the files fails (bad files, say) in a folder that exists (a

@@ -115,6 +115,7 @@ class CheckedFiles:
         order = np.argsort(keys, kind="stable")
         self._keys, self._results = keys[order], results[order]
         self._passed: dict[int, Size] = {}
+        self.unchanged = self.files = 0  # files this start let pass unread for the record, files in all
 
     def _records(self) -> list[Path]:
         if self.folder is None or not self.folder.is_dir():
@@ -135,10 +136,15 @@ class CheckedFiles:
         others' results come from the record: (each good item's result, the errors)."""
         max_pixels = resolve_max_pixels(None)  # a file passed under a larger limit is checked again
         now_ns = time.time_ns()
-        keys = [_key(what, item, files(item), max_pixels, now_ns) for item in items]  # stat'ed before reading: a change meanwhile counts
+        item_files = [files(item) for item in items]
+        # stat'ed before reading: a change meanwhile counts
+        keys = [_key(what, item, paths, max_pixels, now_ns) for item, paths in zip(items, item_files)]
+        recorded = self._recorded(keys)
+        self.files += sum(map(len, item_files))
+        self.unchanged += sum(len(paths) for paths, result in zip(item_files, recorded) if result is not None)
         results: dict[Item, Size] = {}
         problems = []
-        for item, key, result in tqdm(list(zip(items, keys, self._recorded(keys))), desc=f"check {what}",
+        for item, key, result in tqdm(list(zip(items, keys, recorded)), desc=f"check {what}",
                                       disable=not progress, leave=False):
             if result is None:
                 try:
