@@ -1093,7 +1093,7 @@ def test_bad_files_are_named_before_training_starts(tmp_path):
     assert "\n" not in message and f"{cut}: cannot read the image" in message
     assert f"input {root / 'input' / '2.png'} is 52x40 but target {root / 'target' / '2.png'} is 50x40" in message
     assert f"{val / 'target' / '0.png'}: a palette image" in message
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists()  # files written just now are not recorded: no record, no folder
     Trainer(make_config(root, val={"root": str(val)}, data={"check_files": False}), tmp_path / "run", progress=False)
 
 
@@ -1493,3 +1493,21 @@ def test_a_restart_says_how_many_files_it_did_not_read_again(tmp_path, exact_tim
     rewrite_png(changed, 7, changed.stat().st_mtime_ns + 10**9)
     Trainer(cfg, out, progress=False, resume=True)
     assert "note: 8 of 10 training and validation files not read again" in capsys.readouterr().out
+
+
+def test_a_failed_first_start_records_the_files_that_passed(tmp_path, content_reads):
+    """A first start stopped by a bad file, in a run folder it would have made, still records the
+    good files there: once the bad one is fixed, the next start reads it alone. The folder then
+    holds no earlier run, so a start without --resume is not refused."""
+    root = make_pairs(tmp_path / "pairs", count=3)
+    bad = root / "input" / "1.png"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    cfg = make_config(root, iterations=1)
+    out = tmp_path / "new" / "run"
+    with pytest.raises(ValueError, match=r"^1 training or validation file\(s\) cannot be used"):
+        Trainer(cfg, out, progress=False)
+    assert [p.relative_to(out).parts[0] for p in out.rglob("*") if p.is_file()] == [CHECKED_FILES]
+    rewrite_png(bad, 5)
+    content_reads.clear()
+    Trainer(cfg, out, progress=False)
+    assert content_reads == [bad]

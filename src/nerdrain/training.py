@@ -558,11 +558,12 @@ class Trainer:
                        f"since the last check (recorded in {self.out / CHECKED_FILES})")
 
     def _record_check_of_a_failed_start(self) -> None:
-        """Where a start that checked the files fails (bad files, say) in a folder that exists (a
-        resume), record what passed, so that the next start reads only the files fixed. After the
-        processes' exchange of errors: every process has read the record by then."""
+        """Where a start that checked the files fails (bad files, say), record what passed, so that
+        the next start reads only the files fixed: in a new run folder too, which then holds the
+        record alone (no earlier run: a start without --resume may use it). After the processes'
+        exchange of errors: every process has read the record by then."""
         checked = getattr(self, "checked_files", None)
-        if checked is not None and self.out.is_dir():
+        if checked is not None and (checked.passed or self.out.is_dir()):
             with suppress(OSError):  # the start's own error is the one to tell
                 checked.save(self.dist.world_size)
 

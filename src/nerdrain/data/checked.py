@@ -157,6 +157,11 @@ class CheckedFiles:
                 self._passed[key] = result
         return results, problems
 
+    @property
+    def passed(self) -> int:
+        """How many items passed this start's check (read or recorded), to be recorded by :meth:`save`."""
+        return len(self._passed)
+
     def save(self, world_size: int) -> None:
         """Record this start's good results as process ``rank``'s; process 0 also removes those of
         ranks a larger run had (their files are in this run's shares, recorded again)."""
