@@ -1511,3 +1511,94 @@ def test_a_failed_first_start_records_the_files_that_passed(tmp_path, content_re
     content_reads.clear()
     Trainer(cfg, out, progress=False)
     assert content_reads == [bad]
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """The identity, whose backward overflows: a finite loss with infinite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+def fault_loss_at(monkeypatch, iteration: int, fault: str) -> None:
+    """The loss of ``iteration`` made ``fault``: "nan", "inf", or "gradient" (finite, but its
+    gradients infinite)."""
+    from nerdrain.losses import NeRDRainLoss
+
+    real_forward = NeRDRainLoss.forward
+    calls = []
+
+    def faulty_forward(self, outputs, target):
+        total, parts = real_forward(self, outputs, target)
+        calls.append(1)
+        if len(calls) == iteration:
+            total = _InfiniteGradient.apply(total) if fault == "gradient" else total * float(fault)
+            parts = {**parts, "total": total.detach()}
+        return total, parts
+
+    monkeypatch.setattr(NeRDRainLoss, "forward", faulty_forward)
+
+
+@pytest.mark.parametrize("fault", ["nan", "inf", "gradient"])
+def test_a_diverging_run_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(tmp_path, data_root,
+                                                                                         monkeypatch, fault):
+    """The loss of iteration 3 is not finite (or iteration 4's is, but its gradients overflow): the
+    run stops at the next check (iteration 4: logged and checkpointed) with one line naming the
+    iteration, and last.pt still holds iteration 2's finite weights, not the ruined ones of 4."""
+    fault_loss_at(monkeypatch, 4 if fault == "gradient" else 3, fault)
+    out = tmp_path / "run"
+    cfg = make_config(data_root, iterations=6, log_every=4, checkpoint_every=2)
+    expected = ("the weights are not finite after the step of iteration 4 (its loss was finite)"
+                if fault == "gradient" else f"the loss is {fault} at iteration 3")
+    with pytest.raises(ValueError, match=re.escape(expected)) as err:
+        train(cfg, out, progress=False)
+    assert "\n" not in str(err.value) and f"{out / LAST} holds iteration 2" in str(err.value)
+    state = load_ckpt(out / LAST)
+    assert state["iteration"] == 2 and all(t.isfinite().all() for t in state["model"].values())
+    assert not (out / FINAL).exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_ddp_a_loss_that_is_not_finite_in_any_process_stops_them_all(tmp_path, data_root, monkeypatch, rank):
+    """Each process sees only its own batch's loss: they exchange the first iteration each found
+    not finite, and all stop naming the earliest (rank 1's iteration 5 before rank 0's 7), said
+    once, by process 0."""
+    import nerdrain.training as training
+
+    trainer = Trainer(make_config(data_root), tmp_path / "run", progress=False)
+    trainer.dist = training.DistInfo(rank=rank, world_size=2)
+    found = {0: (7, math.nan), 1: (5, -math.inf)}
+    trainer.iteration = found[rank][0]
+    trainer._watch_loss(torch.tensor(found[rank][1]))
+    trainer.iteration = 8
+
+    def all_gather(out, tensor, group=None):
+        out[:] = [tensor if r == rank else torch.tensor(found[r], dtype=tensor.dtype) for r in range(2)]
+
+    monkeypatch.setattr(training.dist, "all_gather", all_gather)
+    expected = "the loss is -inf at iteration 5: training diverged; " + re.escape(f"{tmp_path / 'run' / LAST}") + \
+        " holds iteration 4"
+    with pytest.raises(training.ReportedElsewhere if rank else training.TrainingDiverged, match=expected):
+        trainer._stop_if_diverged(4)
+
+
+def test_a_bad_file_after_a_diverged_iteration_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """An error found between checks (a bad file drawn) checkpoints the iterations done, but not
+    when the loss was not finite meanwhile: then it says so, and last.pt stays the good one."""
+    root = make_pairs(tmp_path / "pairs", count=6, size=(32, 32))
+    cfg = make_config(root, iterations=12, checkpoint_every=4, log_every=100, data={"check_files": False})
+    stream = build_stream(cfg)
+    name = stream.sources[0].pairs[stream.choose(5)[1]].name  # drawn first by iteration 6: epoch 0 draws each once
+    (root / "input" / f"{name}.png").write_bytes(b"not a png")
+    fault_loss_at(monkeypatch, 5, "nan")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=re.escape(f"{name}.png")):
+        train(cfg, out, progress=False)
+    assert load_ckpt(out / LAST)["iteration"] == 4
+    assert f"note: the loss is nan at iteration 5: training diverged; {out / LAST} holds iteration 4" \
+        in capsys.readouterr().err

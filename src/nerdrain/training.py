@@ -3,7 +3,8 @@
 Resumable exactly: a checkpoint holds model, optimiser, scheduler, EMA, RNG states and the
 iteration, and the data stream is a pure function of (seed, sample number), so training 2 + 2
 iterations gives the same weights as 4. Ctrl-C or SIGTERM (a cluster's preemption) stops a run
-after the current iteration with a checkpoint of it (:class:`TrainingInterrupted`).
+after the current iteration with a checkpoint of it (:class:`TrainingInterrupted`). A loss that is
+not finite stops it before the ruined state is logged or saved (:class:`TrainingDiverged`).
 """
 
 from __future__ import annotations
@@ -114,6 +115,11 @@ class UnusableFiles(ValueError):
         self.problems = problems
         super().__init__(f"{len(problems)} training or validation file(s) cannot be used (found before training; "
                          f"data.check_files: false skips this check): {shortened(problems, '; ')}")
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights stopped being finite. Found at the next log, validation or
+    checkpoint, before it: no checkpoint or best weights of the ruined state are written."""
 
 
 def build_model(cfg: TrainConfig) -> NeRDRain:
@@ -527,6 +533,8 @@ class Trainer:
         self.iteration = 0
         self.samples = 0  # of the data stream read so far, all processes together: where it goes on
         self.best_psnr = -math.inf
+        self._nonfinite_at: torch.Tensor | None = None  # see _watch_loss
+        self._nonfinite_loss: torch.Tensor | None = None
         if self.resumed_from is not None:
             self.load_state_dict(load_training_checkpoint(self.resumed_from, self.device))
 
@@ -870,8 +878,14 @@ class Trainer:
                 self.ema.update_parameters(self.model)
             self.iteration += 1
             self.samples += cfg.data.batch_size * self.dist.world_size
+            self._watch_loss(parts["total"])
 
-            if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
+            logging = self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations
+            validating = cfg.val.root and (self.iteration % cfg.val.every == 0 or self.iteration == cfg.iterations)
+            saving = self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations
+            if logging or validating or saving:  # the same iterations in every process
+                self._stop_if_diverged(checkpointed)
+            if logging:
                 logged = self._mean_across_ranks(parts)
                 rate = (self.samples - first_sample) / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{logged['total']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.2f}")
@@ -885,7 +899,7 @@ class Trainer:
                     writer.add_scalar("train/lr", lr, self.iteration)
                     writer.add_scalar("train/samples_per_s", rate, self.iteration)
             bar.update(1)
-            if cfg.val.root and (self.iteration % cfg.val.every == 0 or self.iteration == cfg.iterations):
+            if validating:
                 try:
                     report = self._validation_report()
                 except Exception as err:  # every process has it (see _validation_report)
@@ -901,13 +915,13 @@ class Trainer:
                 except Exception:  # the main process's alone (writing best.safetensors)
                     self._keep_iterations_done(checkpointed)
                     raise
-            saved = self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations
-            if saved:
+            if saving:
                 self.save()
                 checkpointed = self.iteration
             stop = self._stop_signal(signals)
             if stop and self.iteration < cfg.iterations:
-                if not saved:
+                if not saving:
+                    self._stop_if_diverged(checkpointed)
                     self.save()
                 self._barrier()  # the checkpoint is complete before any process exits
                 raise TrainingInterrupted(stop, self.iteration, cfg.iterations, self.out / LAST)
@@ -915,11 +929,55 @@ class Trainer:
     def _keep_iterations_done(self, checkpointed: int) -> None:
         """Before an error found hours in (a bad training or validation file): the iterations since
         the last checkpoint are complete, so checkpoint them. Under DDP only where rank 0 hit the
-        error; elsewhere it is blocked in the next collective until torchrun ends it."""
-        if self.dist.is_main and self.iteration > checkpointed:
+        error; elsewhere it is blocked in the next collective until torchrun ends it. Not where the
+        run diverged since: that is said instead, and the last good checkpoint kept."""
+        if not self.dist.is_main or self.iteration <= checkpointed:
+            return
+        diverged = self._divergence(checkpointed, local=True)
+        if diverged is not None:
+            tqdm.write(f"note: {diverged}", file=sys.stderr)
+        else:
             self.save()
             tqdm.write(f"note: iteration {self.iteration} checkpointed in {self.out / LAST}; with the data "
                        "fixed, continue with --resume", file=sys.stderr)
+
+    def _watch_loss(self, total: torch.Tensor) -> None:
+        """Keep the first iteration whose loss is not finite, and that loss, on the device: read
+        only at the next check (:meth:`_stop_if_diverged`), no sync in every step."""
+        total = total.detach().float()
+        if self._nonfinite_at is None:
+            self._nonfinite_at, self._nonfinite_loss = torch.zeros((), dtype=torch.int64, device=total.device), total
+        first = ~torch.isfinite(total) & (self._nonfinite_at == 0)
+        self._nonfinite_at = torch.where(first, self.iteration, self._nonfinite_at)
+        self._nonfinite_loss = torch.where(first, total, self._nonfinite_loss)
+
+    def _divergence(self, checkpointed: int, local: bool = False) -> str | None:
+        """Why the run cannot go on (None: it can): a loss that was not finite, in any process unless
+        ``local``, or weights that are not (the same in every process: DDP keeps them equal)."""
+        first = (torch.stack([self._nonfinite_at.double(), self._nonfinite_loss.double()]).cpu()
+                 if self._nonfinite_at is not None else torch.zeros(2, dtype=torch.float64))
+        if self.dist.world_size > 1 and not local:
+            shares = [torch.zeros_like(first) for _ in range(self.dist.world_size)]
+            dist.all_gather(shares, first, group=self.control_group)
+            first = min((share for share in shares if share[0] > 0), key=lambda share: share[0].item(), default=first)
+        kept = f"{self.out / LAST} holds iteration {checkpointed}" if checkpointed else "no checkpoint was written"
+        advice = (f"training diverged; {kept}: continue with --resume after lowering optim.lr or setting "
+                  "optim.grad_clip (the same settings take the same path)")
+        if first[0] > 0:
+            return f"the loss is {first[1].item()} at iteration {int(first[0])}: {advice}"
+        weights = [*self.model.parameters(), *(self.ema.parameters() if self.ema is not None else ())]
+        if not torch.stack([w.detach().isfinite().all() for w in weights]).all():
+            return (f"the weights are not finite after the step of iteration {self.iteration} (its loss was "
+                    f"finite): {advice}")
+        return None
+
+    def _stop_if_diverged(self, checkpointed: int) -> None:
+        """Stop, every process together, before a ruined state is logged, scored or checkpointed."""
+        why = self._divergence(checkpointed)
+        if why is not None:
+            if not self.dist.is_main:
+                raise ReportedElsewhere(f"process 0 reports it: {why}")
+            raise TrainingDiverged(why)
 
     def _forward_backward(self, rainy: torch.Tensor, clean: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms of one batch, gradients accumulated into ``.grad`` and clipped."""
