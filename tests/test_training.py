@@ -309,7 +309,7 @@ def interrupt_cli_run(tmp_path: Path, data_root: Path, signum: int, launcher: li
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs POSIX process groups")
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)])
 def test_cli_stops_with_a_checkpoint_on_a_signal_to_the_process_group(tmp_path, data_root, signum):
     code, output, out = interrupt_cli_run(tmp_path, data_root, signum, [sys.executable])
     name = signal.Signals(signum).name

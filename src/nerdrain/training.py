@@ -2,9 +2,9 @@
 
 Resumable exactly: a checkpoint holds model, optimiser, scheduler, EMA, RNG states and the
 iteration, and the data stream is a pure function of (seed, sample number), so training 2 + 2
-iterations gives the same weights as 4. Ctrl-C or SIGTERM (a cluster's preemption) stops a run
-after the current iteration with a checkpoint of it (:class:`TrainingInterrupted`). A loss that is
-not finite stops it before the ruined state is logged or saved (:class:`TrainingDiverged`).
+iterations gives the same weights as 4. Ctrl-C, SIGTERM or SIGUSR1 (a cluster's preemption) stops a
+run after the current iteration with a checkpoint of it (:class:`TrainingInterrupted`). A loss that
+is not finite stops it before the ruined state is logged or saved (:class:`TrainingDiverged`).
 """
 
 from __future__ import annotations
@@ -226,7 +226,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class StopSignals:
-    """While active (main thread only): SIGINT and SIGTERM ask the loop to stop after the iteration.
+    """While active (main thread only): SIGINT, SIGTERM and SIGUSR1 ask the loop to stop after the
+    iteration.
 
     A second SIGINT a second or more after the first aborts at once (``KeyboardInterrupt``, no
     checkpoint); sooner, it is the same request again (``torchrun`` forwards the terminal's Ctrl-C
@@ -240,7 +241,9 @@ class StopSignals:
     the previous checkpoint is intact).
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # SIGUSR1: what SLURM's --signal=USR1@SECONDS sends ahead of a time limit or preemption, whose
+    # default action would end the process at once, without a checkpoint
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ()))
 
     def __init__(self, announce: bool = True, clock: Callable[[], float] = time.monotonic):
         self.received: int | None = None
@@ -374,7 +377,7 @@ def _check_temp_dir_for_workers(num_workers: int) -> None:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Data workers leave Ctrl-C and SIGTERM to the training process, which stops them itself;
+    """Data workers leave the stop signals (Ctrl-C, SIGTERM, SIGUSR1) to the training process, which stops them itself;
     on their own they would exit and the loader would fail the run mid-iteration."""
     for signum in StopSignals.SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
