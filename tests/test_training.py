@@ -1602,3 +1602,38 @@ def test_a_bad_file_after_a_diverged_iteration_keeps_the_last_good_checkpoint(tm
     assert load_ckpt(out / LAST)["iteration"] == 4
     assert f"note: the loss is nan at iteration 5: training diverged; {out / LAST} holds iteration 4" \
         in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("channel", ["tensorboard", "stdout"])
+def test_a_log_that_cannot_be_written_keeps_the_iterations_done(tmp_path, data_root, monkeypatch, channel):
+    """A full disk or quota under the TensorBoard logs or the job's output file (often another
+    filesystem than the run's) stops the run at a log, hours after the last checkpoint maybe: the
+    iterations done are checkpointed first, as for a bad file, and --resume goes on from there."""
+    import errno
+    import nerdrain.training as training
+    from torch.utils.tensorboard import SummaryWriter
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if channel == "tensorboard":
+        real_add_scalar = SummaryWriter.add_scalar
+
+        def add_scalar(self, tag, value, step=None, *args, **kwargs):
+            if step == 3:
+                raise full
+            return real_add_scalar(self, tag, value, step, *args, **kwargs)
+
+        monkeypatch.setattr(SummaryWriter, "add_scalar", add_scalar)
+    else:
+        real_write = training.tqdm.write
+
+        def write(message, *args, **kwargs):
+            if message.startswith("iter 3/"):
+                raise full
+            return real_write(message, *args, **kwargs)
+
+        monkeypatch.setattr(training.tqdm, "write", write)
+    out = tmp_path / "run"
+    cfg = make_config(data_root, checkpoint_every=100)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(cfg, out, progress=False)
+    assert load_ckpt(out / LAST)["iteration"] == 3

@@ -889,18 +889,11 @@ class Trainer:
             if logging or validating or saving:  # the same iterations in every process
                 self._stop_if_diverged(checkpointed)
             if logging:
-                logged = self._mean_across_ranks(parts)
-                rate = (self.samples - first_sample) / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{logged['total']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.2f}")
-                if self.dist.is_main and not self.progress:  # no bar (-q, a batch job's log): a line instead
-                    terms = ", ".join(f"{key} {value:.4g}" for key, value in logged.items() if key != "total")
-                    tqdm.write(f"iter {self.iteration}/{cfg.iterations}: loss {logged['total']:.4g} ({terms}), "
-                               f"lr {lr:.2e}, {rate:.3g} samples/s")
-                if writer is not None:
-                    for key, value in logged.items():
-                        writer.add_scalar(f"train/{key}", value, self.iteration)
-                    writer.add_scalar("train/lr", lr, self.iteration)
-                    writer.add_scalar("train/samples_per_s", rate, self.iteration)
+                try:
+                    self._log(parts, lr, (self.samples - first_sample) / (time.perf_counter() - started), bar, writer)
+                except OSError:  # a full disk or quota under the logs (or the job's output file)
+                    self._keep_iterations_done(checkpointed)
+                    raise
             bar.update(1)
             if validating:
                 try:
@@ -929,11 +922,27 @@ class Trainer:
                 self._barrier()  # the checkpoint is complete before any process exits
                 raise TrainingInterrupted(stop, self.iteration, cfg.iterations, self.out / LAST)
 
+    def _log(self, parts: dict[str, torch.Tensor], lr: float, rate: float, bar, writer) -> None:
+        """The loss terms (averaged over the processes), learning rate and speed: on the bar, or a
+        line where there is none, and in TensorBoard."""
+        logged = self._mean_across_ranks(parts)
+        bar.set_postfix(loss=f"{logged['total']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.2f}")
+        if self.dist.is_main and not self.progress:  # no bar (-q, a batch job's log): a line instead
+            terms = ", ".join(f"{key} {value:.4g}" for key, value in logged.items() if key != "total")
+            tqdm.write(f"iter {self.iteration}/{self.cfg.iterations}: loss {logged['total']:.4g} ({terms}), "
+                       f"lr {lr:.2e}, {rate:.3g} samples/s")
+        if writer is not None:
+            for key, value in logged.items():
+                writer.add_scalar(f"train/{key}", value, self.iteration)
+            writer.add_scalar("train/lr", lr, self.iteration)
+            writer.add_scalar("train/samples_per_s", rate, self.iteration)
+
     def _keep_iterations_done(self, checkpointed: int) -> None:
-        """Before an error found hours in (a bad training or validation file): the iterations since
-        the last checkpoint are complete, so checkpoint them. Under DDP only where rank 0 hit the
-        error; elsewhere it is blocked in the next collective until torchrun ends it. Not where the
-        run diverged since: that is said instead, and the last good checkpoint kept."""
+        """Before an error found hours in (a bad training or validation file, a log that cannot be
+        written): the iterations since the last checkpoint are complete, so checkpoint them. Under
+        DDP only where rank 0 hit the error; elsewhere it is blocked in the next collective until
+        torchrun ends it. Not where the run diverged since: that is said instead, and the last good
+        checkpoint kept."""
         if not self.dist.is_main or self.iteration <= checkpointed:
             return
         diverged = self._divergence(checkpointed, local=True)
@@ -941,8 +950,8 @@ class Trainer:
             tqdm.write(f"note: {diverged}", file=sys.stderr)
         else:
             self.save()
-            tqdm.write(f"note: iteration {self.iteration} checkpointed in {self.out / LAST}; with the data "
-                       "fixed, continue with --resume", file=sys.stderr)
+            tqdm.write(f"note: iteration {self.iteration} checkpointed in {self.out / LAST}; once the "
+                       "error below is dealt with, continue with --resume", file=sys.stderr)
 
     def _watch_loss(self, total: torch.Tensor) -> None:
         """Keep the first iteration whose loss is not finite, and that loss, on the device: read
