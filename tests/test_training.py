@@ -1342,6 +1342,17 @@ def test_resume_with_changed_settings_says_so(tmp_path, data_root, straight_run,
     assert "note: resuming with changed settings (seed: 1234 -> 99)" in out and "iterations" not in out
 
 
+def test_resume_with_other_speed_and_memory_settings_has_no_note(tmp_path, data_root, straight_run, capsys):
+    """Compiling, channels-last, activation checkpointing and CUDA graphs change what a step costs,
+    not what it computes (up to rounding, as another device does): moving a run to a smaller GPU
+    with activation checkpointing on is no change of the run to warn of."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cuda_graphs without CUDA says so
+        Trainer(make_config(data_root, compile=True, channels_last=True, activation_checkpointing=True,
+                            cuda_graphs=True), tmp_path / "a", progress=False, resume=straight_run / LAST)
+    assert "changed settings" not in capsys.readouterr().out
+
+
 def test_resume_steps_with_the_optimiser_settings_of_the_new_config(tmp_path, data_root, straight_run):
     """The note above says the run goes on differently; it must, with the settings it names."""
     optim = {"betas": [0.5, 0.6], "eps": 1e-3, "weight_decay": 0.25}

@@ -683,13 +683,16 @@ class Trainer:
                                   "it (last.pt can be used as weights as it is)")
         self.samples = int(state.get("samples", self.iteration * self.cfg.data.batch_size * self.dist.world_size))
         if saved is not None and self.dist.is_main:
-            # Length, validation, logging and the device may change freely; anything else makes
-            # the resumed run differ from an uninterrupted one, which deserves a word.
+            # Length, validation, logging, the device and what a step costs (not what it computes, up
+            # to rounding) may change freely; anything else makes the resumed run differ from an
+            # uninterrupted one, which deserves a word.
             # The batch counts across processes (older checkpoints do not say how many there were).
             split = {"data.batch_size"} if "world_size" in state else set()
             changed = _changed_keys(saved, current, ignore={"iterations", "val", "log_every", "checkpoint_every",
                                                             "device", "model.weights", "data.num_workers",
-                                                            "data.cache_mb", "data.check_files", *split})
+                                                            "data.cache_mb", "data.check_files", "compile",
+                                                            "channels_last", "activation_checkpointing",
+                                                            "cuda_graphs", *split})
             if changed:
                 tqdm.write(f"note: resuming with changed settings ({', '.join(changed)}): the run goes on "
                            "differently from one that was never interrupted")
