@@ -1648,3 +1648,42 @@ def test_a_log_that_cannot_be_written_keeps_the_iterations_done(tmp_path, data_r
     with pytest.raises(OSError, match="No space left on device"):
         train(cfg, out, progress=False)
     assert load_ckpt(out / LAST)["iteration"] == 3
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_during_the_start_check_keeps_what_it_read(tmp_path, content_reads, monkeypatch, signum):
+    """Ctrl-C or a preemption's SIGTERM during the start's check of a large set (minutes for
+    SPA-Data) ends the start (exit 130 or 143 from the CLI), recording the files read so far: the
+    next start reads only the rest."""
+    import nerdrain.data.datasets as datasets_module
+
+    root = make_pairs(tmp_path / "pairs", count=3)
+    cfg = make_config(root, iterations=1)
+    counted_read = datasets_module.image_size
+
+    def read_then_signal(path, *args, **kwargs):
+        result = counted_read(path, *args, **kwargs)
+        if len(content_reads) == 3:
+            os.kill(os.getpid(), signum)  # the third read's result is lost with it
+        return result
+
+    class Unhandled(BaseException):
+        """Raised by the test's own handler: a SIGTERM that train() leaves to it must not end pytest."""
+
+    def unhandled(*args):
+        raise Unhandled
+
+    monkeypatch.setattr(datasets_module, "image_size", read_then_signal)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(KeyboardInterrupt) as stop:
+            train(cfg, tmp_path / "run", progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert getattr(stop.value, "signum", signal.SIGINT) == signum
+    assert signal.getsignal(signal.SIGTERM) is previous
+    monkeypatch.setattr(datasets_module, "image_size", counted_read)
+    first_reads = list(content_reads)
+    content_reads.clear()
+    Trainer(cfg, tmp_path / "run", progress=False)
+    assert set(content_reads) == set(root.rglob("*.png")) - set(first_reads[:2])

@@ -225,6 +225,35 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
 
 
+class SetUpInterrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGUSR1) during a run's set-up: no iteration to finish, it ends like
+    Ctrl-C (exit code 128 + ``signum`` from the CLI), with the files checked so far recorded."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} before training started")
+        self.signum = signum
+
+
+@contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """While setting up (the start's check of a large set takes minutes), a stop signal other than
+    Ctrl-C, which interrupts already, raises :class:`SetUpInterrupted` instead of ending the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise SetUpInterrupted(signum)
+
+    others = [signum for signum in StopSignals.SIGNALS if signum != signal.SIGINT]
+    previous = {signum: signal.signal(signum, interrupt) for signum in others}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 class StopSignals:
     """While active (main thread only): SIGINT, SIGTERM and SIGUSR1 ask the loop to stop after the
     iteration.
@@ -483,7 +512,7 @@ class Trainer:
         try:
             with self._errors_reported_once():
                 self._set_up(resume)
-        except Exception:
+        except BaseException:  # Ctrl-C or a stop signal (see train) too: the check read files worth keeping
             self._record_check_of_a_failed_start()
             raise
         self._note_unchanged_files()
@@ -1060,7 +1089,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool | str = False, pro
           overwrite: bool = False) -> Path:
     """Train and return the path of the final weights (loadable with :func:`nerdrain.load_model`)."""
     try:
-        trainer = Trainer(cfg, out_dir, progress, resume=resume, overwrite=overwrite)
+        with _stop_signals_interrupt():
+            trainer = Trainer(cfg, out_dir, progress, resume=resume, overwrite=overwrite)
         if resume and trainer.dist.is_main:
             done = ": the run is complete, nothing to train" if trainer.iteration == cfg.iterations else ""
             tqdm.write(f"resumed at iteration {trainer.iteration} of {cfg.iterations}{done}" if trainer.resumed_from
