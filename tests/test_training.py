@@ -810,6 +810,19 @@ def test_bad_files_found_by_several_processes_are_reported_once_together(monkeyp
     assert message.endswith("a.png: truncated; b.png: not an image; c.png: 16x16, too small")
 
 
+def test_a_process_without_bad_files_learns_that_the_files_stopped_the_start(monkeypatch):
+    """Its error's cause is the joined list: it records its share of the check in a new run folder
+    too (see _record_check_of_a_failed_start), as those that found bad files do."""
+    import nerdrain.training as training
+
+    trainer = trainer_of_two_processes(monkeypatch, 1, {0: ["a.png: truncated"], 1: None})
+    with pytest.raises(training.ReportedElsewhere) as err:
+        with trainer._errors_reported_once():
+            pass
+    assert isinstance(err.value.__cause__, training.UnusableFiles)
+    assert err.value.__cause__.problems == ["a.png: truncated"]
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_bad_files_beside_another_error_are_each_reported_by_their_process(monkeypatch, rank):
     import nerdrain.training as training

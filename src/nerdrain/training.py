@@ -512,8 +512,8 @@ class Trainer:
         try:
             with self._errors_reported_once():
                 self._set_up(resume)
-        except BaseException:  # Ctrl-C or a stop signal (see train) too: the check read files worth keeping
-            self._record_check_of_a_failed_start()
+        except BaseException as err:  # Ctrl-C or a stop signal (see train) too: the check read files worth keeping
+            self._record_check_of_a_failed_start(err)
             raise
         self._note_unchanged_files()
 
@@ -597,13 +597,17 @@ class Trainer:
             tqdm.write(f"note: {unchanged} of {files} training and validation files not read again: unchanged "
                        f"since the last check (recorded in {self.out / CHECKED_FILES})")
 
-    def _record_check_of_a_failed_start(self) -> None:
+    def _record_check_of_a_failed_start(self, err: BaseException) -> None:
         """Where a start that checked the files fails (bad files, say), record what passed, so that
-        the next start reads only the files fixed: in a new run folder too, which then holds the
-        record alone (no earlier run: a start without --resume may use it). After the processes'
-        exchange of errors: every process has read the record by then."""
+        the next start reads only the files fixed. Where the run folder does not exist yet, only if
+        the files or an interruption stopped the start: the folder then holds the record alone (no
+        earlier run: a start without --resume may use it); another error (a config refused) leaves
+        no folder behind. After the processes' exchange of errors: every process has read the
+        record by then."""
         checked = getattr(self, "checked_files", None)
-        if checked is not None and (checked.passed or self.out.is_dir()):
+        over_the_files = (isinstance(err, (UnusableFiles, KeyboardInterrupt))
+                          or isinstance(err.__cause__, UnusableFiles))  # another process's, under DDP
+        if checked is not None and (self.out.is_dir() or (checked.passed and over_the_files)):
             with suppress(OSError):  # the start's own error is the one to tell
                 checked.save(self.dist.world_size)
 
@@ -630,6 +634,7 @@ class Trainer:
             received: list[str | list[str] | None] = [None] * self.dist.world_size
             dist.all_gather_object(received, sent, group=self.control_group)
             failed = [rank for rank, message in enumerate(received) if message is not None]
+            joined = None
             if failed and all(isinstance(received[rank], list) for rank in failed):
                 joined = UnusableFiles([problem for rank in failed for problem in received[rank]])
                 error = None if error is None else joined
@@ -639,7 +644,7 @@ class Trainer:
             if error is not None and messages.index(str(error)) != self.dist.rank:
                 raise ReportedElsewhere(f"process {messages.index(str(error))} reports it: {error}") from error
             if error is None and failed:
-                raise ReportedElsewhere(f"process {failed[0]} failed: {messages[failed[0]]}")
+                raise ReportedElsewhere(f"process {failed[0]} failed: {messages[failed[0]]}") from joined
         if error is not None:
             raise error
 
