@@ -1003,7 +1003,7 @@ class Trainer:
     def _divergence(self, checkpointed: int, local: bool = False) -> str | None:
         """Why the run cannot go on (None: it can): a loss that was not finite, in any process unless
         ``local``, or weights that are not (the same in every process: DDP keeps them equal)."""
-        first = (torch.stack([self._nonfinite_at.double(), self._nonfinite_loss.double()]).cpu()
+        first = (torch.stack([self._nonfinite_at.cpu().double(), self._nonfinite_loss.cpu().double()])
                  if self._nonfinite_at is not None else torch.zeros(2, dtype=torch.float64))
         if self.dist.world_size > 1 and not local:
             shares = [torch.zeros_like(first) for _ in range(self.dist.world_size)]
