@@ -955,7 +955,7 @@ def write_photo(
 ) -> Path:
     """Write ``photo`` to ``path`` atomically; the format comes from the suffix.
 
-    PNG (default choice of callers), JPEG (quality 95, 4:4:4 chroma), WebP (quality 95)
+    PNG (default choice of callers), JPEG (``quality``, 4:4:4 chroma), WebP (``quality``)
     and TIFF (LZW; uncompressed where the EXIF has Exif or GPS sub-directories) are
     supported.  ICC profile and EXIF are embedded, alpha re-attached
     (not for JPEG), grayscale written as grayscale, 16-bit kept in PNG.  The file is

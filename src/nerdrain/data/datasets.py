@@ -24,7 +24,6 @@ from .pairs import check_pair_sizes, find_pairs, image_size, load_pair, read_tra
 from .synth import RainMixer
 
 
-
 _INTEGER_PEAKS = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
 
