@@ -250,15 +250,48 @@ def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path, name, write,
     assert str(err.value) == f"{path}: {problem}"
 
 
-def test_truncated_files(tmp_path, official_state):
-    for name, writer in [("cut.pth", lambda p: torch.save({"state_dict": dict(official_state)}, p)),
-                         ("cut.safetensors", lambda p: save_file(dict(official_state), str(p)))]:
-        path = tmp_path / name
-        writer(path)
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-        with pytest.raises(CheckpointError, match="not a readable") as err:
-            load_model(path)
-        assert_one_line_naming(err, path)
+TRUNCATED_WRITERS = {  # file name -> how it was saved before being cut
+    "cut.pth": lambda p, s: torch.save({"state_dict": s}, p),
+    "legacy_cut.pth": lambda p, s: torch.save({"state_dict": s}, p, _use_new_zipfile_serialization=False),
+    "cut.safetensors": lambda p, s: save_file(s, str(p)),
+    "renamed_cut.pth": lambda p, s: save_file(s, str(p)),  # safetensors under a .pth name
+}
+
+
+@pytest.mark.parametrize("name", TRUNCATED_WRITERS)
+@pytest.mark.parametrize("keep", [0.004, 0.5, 0.999])
+def test_truncated_files_are_called_truncated(tmp_path, official_state, name, keep):
+    """An interrupted download or copy says so, wherever it was cut, instead of relaying the reader's
+    internals ('failed finding central directory', '[Errno 22] Invalid argument', 'EOFError',
+    'incomplete metadata, file not fully covered') or calling a cut safetensors file neither format."""
+    path = tmp_path / name
+    TRUNCATED_WRITERS[name](path, dict(official_state))
+    whole = path.stat().st_size
+    cut = int(whole * keep)
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert_one_line_naming(err, path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: truncated") and message.endswith("(an incomplete download or copy?)")
+    if "safetensors" in name or name.startswith("renamed"):  # its header tells how long it should be
+        header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+        described = (f"{cut} of the {whole} bytes its header describes" if cut >= header
+                     else f"{cut} bytes, shorter than its {header}-byte header")
+        assert described in message
+
+
+def test_a_truncated_training_checkpoint_is_called_truncated(tmp_path):
+    """--resume reads RUN/last.pt without load_model's checks of what a file is: a cut one says so too."""
+    from nerdrain.training import load_training_checkpoint
+
+    path = tmp_path / "last.pt"
+    torch.save({"iteration": 3, "model": {"w": torch.zeros(5000)}, "optimizer": {}}, path)
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(CheckpointError) as err:
+        load_training_checkpoint(path, torch.device("cpu"))
+    assert str(err.value) == (f"{path}: truncated or damaged: a zip archive (PyTorch's format) without its index "
+                              "(an incomplete download or copy?)")
 
 
 def test_foreign_state_dict_is_named_as_such(tmp_path):

@@ -1308,7 +1308,7 @@ def test_under_torchrun_a_process_that_loses_another_says_so_in_one_line(tmp_pat
 
 
 @pytest.mark.parametrize("content, problem", [
-    (b"PK\x03\x04 and then nothing", "not a readable training checkpoint"),
+    (b"PK\x03\x04 and then nothing", "truncated or damaged: a zip archive"),
     (b"garbage", "not a training checkpoint of nerd-rain train"),
     (b"", "not a training checkpoint of nerd-rain train"),
 ])

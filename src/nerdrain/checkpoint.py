@@ -225,14 +225,16 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if what:
         raise CheckpointError(f"{path}: {what}")
     torch_file = head.startswith(TORCH_MAGIC)
-    safetensors_file = (len(head) > 8 and head[8:9] == b"{"
-                        and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size)
-    if safetensors_file or (not torch_file and path.suffix.lower() == ".safetensors"):
+    header_length = _safetensors_header_length(head)
+    if header_length is not None or (not torch_file and path.suffix.lower() == ".safetensors"):
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
             return load_file(str(path)), metadata
         except Exception as err:  # safetensors' own error type is not exported by every version
+            shortfall = _safetensors_shortfall(path, header_length)
+            if shortfall:
+                raise CheckpointError(f"{path}: truncated: {shortfall} {_TRUNCATED_HINT}") from None
             raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
     if not torch_file:
         raise CheckpointError(f"{path}: not a readable checkpoint: neither a PyTorch file nor safetensors")
@@ -240,6 +242,39 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if _is_training_checkpoint(obj):
         return _training_weights(obj, path)
     return _state_dict_in(obj, path), {}
+
+
+_TRUNCATED_HINT = "(an incomplete download or copy?)"
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
+
+
+def _safetensors_header_length(head: bytes) -> int | None:
+    """The length of the JSON header that ``head`` starts with, if it is a safetensors file's start:
+    8 bytes of length, little-endian, then the header's ``{``. A torch zip or pickle has neither."""
+    if len(head) > 8 and head[8:9] == b"{":
+        length = int.from_bytes(head[:8], "little")
+        if length <= _SAFETENSORS_MAX_HEADER:
+            return length
+    return None
+
+
+def _safetensors_shortfall(path: Path, header_length: int | None) -> str | None:
+    """How a safetensors file falls short of the length its header gives, if it does: a cut file
+    is told apart from a damaged one, since the header says where the last tensor ends."""
+    if header_length is None:
+        return None
+    size = path.stat().st_size
+    if size < 8 + header_length:
+        return f"{size} bytes, shorter than its {8 + header_length}-byte header"
+    try:
+        with path.open("rb") as f:
+            f.seek(8)
+            header = json.loads(f.read(header_length))
+        end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):  # a damaged header: safetensors says
+        return None
+    expected = 8 + header_length + int(end)
+    return f"{size} of the {expected} bytes its header describes" if size < expected else None
 
 
 def _state_dict_in(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -295,7 +330,7 @@ def _stand_in(path: Path, head: bytes) -> str | None:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):  # a truncated torch file: torch.load says what it can
+        except (zipfile.BadZipFile, OSError):  # a truncated torch file: torch_load says so
             return None
         if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
             inside = [name for name in names if Path(name).suffix.lower() in _CHECKPOINT_SUFFIXES]
@@ -352,8 +387,23 @@ def torch_load(path: Path, device: str | torch.device, what: str = "PyTorch chec
         if "Weights only load failed" in str(err):  # torch's advice to unpickle anyway is not ours to give
             raise CheckpointError(f"{path}: holds pickled Python objects besides tensors; refused, since "
                                   "unpickling them could run code (save a state dict of tensors)") from None
+        cut_short = _cut_short(path, err)
+        if cut_short:
+            raise CheckpointError(f"{path}: {cut_short} {_TRUNCATED_HINT}") from None
         reason = _first_line(err).split(". ")[0]  # torch's first sentence; the rest is advice
         raise CheckpointError(f"{path}: not a readable {what} ({reason})") from None
+
+
+def _cut_short(path: Path, err: Exception) -> str | None:
+    """What ``torch.load``'s ``err`` means where the file was cut short, in place of the reader's
+    internals ('failed finding central directory', '[Errno 22] Invalid argument', EOFError)."""
+    if isinstance(err, EOFError) or "unexpected EOF" in str(err):  # torch's legacy format: a plain pickle
+        return "truncated: the pickled data ends early"
+    with path.open("rb") as f:
+        zipped = f.read(len(TORCH_MAGIC[0])) == TORCH_MAGIC[0]
+    if zipped and not zipfile.is_zipfile(path):  # the index at its end, which torch.save writes last, is gone
+        return "truncated or damaged: a zip archive (PyTorch's format) without its index"
+    return None
 
 
 def _first_line(err: BaseException) -> str:
