@@ -493,6 +493,31 @@ def test_a_tensor_under_a_wrapper_prefix_and_without_is_named_not_guessed(tmp_pa
                               "save the one to load as a state dict")
 
 
+@pytest.mark.parametrize("values, dtype, refused", [
+    ([float("nan"), 0.0], torch.float32, True),
+    ([float("inf"), 1.0], torch.float32, True),
+    ([float("inf"), float("-inf")], torch.float32, True),  # they cancel to NaN in a sum
+    ([float("nan"), 0.0], torch.bfloat16, True),
+    ([3e38, 3e38], torch.float32, False),  # finite, though their sum is not
+    ([60000.0, 60000.0], torch.float16, False),
+], ids=["nan", "inf", "both_infinities", "bf16_nan", "fp32_sum_overflows", "fp16_sum_overflows"])
+def test_non_finite_weights_are_refused_and_only_they(tmp_path, official_state, values, dtype, refused):
+    """Weights that would make every output NaN are refused, naming the tensor; large finite ones,
+    whose sum overflows the type, are weights like any other."""
+    state = {k: v.to(dtype) for k, v in official_state.items()}
+    key = "patch_embed_max.proj.weight"
+    state[key] = state[key].clone()
+    state[key].view(-1)[: len(values)] = torch.tensor(values, dtype=dtype)
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    if refused:
+        with pytest.raises(CheckpointError) as err:
+            load_model(path)
+        assert str(err.value).startswith(f"{path}: NaN or infinite values in 1 ({key});")
+    else:
+        assert to_official_state_dict(load_model(path))[key].view(-1)[0] == values[0]
+
+
 def test_weights_without_values_or_as_integers_are_refused(tmp_path, official_state):
     """Meta tensors crashed load_state_dict with a page-long traceback; integer ones were cast
     to float without a word."""
