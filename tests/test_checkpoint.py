@@ -552,6 +552,48 @@ def test_a_wrong_width_fails_in_words_before_building_that_network(tmp_path, off
     assert_one_line_naming(err, tmp_path / "w.pth")
 
 
+def test_load_model_builds_the_network_once_and_it_owns_its_weights(tmp_path, official_state, monkeypatch):
+    """One build (on the meta device, then given the file's tensors), not a checked skeleton and a
+    randomly initialised copy: the model must still be a plain trainable fp32 network on the CPU,
+    its weights untied even where the file stored two of them as one tensor, computing what the
+    same weights loaded into a freshly built network compute."""
+    import nerdrain.checkpoint as checkpoint
+    from nerdrain.models import NeRDRain
+
+    builds = []
+    monkeypatch.setattr(checkpoint, "NeRDRain", lambda cfg: builds.append(cfg) or NeRDRain(cfg))
+    state = {k: v.half() for k, v in official_state.items()}  # read as fp32 copies
+    state["BF1.gamma2.weight"] = state["BF1.gamma1.weight"] = official_state["BF1.gamma1.weight"]  # one tensor
+    torch.save(state, tmp_path / "w.pth")
+    model = load_model(tmp_path / "w.pth")
+    assert len(builds) == 1
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors.values())
+    assert len({t.untyped_storage().data_ptr() for t in tensors.values()}) == len(tensors)
+
+    reference = NeRDRain(model.cfg).eval()
+    assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in reference.parameters()]
+    assert not model.training
+    reference.load_state_dict(from_official_state_dict({k: v.float() for k, v in state.items()}, reference))
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
+def test_weights_loaded_from_safetensors_do_not_change_with_the_file(tmp_path, official_state):
+    """safetensors maps the file into memory: the network must hold copies, or rewriting the file in
+    place (``cp`` over it) would change the loaded weights, and shortening it crash the process."""
+    path = tmp_path / "w.safetensors"
+    save_file(dict(official_state), str(path))
+    model = load_model(path)
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # the same file, not a new one renamed over it
+        f.seek(size // 2)
+        f.write(bytes(size - size // 2))
+    back = to_official_state_dict(model)
+    assert all(torch.equal(back[k], official_state[k]) for k in official_state)
+
+
 def test_extra_metadata_cannot_replace_what_load_model_rebuilds_from(tmp_path):
     model = tiny()
     for key in ("config", "format"):

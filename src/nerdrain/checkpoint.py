@@ -28,6 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 from .devices import resolve_device
 from .files import atomic_write, missing_folders, output_file, remove_empty_folders
 from .models import NeRDRain, NeRDRainConfig
+from .models.inr import CONSTANT_INPUTS, ImplicitDecoder
 
 SCALE_NAMES = ("small", "mid", "max")
 FORMAT_TAG = "nerdrain"
@@ -503,17 +504,35 @@ def read_checkpoint(path: str | Path) -> tuple[NeRDRain, torch.dtype]:
     else:
         found = f"keys: {_summarise(list(state))}" if state else "no tensors"
         raise CheckpointError(f"{path}: not a NeRD-Rain checkpoint (no 'patch_embed_max.proj.weight'; {found})")
-    # Checked against a network without storage first: a width read off one wrong tensor must
-    # fail in words, not by allocating a network of that width.
+    # Built without storage and checked: a width read off one wrong tensor must fail in words, not
+    # by allocating a network of that width. The network then takes the file's tensors as its own,
+    # so that it is built once and not initialised at random only to be overwritten.
     with torch.device("meta"):
-        skeleton = NeRDRain(cfg)
+        model = NeRDRain(cfg)
     if _is_official(state):
-        state = from_official_state_dict(state, skeleton)
-    _check_tensors(skeleton, state, path)
+        state = from_official_state_dict(state, model)
+    _check_tensors(model, state, path)
     _check_finite(state, path)
-    model = NeRDRain(cfg)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.load_state_dict(_own_fp32_tensors(state), assign=True)
+    _make_constants(model)
     return model.eval(), stored
+
+
+def _own_fp32_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp32 copies for the network to take as its weights: safetensors' tensors are views of the
+    file mapped into memory (a file rewritten in place would change the weights, and a shortened
+    one crash the process), and tensors a file stored as one, under two names, would be tied."""
+    return {k: v.to(torch.float32, memory_format=torch.contiguous_format, copy=True) for k, v in state.items()}
+
+
+def _make_constants(model: NeRDRain) -> None:
+    """The buffers no checkpoint holds (non-persistent), made for a network built on the meta device."""
+    for module in model.modules():
+        if isinstance(module, ImplicitDecoder):
+            module.constant_inputs = torch.tensor(CONSTANT_INPUTS)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a constant added to the network and not here: it would fail at the first forward
+        raise RuntimeError(f"load_model: no values for {', '.join(left)}; make them in _make_constants")
 
 
 def _check_tensors(model: NeRDRain, state: Mapping[str, torch.Tensor], path: Path) -> None:
