@@ -10,6 +10,7 @@ is not finite stops it before the ruined state is logged or saved (:class:`Train
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import re
 import signal
@@ -412,6 +413,27 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def _start_process_helpers(workers: bool) -> None:
+    """Under spawn and forkserver (macOS's way, and Linux's from Python 3.14) multiprocessing runs a
+    resource tracker, and a fork server, in the run's process group, started by the first progress
+    bar (tqdm's lock) or data worker, with no handler for SIGUSR1: a preemption signal to the group
+    killed the tracker, which left a warning of leaked semaphores and a traceback for each. Started
+    here with the stop signals held back, they inherit that and never see them; the signals that
+    arrive meanwhile wait, and are handled once let through. ``workers``: data workers will start
+    (the fork server is theirs)."""
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if method == "fork" or not hasattr(signal, "pthread_sigmask"):  # no helpers (Windows: nor SIGUSR1)
+        return
+    from multiprocessing import forkserver, resource_tracker  # POSIX's
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, StopSignals.SIGNALS)
+    try:
+        resource_tracker.ensure_running()
+        if method == "forkserver" and workers:
+            forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 class AllOutputs(nn.Module):
     """Routes ``forward`` to ``forward_all``, so DDP's hooks and ``torch.compile`` see training calls."""
 
@@ -499,6 +521,7 @@ class Trainer:
         if resume and overwrite:
             raise ValueError("resume (--resume) continues the run in out_dir, overwrite (--overwrite) replaces it: "
                              "choose one")
+        _start_process_helpers(cfg.data.num_workers > 0)  # before the first progress bar
         self.cfg = cfg
         self.out = Path(out_dir)
         self.overwrite = overwrite
