@@ -902,6 +902,19 @@ def test_same_names_from_different_folders_get_distinct_outputs(tmp_path):
     assert names == ["x_1_jpg.png", "y_1_jpg.png", "1_png.png", "2.png"]
 
 
+def test_names_that_differ_only_in_case_get_outputs_that_differ_otherwise(tmp_path):
+    """macOS and Windows file systems ignore letter case (and macOS how an accent is stored, NFC or
+    NFD): x/IMG.jpg and y/img.jpg written as out/IMG.png and out/img.png would be one file there, the
+    second photo's result over the first's."""
+    files = [tmp_path / "x" / "IMG.jpg", tmp_path / "y" / "img.jpg", tmp_path / "x" / "b.JPG", tmp_path / "x" / "B.png",
+             tmp_path / "x" / "caf\u00e9.jpg", tmp_path / "x" / "cafe\u0301.png"]
+    plan = plan_outputs(files, [str(tmp_path / "x"), str(tmp_path / "y")], str(tmp_path / "out"))
+    names = [out.name for _, out, problem in plan]
+    assert all(problem is None for _, _, problem in plan)
+    assert names == ["x_IMG_jpg.png", "y_img_jpg.png", "b_jpg.png", "B_png.png", "caf\u00e9_jpg.png",
+                     "cafe\u0301_png.png"]
+
+
 def test_phone_formats_in_a_folder_are_derained_or_named_not_skipped(tmp_path):
     """An iPhone export (HEIC, which Pillow cannot read) or AVIF photos beside JPEGs: each is
     derained or named with its problem; none is passed over unsaid, as if the folder held only JPEGs."""

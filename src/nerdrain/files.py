@@ -9,6 +9,7 @@ import secrets
 import socket
 import tempfile
 import time
+import unicodedata
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +52,12 @@ def name_problem(path: str | Path) -> str | None:
     path = Path(path)
     size, limit = len(os.fsencode(path.name)), name_max(path.parent)
     return f"name too long for the file system ({size} bytes, at most {limit})" if size > limit else None
+
+
+def name_key(name: str) -> str:
+    """``name`` as macOS and Windows file systems compare names, ignoring letter case (and on macOS
+    how an accent is stored, NFC or NFD): two names with one key are one file there."""
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
 
 
 def _temporary_stem(name: str, limit: int, extra: int = _TEMPORARY_EXTRA) -> str:

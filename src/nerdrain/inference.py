@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from nerdrain.devices import resolve_device
 from nerdrain.files import (
     broken_link,
     missing_folders,
+    name_key,
     name_problem,
     one_line,
     racily_clean,
@@ -814,7 +816,8 @@ def _unique_names_per_folder(files: Sequence[Path], folders: Sequence[str]) -> l
 
 
 def _unique_names(files: Sequence[Path]) -> list[str]:
-    """Output stems for one folder: the plainest name that no other input shares."""
+    """Output stems for one folder: the plainest name that no other input shares, by :func:`name_key`
+    (macOS and Windows file systems ignore letter case: IMG.png and img.png would be one file)."""
 
     def candidates(f: Path) -> list[str]:
         ext = f.suffix.lstrip(".").lower() or "noext"
@@ -823,19 +826,18 @@ def _unique_names(files: Sequence[Path]) -> list[str]:
     options = [candidates(f) for f in files]
     names: list[str] = []
     for level in range(3):
-        counts: dict[str, int] = {}
-        for opts in options:
-            counts[opts[level]] = counts.get(opts[level], 0) + 1
+        counts = Counter(name_key(opts[level]) for opts in options)
         names = [opts[level] for opts in options]
-        if all(counts[n] == 1 for n in names):
+        if all(counts[name_key(n)] == 1 for n in names):
             return names
         # keep the plainer name for inputs that were already unique at this level
-        options = [[opts[level]] * 3 if counts[opts[level]] == 1 else opts for opts in options]
-    seen: dict[str, int] = {}
+        options = [[opts[level]] * 3 if counts[name_key(opts[level])] == 1 else opts for opts in options]
+    seen: Counter[str] = Counter()
     unique = []
     for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        unique.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+        key = name_key(name)
+        seen[key] += 1
+        unique.append(name if seen[key] == 1 else f"{name}_{seen[key]}")
     return unique
 
 
