@@ -321,6 +321,21 @@ def test_synthesize_folder_refuses_sizes_that_are_not_whole_numbers(tmp_path, ph
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("names", [("img.jpg", "img.png"), ("IMG.jpg", "img.png"), ("caf\u00e9.png", "cafe\u0301.jpg")])
+def test_synthesize_folder_refuses_photos_whose_outputs_would_be_one_file(tmp_path, photos, names):
+    """Two photos whose names differ only by extension, letter case or accent form (NFC or NFD)
+    would be one output file, on macOS and Windows (which ignore case, macOS the accent form) even
+    where Linux keeps them apart: the second pair would replace the first, counted as two."""
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for name, photo in zip(names, photos):
+        Image.fromarray((photo[:40, :50] * 255).round().astype(np.uint8)).save(clean / name)
+    first, second = sorted(names)
+    with pytest.raises(ValueError, match=f"{first} and {second}: their outputs would be one file"):
+        synthesize_folder(clean, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_synthesize_folder_never_writes_sources(tmp_path, photos):
     ds = tmp_path / "ds"
     _write_clean_folder(ds / "target", photos[:1])

@@ -34,7 +34,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..checks import whole_number
-from ..files import check_output_folder, one_line, remove_stale_temporaries
+from ..files import check_output_folder, name_key, one_line, remove_stale_temporaries
 from ..imageio import (DATASET_EXTENSIONS, ImageReadError, quantize, read_photo, resolve_max_pixels,
                        rgb_to_gray, save_png)
 
@@ -695,6 +695,19 @@ def _failure(err: Exception, src: Path) -> str:
     return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
 
 
+def _check_one_source_per_output(jobs: dict[Path, list[tuple[int, str]]]) -> None:
+    """Photos whose names differ only by extension, letter case or accent form (NFC or NFD) would
+    write one output file (on macOS and Windows, which compare names by :func:`name_key`, even
+    where Linux keeps them apart): the second pair would replace the first, counted as two."""
+    source_of: dict[str, Path] = {}
+    for src, pairs in jobs.items():
+        for _, name in pairs:
+            other = source_of.setdefault(name_key(name), src)
+            if other != src:
+                raise ValueError(f"{src.parent}: {other.name} and {src.name}: their outputs would be one file "
+                                 f"({name}; names differ only by extension, letter case or accent form)")
+
+
 def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | RainConfig = "light",
                       count_per_image: int = 1, seed: int = 0,
                       streak_dir: str | Path | None = None,
@@ -735,8 +748,7 @@ def synthesize_folder(clean_dir: str | Path, out_dir: str | Path, preset: str | 
     jobs = {src: [(k, f"{src.stem}.png" if count_per_image == 1 else f"{src.stem}_{k:03d}.png")
                   for k in range(count_per_image)] for src in sources}
     names = [name for pairs in jobs.values() for _, name in pairs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{clean_dir} has images whose names differ only by extension")
+    _check_one_source_per_output(jobs)
     check_output_folder(in_dir, names)
     check_output_folder(tg_dir, names)
     src_set = {p.resolve() for p in sources}
