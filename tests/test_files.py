@@ -197,3 +197,21 @@ def test_a_temporary_of_an_earlier_version_goes_only_once_untouched_for_an_hour(
     os.utime(old, (two_hours_ago, two_hours_ago))
     assert remove_stale_temporaries(tmp_path, ["a.png"]) == 1
     assert [p.name for p in tmp_path.iterdir()] == [fresh.name]
+
+
+def test_without_posix_calls_the_helpers_answer_as_windows_needs(tmp_path, monkeypatch):
+    """Windows has no pathconf, and its os.kill(pid, 0) would end the process rather than look it
+    up; its st_ctime is the creation time: a name limit of 255, "cannot be told", the mtime."""
+    from nerdrain import files
+
+    monkeypatch.delattr(os, "pathconf")
+    assert files.name_max(tmp_path) == 255
+
+    def kill(pid, sig):
+        raise AssertionError(f"os.kill({pid}, {sig}) would end process {pid} on Windows")
+
+    monkeypatch.setattr(os, "kill", kill)
+    monkeypatch.setattr(os, "name", "nt")
+    assert files._process_gone(os.getpid()) is None
+    st = os.stat_result((0o100644, 0, 0, 1, 0, 0, 5, 1, 2, 3, 1, 2, 3, 1_000, 2_000, 3_000))  # a, m, c times
+    assert files.last_change_ns(st) == 2_000

@@ -270,6 +270,27 @@ def test_stop_signal_checkpoints_the_iteration_and_resume_finishes_exactly(tmp_p
     assert_same_runs(straight_run, out)
 
 
+_WITHOUT_POSIX_SIGNALS = """
+import multiprocessing, signal
+for name in ("SIGUSR1", "SIGHUP", "pthread_sigmask"):  # as on Windows
+    delattr(signal, name)
+multiprocessing.set_start_method("spawn")
+from nerdrain import cli, training
+with training.StopSignals(announce=False) as signals:
+    training._start_process_helpers(workers=True)
+print(sorted(s.name for s in signals.SIGNALS))
+"""
+
+
+def test_stop_signals_work_without_sigusr1_and_signal_masks():
+    """Windows has neither SIGUSR1 nor pthread_sigmask: importing and starting the stop-signal
+    handling must not need them (an AttributeError there would stop every run at its start)."""
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_POSIX_SIGNALS], env=subprocess_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == "['SIGINT', 'SIGTERM']"
+
+
 def test_a_second_ctrl_c_a_second_later_aborts_at_once():
     """The first SIGINT asks for a stop; a repeat within a second (torchrun forwarding the terminal's
     Ctrl-C) is the same request; one a second or more later aborts; SIGTERM never aborts."""
