@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nerdrain.torch_compat import autocast_enabled
+
 SHARED = Path(os.environ.get("NERDRAIN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 GOLDEN = SHARED / "golden"
 DATA = SHARED / "data"
@@ -32,7 +34,7 @@ def _process_state() -> dict:
         "torch threads": torch.get_num_threads(),
         "grad mode": torch.is_grad_enabled(),
         "default dtype": torch.get_default_dtype(),
-        "autocast on cpu": torch.is_autocast_enabled("cpu"),
+        "autocast on cpu": autocast_enabled("cpu"),
         "fp32 matmul precision": torch.get_float32_matmul_precision(),
         "cudnn.benchmark": torch.backends.cudnn.benchmark,
         "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
