@@ -138,8 +138,9 @@ def test_a_checkpoint_saved_from_cuda_loads_on_a_machine_without_it(tmp_path, of
     finally:
         serialization._package_registry[:] = [p for p in serialization._package_registry if p[1] is not cuda_tag]
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA"):
-            torch.load(path, weights_only=True)  # the file really asks for CUDA
+        # the file really asks for CUDA (PyTorch 2.2 wraps the refusal in an UnpicklingError)
+        with pytest.raises((RuntimeError, pickle.UnpicklingError), match="CUDA"):
+            torch.load(path, weights_only=True)
     model = load_model(path)
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     back = to_official_state_dict(model)
