@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nerdrain import tiling
+from nerdrain.torch_compat import OutOfMemoryError
 from nerdrain.tiling import (
     TileConfig,
     count_tiles,
@@ -331,7 +332,7 @@ class FakeOOM:
         if max(t.shape[-2:]) > self.limit:
             if self.exc is not None:
                 raise self.exc
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return pointwise(t)
 
 
@@ -358,7 +359,7 @@ def test_oom_fallback_from_whole_image():
 
 def test_oom_fallback_gives_up_with_clear_message():
     model = FakeOOM(limit=8)
-    with pytest.raises(torch.OutOfMemoryError, match="out of memory even with tile 64"):
+    with pytest.raises(OutOfMemoryError, match="out of memory even with tile 64"):
         run_with_oom_fallback(model, torch.rand(1, 3, 200, 200), TileConfig(tile=256), min_tile=64)
     assert min(max(c[-2:]) for c in model.calls) == 64
 
@@ -366,7 +367,7 @@ def test_oom_fallback_gives_up_with_clear_message():
 @pytest.mark.parametrize("multiple", [16, 40])
 def test_oom_fallback_stops_at_the_smallest_tile_the_config_allows(multiple):
     model = FakeOOM(limit=1)  # never fits
-    with pytest.raises(torch.OutOfMemoryError, match="out of memory even with"):
+    with pytest.raises(OutOfMemoryError, match="out of memory even with"):
         run_with_oom_fallback(model, torch.rand(1, 3, 100, 100), TileConfig(tile=96, multiple=multiple), min_tile=8)
     assert min(max(c[-2:]) for c in model.calls) >= multiple
 
@@ -381,7 +382,7 @@ def test_oom_fallback_recognises_runtime_error_messages_and_passes_other_errors(
     with pytest.raises(ValueError, match="something else"):
         run_with_oom_fallback(bad, x, TileConfig(tile=64), min_tile=16)
     assert len(bad.calls) == 1  # not retried
-    assert is_oom_error(torch.OutOfMemoryError("x")) and not is_oom_error(ValueError("out of memory"))
+    assert is_oom_error(OutOfMemoryError("x")) and not is_oom_error(ValueError("out of memory"))
 
 
 # --- the released test script's windows --------------------------------------------------------
@@ -512,7 +513,7 @@ class BatchOOM:
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         self.calls.append(tuple(t.shape))
         if t.shape[0] > self.limit:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return pointwise(t)
 
 

@@ -36,6 +36,7 @@ import torch
 
 from .checks import whole_number
 from .devices import resolve_device
+from .torch_compat import OutOfMemoryError
 
 __all__ = [
     "DEFAULT_BYTES_PER_PIXEL",
@@ -427,8 +428,7 @@ def run_released_windows(model: ModelLike, image: torch.Tensor, window: int = RE
 
 def is_oom_error(err: BaseException) -> bool:
     """True for CUDA/MPS/CPU out-of-memory errors raised by torch."""
-    oom_cls = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom_cls is not None and isinstance(err, oom_cls):
+    if isinstance(err, OutOfMemoryError):
         return True
     if isinstance(err, RuntimeError):
         msg = str(err).lower()
@@ -491,7 +491,7 @@ def run_with_oom_fallback(
         # below ``multiple`` TileConfig refuses a tile: that is as far as halving goes, whatever min_tile says
         if eff <= min_tile or new_tile < cur.multiple:
             where = f"tile {eff}x{eff}" if side > 0 else "the whole image"
-            raise torch.OutOfMemoryError(
+            raise OutOfMemoryError(
                 f"out of memory even with {where}, one at a time "
                 f"(smallest tile tried: {eff}; last error: {failed_msg}). "
                 "Try a smaller --tile, --half, or --device cpu."

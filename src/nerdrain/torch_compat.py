@@ -6,6 +6,10 @@ import contextlib
 
 import torch
 
+#: What PyTorch raises when a device runs out of memory: ``torch.OutOfMemoryError`` from 2.5, the same
+#: class under ``torch.cuda`` before (2.2 has only that one)
+OutOfMemoryError: type[RuntimeError] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
 
 def is_compiling() -> bool:
     """Whether ``torch.compile`` is tracing the current call (``False`` where it cannot say)."""
