@@ -29,6 +29,7 @@ from .devices import resolve_device
 from .files import atomic_write, missing_folders, output_file, remove_empty_folders
 from .models import NeRDRain, NeRDRainConfig
 from .models.inr import CONSTANT_INPUTS, ImplicitDecoder
+from .torch_compat import load_state_dict_assigned
 
 SCALE_NAMES = ("small", "mid", "max")
 FORMAT_TAG = "nerdrain"
@@ -513,7 +514,7 @@ def read_checkpoint(path: str | Path) -> tuple[NeRDRain, torch.dtype]:
         state = from_official_state_dict(state, model)
     _check_tensors(model, state, path)
     _check_finite(state, path)
-    model.load_state_dict(_own_fp32_tensors(state), assign=True)
+    load_state_dict_assigned(model, _own_fp32_tensors(state))
     _make_constants(model)
     return model.eval(), stored
 

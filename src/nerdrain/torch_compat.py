@@ -28,3 +28,12 @@ def autocast_enabled(device_type: str) -> bool:
 def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast off for ``device_type`` where it is on (an op that must see its inputs' own dtypes)."""
     return torch.autocast(device_type, enabled=False) if autocast_enabled(device_type) else contextlib.nullcontext()
+
+
+def load_state_dict_assigned(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state, assign=True)`` (strict) with each parameter's ``requires_grad``
+    kept, as newer PyTorch keeps it: 2.2 wraps every assigned tensor in a new, trainable Parameter."""
+    trainable = {name: p.requires_grad for name, p in module.named_parameters()}
+    module.load_state_dict(state, assign=True)
+    for name, p in module.named_parameters():
+        p.requires_grad_(trainable[name])
