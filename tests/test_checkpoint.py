@@ -540,7 +540,7 @@ def test_a_wrong_width_fails_in_words_before_building_that_network(tmp_path, off
     real = checkpoint.NeRDRain
 
     def guarded(cfg):
-        if cfg.dim > 16 and torch.get_default_device().type != "meta":
+        if cfg.dim > 16 and torch.empty(0).device.type != "meta":  # torch.get_default_device is 2.3+
             raise AssertionError(f"allocating a network of width {cfg.dim}")
         return real(cfg)
 
