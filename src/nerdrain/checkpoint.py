@@ -386,12 +386,12 @@ def torch_load(path: Path, device: str | torch.device, what: str = "PyTorch chec
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(f, map_location=device, weights_only=True)
     except Exception as err:  # torch raises many types for truncated/foreign/pickled-object files
+        cut_short = _cut_short(path, err)  # first: PyTorch 2.2 words a cut pickle as a weights-only refusal
+        if cut_short:
+            raise CheckpointError(f"{path}: {cut_short} {_TRUNCATED_HINT}") from None
         if "Weights only load failed" in str(err):  # torch's advice to unpickle anyway is not ours to give
             raise CheckpointError(f"{path}: holds pickled Python objects besides tensors; refused, since "
                                   "unpickling them could run code (save a state dict of tensors)") from None
-        cut_short = _cut_short(path, err)
-        if cut_short:
-            raise CheckpointError(f"{path}: {cut_short} {_TRUNCATED_HINT}") from None
         reason = _first_line(err).split(". ")[0]  # torch's first sentence; the rest is advice
         raise CheckpointError(f"{path}: not a readable {what} ({reason})") from None
 
