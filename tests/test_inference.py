@@ -399,7 +399,12 @@ def test_a_model_in_half_precision_gets_its_input_in_that_type(dtype):
     model = create_model("nerd_rain_s", dim=8, depths=(1, 1, 1), inr_hidden=(16,))
     x = torch.rand(1, 3, 24, 32)
     reference = derain(x, model, tile=0)
-    out = derain(x, model.to(dtype), tile=0)
+    try:
+        out = derain(x, model.to(dtype), tile=0)
+    except RuntimeError as err:  # PyTorch 2.2 lacks CPU fp16 kernels (reflection pad, layer norm, ...)
+        if "not implemented for 'Half'" not in str(err):
+            raise
+        pytest.skip(f"this PyTorch cannot run fp16 on the CPU: {err}")
     assert out.dtype == torch.float32 and next(model.parameters()).dtype == dtype
     assert 0 < (out - reference).abs().mean() < 1 / 255
 
